@@ -1,0 +1,5 @@
+"""The Litestar REST API and web dashboard (``pgsched api``).
+
+Importable as ``pgsched.api``. It depends on the ``pgsched`` core, never the
+other way round (an import-linter contract in pyproject.toml keeps it so).
+"""

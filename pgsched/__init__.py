@@ -1,0 +1,37 @@
+"""pgsched: a distributed task scheduler whose whole state lives in PostgreSQL."""
+
+from .backoff import Backoff
+from .client import App
+from .config import Settings, load_settings
+from .errors import (
+    ConfigError,
+    DuplicateJobError,
+    InvalidStateError,
+    JobNotFound,
+    PermissionDenied,
+    PgschedError,
+    SchemaError,
+    ValidationError,
+)
+from .jobs import Job, JobSpec
+from .tasks import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Backoff",
+    "ConfigError",
+    "DuplicateJobError",
+    "InvalidStateError",
+    "Job",
+    "JobNotFound",
+    "JobSpec",
+    "PermissionDenied",
+    "PgschedError",
+    "SchemaError",
+    "Settings",
+    "Task",
+    "ValidationError",
+    "load_settings",
+]

@@ -1,0 +1,444 @@
+"""``App``: the task registry and the client (enqueue, get, cancel, retry), sync and async.
+
+Every operation is one generator in this module (see ``db.Operation``); the
+sync method and its ``_async`` twin only choose the connection and the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar, overload
+
+import msgspec
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from . import migrations, queries
+from .backoff import Backoff
+from .config import Settings, load_settings
+from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_async
+from .errors import JobNotFound, ValidationError
+from .jobs import Job, JobSpec
+from .tasks import Task, make_task
+from .validation import EXECUTOR_KINDS, NewJob, TaskDefaults, check_int, new_job
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ENQUEUE_OPTIONS = frozenset(
+    {
+        "queue",
+        "priority",
+        "run_at",
+        "delay",
+        "max_attempts",
+        "timeout",
+        "dedupe_key",
+        "depends_on",
+        "owner",
+        "concurrency_key",
+        "run_on_upstream_failure",
+    }
+)
+
+
+class App:
+    """A pgsched application: your tasks, and a client to the database that runs them.
+
+    ``App()`` reads ``PGSCHED_DSN`` / ``DATABASE_URL`` (or uses the embedded
+    server); ``App(dsn=...)`` names a database. Connections are opened on first
+    use (or by ``open()``); at that point the app checks that the schema is
+    migrated and writes its tasks to the ``pgsched.tasks`` catalog.
+    """
+
+    def __init__(self, dsn: str | None = None, *, settings: Settings | None = None, pool_size: int = 10) -> None:
+        self.settings = settings or load_settings({"dsn": dsn})
+        self.pool_size = check_int(pool_size, "pool_size", 1)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._catalog: dict[str, TaskDefaults] = {}
+        self._dsn: str | None = None
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._async_pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._schema_checked = False
+        self._lock = threading.Lock()
+        self._async_lock: asyncio.Lock | None = None
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 5,
+        backoff: Backoff | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 5,
+        backoff: Backoff | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task = make_task(
+                self,
+                func,
+                name=name,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                timeout=timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
+            )
+            if task.name in self.tasks:
+                raise ValidationError("name", f"a task named {task.name!r} is already registered")
+            self.tasks[task.name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    # -- connections -----------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The DSN in use (starting the embedded server if none is configured)."""
+        if self._dsn is None:
+            self._dsn = resolve_dsn(self.settings)
+        return self._dsn
+
+    def _pool_kwargs(self) -> dict[str, Any]:
+        # Autocommit: a one-statement operation is one round trip; operations
+        # that must be atomic open a transaction explicitly.
+        return {
+            "conninfo": self.dsn,
+            "min_size": 1,
+            "max_size": self.pool_size,
+            "kwargs": {"autocommit": True},
+            "configure": lambda conn: configure_adapters(conn.adapters),
+            "open": False,
+        }
+
+    def open(self) -> App:
+        """Open the sync pool now: check the schema and register the tasks in the catalog."""
+        with self._lock:
+            if self._pool is None:
+                pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(**self._pool_kwargs())
+                pool.open(wait=True)
+                with pool.connection() as conn:
+                    run(conn, self._op_ready())
+                self._pool = pool
+        return self
+
+    async def open_async(self) -> App:
+        """Open the async pool now: check the schema and register the tasks in the catalog."""
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        async with self._async_lock:
+            if self._async_pool is None:
+                kwargs = self._pool_kwargs()
+                kwargs["configure"] = _configure_async
+                pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(**kwargs)
+                await pool.open(wait=True)
+                async with pool.connection() as conn:
+                    await run_async(conn, self._op_ready())
+                self._async_pool = pool
+        return self
+
+    def close(self) -> None:
+        """Close the sync pool (the async one needs ``close_async``)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    async def close_async(self) -> None:
+        if self._async_pool is not None:
+            await self._async_pool.close()
+            self._async_pool = None
+        self.close()
+
+    def __enter__(self) -> App:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> App:
+        return await self.open_async()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close_async()
+
+    def _execute(self, op: Operation[R], connection: psycopg.Connection[Any] | None, atomic: bool = False) -> R:
+        if connection is not None:
+            if not self._schema_checked:
+                run(connection, self._op_check_schema())
+            # Join the caller's transaction; open one only if the caller has none to join.
+            with connection.transaction() if atomic and connection.autocommit else nullcontext():
+                return run(connection, op)
+        if self._pool is None:
+            self.open()
+        assert self._pool is not None
+        with self._pool.connection() as conn, conn.transaction() if atomic else nullcontext():
+            return run(conn, op)
+
+    async def _execute_async(
+        self, op: Operation[R], connection: psycopg.AsyncConnection[Any] | None, atomic: bool = False
+    ) -> R:
+        if connection is not None:
+            if not self._schema_checked:
+                await run_async(connection, self._op_check_schema())
+            transaction: AbstractAsyncContextManager[Any] = (
+                connection.transaction() if atomic and connection.autocommit else nullcontext()
+            )
+            async with transaction:
+                return await run_async(connection, op)
+        if self._async_pool is None:
+            await self.open_async()
+        assert self._async_pool is not None
+        async with self._async_pool.connection() as conn:
+            transaction = conn.transaction() if atomic else nullcontext()
+            async with transaction:
+                return await run_async(conn, op)
+
+    # -- operations ------------------------------------------------------------------------
+
+    def _op_check_schema(self) -> Operation[None]:
+        present = yield Query(queries.SCHEMA_PRESENT)
+        applied = (yield Query(queries.APPLIED_MIGRATIONS)) if present[0][0] else []
+        migrations.check_applied({version: (name, checksum) for version, name, checksum in applied})
+        self._schema_checked = True
+
+    def _op_ready(self) -> Operation[None]:
+        yield from self._op_check_schema()
+        if self.tasks:
+            tasks = list(self.tasks.values())
+            yield Query(
+                queries.CATALOG_UPSERT,
+                {
+                    "names": [t.name for t in tasks],
+                    "queues": [t.defaults.queue for t in tasks],
+                    "options": [msgspec.json.encode(t.catalog_options()).decode() for t in tasks],
+                    "parameters": [msgspec.json.encode(t.parameters()).decode() for t in tasks],
+                    "descriptions": [(t.__doc__ or "").strip().split("\n")[0] or None for t in tasks],
+                    "apps": [getattr(t.fn, "__module__", None) for t in tasks],
+                },
+            )
+
+    def _op_defaults(self, names: Iterable[str]) -> Operation[dict[str, TaskDefaults]]:
+        """Defaults of each task name; ValidationError(task) for a name nobody registered."""
+        found: dict[str, TaskDefaults] = {}
+        missing = []
+        for name in set(names):
+            if name in self.tasks:
+                found[name] = self.tasks[name].defaults
+            elif name in EXECUTOR_KINDS:
+                found[name] = TaskDefaults()
+            elif name in self._catalog:
+                found[name] = self._catalog[name]
+            else:
+                missing.append(name)
+        if missing:
+            for name, queue, options in (yield Query(queries.CATALOG_DEFAULTS, (missing,))):
+                defaults = TaskDefaults(
+                    queue=queue,
+                    priority=options.get("priority", 0),
+                    max_attempts=options.get("max_attempts", 5),
+                    timeout=options.get("timeout"),
+                )
+                self._catalog[name] = found[name] = defaults
+            unknown = sorted(set(missing) - set(found))
+            if unknown:
+                raise ValidationError(
+                    "task",
+                    f"unknown task {unknown[0]!r}: not registered in this app nor in the pgsched.tasks catalog",
+                )
+        return found
+
+    def _op_enqueue(self, task: str, args: Any, options: dict[str, Any]) -> Operation[Job]:
+        if not isinstance(task, str) or not task:
+            raise ValidationError("task", "must be a non-empty task name")
+        defaults = (yield from self._op_defaults([task]))[task]
+        job = new_job(task, args, defaults, **options)
+        rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
+        return rows[0]  # type: ignore[no-any-return]
+
+    def _op_enqueue_many(self, specs: list[JobSpec]) -> Operation[list[int]]:
+        for i, spec in enumerate(specs):
+            if not isinstance(spec.task, str) or not spec.task:
+                raise ValidationError(f"jobs[{i}].task", "must be a non-empty task name")
+        defaults = yield from self._op_defaults(spec.task for spec in specs)
+        jobs = []
+        for i, spec in enumerate(specs):
+            try:
+                options = msgspec.structs.asdict(spec)
+                del options["task"], options["args"]
+                jobs.append(new_job(spec.task, spec.args, defaults[spec.task], **options))
+            except ValidationError as exc:
+                raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from None
+        ids: list[int | None] = [None] * len(jobs)
+        # Jobs without dependencies go in by COPY, with ids allocated ahead.
+        plain = [i for i, job in enumerate(jobs) if not job.depends_on]
+        if plain:
+            ((db_now, allocated),) = yield Query(queries.BULK_PREPARE, (len(plain),))
+            for i, job_id in zip(plain, allocated):
+                ids[i] = job_id
+            yield Query(queries.BULK_COPY, copy=_copy_data([jobs[i] for i in plain], allocated, db_now))
+        # Jobs with dependencies need the SQL function's checks, one by one.
+        for i, job in enumerate(jobs):
+            if job.depends_on:
+                ids[i] = (yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job"))[0].id
+        return ids  # type: ignore[return-value]
+
+    def _op_job(self, sql: str, *params: Any) -> Operation[Job]:
+        check_int(params[0], "job_id", 1)
+        rows = yield Query(sql, params, rows="job")
+        if not rows:
+            raise JobNotFound(params[0])
+        return rows[0]  # type: ignore[no-any-return]
+
+    # -- public client API -----------------------------------------------------------------
+
+    def enqueue(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        connection: psycopg.Connection[Any] | None = None,
+        **options: Any,
+    ) -> Job:
+        """Enqueue one job and return it.
+
+        Options: ``queue``, ``priority`` (-100..100, higher first), ``run_at``
+        (aware datetime) or ``delay`` (seconds or timedelta), ``max_attempts``,
+        ``timeout``, ``dedupe_key``, ``depends_on`` (job ids), ``owner``,
+        ``concurrency_key``, ``run_on_upstream_failure``. With ``connection``,
+        the job is inserted in the caller's transaction: if it rolls back, the
+        job never existed.
+        """
+        _check_options(options)
+        return self._execute(self._op_enqueue(task, args, options), connection)
+
+    async def enqueue_async(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        connection: psycopg.AsyncConnection[Any] | None = None,
+        **options: Any,
+    ) -> Job:
+        """``enqueue`` for async code."""
+        _check_options(options)
+        return await self._execute_async(self._op_enqueue(task, args, options), connection)
+
+    def enqueue_many(
+        self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, connection: psycopg.Connection[Any] | None = None
+    ) -> list[int]:
+        """Enqueue many jobs in one transaction (COPY) and return their ids, in order.
+
+        Each item is a ``JobSpec`` or a mapping with the same keys. Either all
+        are enqueued or, on the first bad one, none.
+        """
+        return self._execute(self._op_enqueue_many(_specs(jobs)), connection, atomic=True)
+
+    async def enqueue_many_async(
+        self,
+        jobs: Iterable[JobSpec | Mapping[str, Any]],
+        *,
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[int]:
+        """``enqueue_many`` for async code."""
+        return await self._execute_async(self._op_enqueue_many(_specs(jobs)), connection, atomic=True)
+
+    def get(self, job_id: int, *, connection: psycopg.Connection[Any] | None = None) -> Job:
+        """The job with this id; raises JobNotFound."""
+        return self._execute(self._op_job(queries.GET_JOB, job_id), connection)
+
+    async def get_async(self, job_id: int, *, connection: psycopg.AsyncConnection[Any] | None = None) -> Job:
+        return await self._execute_async(self._op_job(queries.GET_JOB, job_id), connection)
+
+    def cancel(
+        self, job_id: int, reason: str | None = None, *, connection: psycopg.Connection[Any] | None = None
+    ) -> Job:
+        """Cancel an unfinished job. A running job is asked to stop; its worker ends it ``cancelled``."""
+        return self._execute(self._op_job(queries.CANCEL_JOB, job_id, reason), connection)
+
+    async def cancel_async(
+        self, job_id: int, reason: str | None = None, *, connection: psycopg.AsyncConnection[Any] | None = None
+    ) -> Job:
+        return await self._execute_async(self._op_job(queries.CANCEL_JOB, job_id, reason), connection)
+
+    def retry(self, job_id: int, *, connection: psycopg.Connection[Any] | None = None) -> Job:
+        """Run a failed, cancelled, succeeded or scheduled job again now."""
+        return self._execute(self._op_job(queries.RETRY_JOB, job_id), connection)
+
+    async def retry_async(self, job_id: int, *, connection: psycopg.AsyncConnection[Any] | None = None) -> Job:
+        return await self._execute_async(self._op_job(queries.RETRY_JOB, job_id), connection)
+
+
+def _configure_async(conn: psycopg.AsyncConnection[Any]) -> Any:
+    async def configure() -> None:
+        configure_adapters(conn.adapters)
+
+    return configure()
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    for key in options:
+        if key not in ENQUEUE_OPTIONS:
+            raise ValidationError(key, f"unknown enqueue option; valid options: {', '.join(sorted(ENQUEUE_OPTIONS))}")
+
+
+def _specs(jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobSpec]:
+    specs = []
+    for i, item in enumerate(jobs):
+        if isinstance(item, JobSpec):
+            specs.append(item)
+            continue
+        try:
+            specs.append(msgspec.convert(item, JobSpec))
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"jobs[{i}]", str(exc)) from None
+    return specs
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_NULL = "\\N"
+
+
+def _copy_text(value: str | None) -> str:
+    return _COPY_NULL if value is None else value.translate(_COPY_ESCAPES)
+
+
+def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime) -> str:
+    """COPY text-format rows for queries.BULK_COPY_COLUMNS."""
+    lines = []
+    for job_id, job in zip(ids, jobs):
+        run_at = job.run_at or (db_now + timedelta(seconds=job.delay_seconds) if job.delay_seconds else db_now)
+        lines.append(
+            f"{job_id}\t{_copy_text(job.task)}\t{_copy_text(job.args_json)}\t{_copy_text(job.queue)}\t"
+            f"{job.priority}\t{run_at.isoformat()}\t{job.max_attempts}\t"
+            f"{_COPY_NULL if job.timeout is None else repr(job.timeout)}\t{_copy_text(job.dedupe_key)}\t"
+            f"{_copy_text(job.owner)}\t{_copy_text(job.concurrency_key)}\t"
+            f"{'t' if job.run_on_upstream_failure else 'f'}\n"
+        )
+    return "".join(lines)
+

@@ -1,0 +1,135 @@
+"""Settings: every option of pgsched, declared once.
+
+Each field of ``Settings`` is an option. Its ``PGSCHED_<NAME>`` environment
+variable and its ``--name`` CLI flag are derived from the field, so an option
+cannot exist in one place and not the other. Precedence: CLI flag, then
+environment, then the default. ``PGSCHED_DSN`` falls back to ``DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from .errors import ConfigError
+
+ENV_PREFIX = "PGSCHED_"
+
+# Variables read by pgsched's own tests and benchmarks, not options of the
+# program: known, so they draw no "unknown variable" warning.
+OTHER_KNOWN_VARIABLES = frozenset({"PGSCHED_TEST_DSN", "PGSCHED_BENCH_DSN"})
+
+
+def default_data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its data when PGSCHED_DATA_DIR is not set.
+
+    The embedded server, when started by root, runs as its own system user and
+    opens group/other traversal on every parent directory of its data
+    directory. For root we therefore use /var/lib/pgsched (already traversable)
+    rather than a directory under /root; other users get their XDG data home.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/lib/pgsched/pg18")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pgsched" / "pg18"
+
+
+LogLevel = Annotated[str, msgspec.Meta(pattern=r"^(?i:debug|info|warning|error|critical)$")]
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Every option of pgsched. See the module docstring for how each is set."""
+
+    dsn: Annotated[
+        str | None,
+        msgspec.Meta(description="PostgreSQL connection string; unset: the embedded server"),
+    ] = None
+    data_dir: Annotated[
+        str | None,
+        msgspec.Meta(description="Data directory of the embedded PostgreSQL (default: per-user)"),
+    ] = None
+    app: Annotated[
+        str | None,
+        msgspec.Meta(description="Your tasks, as module:attribute of a pgsched.App (e.g. myproject.tasks:app)"),
+    ] = None
+    log_level: Annotated[LogLevel, msgspec.Meta(description="Log level: debug, info, warning, error")] = "info"
+
+    @property
+    def embedded_data_dir(self) -> Path:
+        """The embedded server's data directory: the option, or the per-user default."""
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+
+OPTION_NAMES: tuple[str, ...] = Settings.__struct_fields__
+
+
+def env_name(option: str) -> str:
+    """The environment variable of an option: ``data_dir`` -> ``PGSCHED_DATA_DIR``."""
+    return ENV_PREFIX + option.upper()
+
+
+def flag_name(option: str) -> str:
+    """The CLI flag of an option: ``data_dir`` -> ``--data-dir``."""
+    return "--" + option.replace("_", "-")
+
+
+def option_help(option: str) -> str:
+    """The description declared on the option's field."""
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        if field.name == option:
+            return _description(field.type)
+    raise KeyError(option)
+
+
+def _description(type_info: Any) -> str:
+    if isinstance(type_info, msgspec.inspect.Metadata):
+        return (type_info.extra_json_schema or {}).get("description", "") or _description(type_info.type)
+    if isinstance(type_info, msgspec.inspect.UnionType):
+        return next((d for t in type_info.types if (d := _description(t))), "")
+    return ""
+
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warn about PGSCHED_* variables that are not options, suggesting the nearest valid name."""
+    valid = [env_name(name) for name in OPTION_NAMES]
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in valid and k not in OTHER_KNOWN_VARIABLES)
+    for name in unknown:
+        near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        warnings.warn(f"unknown environment variable {name} is ignored{hint}", stacklevel=2)
+    return unknown
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment and explicit overrides (CLI flags); None values are ignored.
+
+    Raises ConfigError naming the option (flag and variable) for a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    warn_unknown_variables(environ)
+    raw: dict[str, Any] = {}
+    for name in OPTION_NAMES:
+        value = environ.get(env_name(name))
+        if value is not None and value != "":
+            raw[name] = value
+    if "dsn" not in raw and environ.get("DATABASE_URL"):
+        raw["dsn"] = environ["DATABASE_URL"]
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        match = re.search(r"at `\$\.(\w+)`", str(exc))
+        if not match:
+            raise ConfigError(str(exc)) from None
+        name = match.group(1)
+        reason = str(exc).split(" - at ")[0]
+        raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {reason} (got {raw.get(name)!r})") from None

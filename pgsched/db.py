@@ -1,0 +1,102 @@
+"""Database plumbing shared by the sync and async clients.
+
+Client operations are written once, as generators that yield ``Query``
+objects and receive their rows (sans-I/O). ``run`` and ``run_async`` are the
+only two places that execute them, so no operation is written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import psycopg
+from psycopg.adapt import AdaptersMap
+from psycopg.rows import RowFactory, kwargs_row, tuple_row
+from psycopg.types.json import set_json_loads
+
+from .config import Settings
+from .jobs import Job
+from .validation import error_from_db
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One statement of an operation. With ``copy`` set, ``sql`` is a COPY ... FROM STDIN fed that data."""
+
+    sql: str
+    params: Any = None
+    rows: Literal["tuple", "job"] = "tuple"
+    copy: str | None = None
+
+
+Operation = Generator[Query, list[Any], T]
+
+_ROW_FACTORIES: dict[str, RowFactory[Any]] = {"tuple": tuple_row, "job": kwargs_row(Job)}
+
+
+def configure_adapters(adapters: AdaptersMap) -> None:
+    """Decode json/jsonb with msgspec (faster than the standard library, same values)."""
+    set_json_loads(msgspec.json.decode, adapters)
+
+
+def _raise_mapped(exc: psycopg.Error) -> None:
+    mapped = error_from_db(exc)
+    if mapped is not exc:
+        raise mapped from exc
+    raise exc
+
+
+def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
+    """Drive ``op`` on a sync connection."""
+    try:
+        query = next(op)
+        while True:
+            try:
+                with conn.cursor(row_factory=_ROW_FACTORIES[query.rows]) as cur:
+                    if query.copy is not None:
+                        with cur.copy(query.sql) as copy:
+                            copy.write(query.copy)
+                        result: list[Any] = []
+                    else:
+                        cur.execute(query.sql, query.params)
+                        result = cur.fetchall() if cur.description else []
+            except psycopg.Error as exc:
+                _raise_mapped(exc)
+            query = op.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
+    """Drive ``op`` on an async connection."""
+    try:
+        query = next(op)
+        while True:
+            try:
+                async with conn.cursor(row_factory=_ROW_FACTORIES[query.rows]) as cur:
+                    if query.copy is not None:
+                        async with cur.copy(query.sql) as copy:
+                            await copy.write(query.copy)
+                        result: list[Any] = []
+                    else:
+                        await cur.execute(query.sql, query.params)
+                        result = await cur.fetchall() if cur.description else []
+            except psycopg.Error as exc:
+                _raise_mapped(exc)
+            query = op.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def resolve_dsn(settings: Settings, *, stop_on_exit: bool = False) -> str:
+    """The DSN to use: the configured one, else the embedded server's (started if needed)."""
+    if settings.dsn:
+        return settings.dsn
+    from . import embedded
+
+    return embedded.start(settings.embedded_data_dir, stop_on_exit=stop_on_exit)

