@@ -1,1 +1,319 @@
-print("cli placeholder")
+"""The ``pgsched`` command line. Tables for people, ``--json`` for programs.
+
+Every option that is a setting comes from ``config.Settings`` (flag and
+``PGSCHED_*`` variable derived from the field). Errors exit non-zero with one
+line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import click
+import msgspec
+import psycopg
+
+from . import migrations, queries
+from .client import App
+from .config import Settings, env_name, flag_name, load_settings, option_help
+from .db import configure_adapters, resolve_dsn
+from .errors import ConfigError, PgschedError
+from .jobs import STATES, Job
+
+JSON_FLAG = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs instead of a table.")
+
+
+def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the CLI flags of these settings to a command and pass it ``settings``."""
+    names = ("dsn", "data_dir", "log_level", *names)
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            overrides = {name: kwargs.pop(name) for name in names}
+            return command(settings=load_settings(overrides), **kwargs)
+
+        for name in reversed(names):
+            wrapper = click.option(
+                flag_name(name), name, default=None, help=f"{option_help(name)} [env: {env_name(name)}]"
+            )(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def load_app(settings: Settings) -> App:
+    """The user's App named by --app / PGSCHED_APP (module:attribute), or a bare App."""
+    if not settings.app:
+        return App(settings=settings)
+    module_name, _, attribute = settings.app.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        app = getattr(module, attribute or "app")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--app / PGSCHED_APP: cannot load {settings.app!r}: {exc}") from None
+    if not isinstance(app, App):
+        raise ConfigError(f"--app / PGSCHED_APP: {settings.app!r} is not a pgsched.App")
+    app.settings = msgspec.structs.replace(app.settings, dsn=settings.dsn or app.settings.dsn)
+    return app
+
+
+def connect(settings: Settings) -> psycopg.Connection[Any]:
+    """A connection to a migrated database (SchemaError otherwise)."""
+    conn = psycopg.connect(resolve_dsn(settings), autocommit=True)
+    configure_adapters(conn.adapters)
+    migrations.check(conn)
+    return conn
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip())
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def print_json(value: Any) -> None:
+    click.echo(msgspec.json.encode(value).decode())
+
+
+JOB_TABLE = ("id", "queue", "task", "state", "priority", "attempts", "run_at", "error")
+
+
+def print_jobs(jobs: Iterable[Job], as_json: bool) -> None:
+    jobs = list(jobs)
+    if as_json:
+        print_json(jobs)
+    else:
+        print_table([[getattr(j, c) for c in JOB_TABLE] for j in jobs], JOB_TABLE)
+
+
+def print_job(job: Job, as_json: bool) -> None:
+    if as_json:
+        print_json(job)
+        return
+    for field in Job.__struct_fields__:
+        click.echo(f"{field:>24}  {_cell(getattr(job, field))}")
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+class Group(click.Group):
+    """Turns pgsched's own errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (PgschedError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(f"cannot reach the database: {first}") from None
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pgsched")
+def main() -> None:
+    """pgsched: a distributed task scheduler whose whole state lives in PostgreSQL."""
+    warnings.showwarning = _show_warning
+
+
+@main.command()
+@with_settings()
+def migrate(settings: Settings) -> None:
+    """Apply pending migrations (safe to run from many hosts at once)."""
+    with psycopg.connect(resolve_dsn(settings), autocommit=True) as conn:
+        done = migrations.migrate(conn)
+    if done:
+        for m in done:
+            click.echo(f"applied {m.version:04d}_{m.name}")
+    else:
+        click.echo(f"up to date (version {len(migrations.available())})")
+
+
+@main.command()
+@with_settings("app")
+def up(settings: Settings) -> None:
+    """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set) and migrations.
+
+    Stays in the foreground until Ctrl-C / SIGTERM, then stops the embedded
+    server it started.
+    """
+    where = "configured database" if settings.dsn else "embedded PostgreSQL 18"
+    dsn = resolve_dsn(settings, stop_on_exit=True)
+    settings = msgspec.structs.replace(settings, dsn=dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        done = migrations.migrate(conn)
+    app = load_app(settings)
+    app.open()
+    click.echo(f"pgsched is up on the {where}")
+    click.echo(f"  database:   {dsn}")
+    click.echo(f"  schema:     version {len(migrations.available())}" + (f" ({len(done)} applied now)" if done else ""))
+    click.echo(f"  tasks:      {', '.join(sorted(app.tasks)) or '(none: pass --app module:app)'}")
+    click.echo(f"  psql:       psql '{dsn}'")
+    click.echo("  running:    database and migrations (Ctrl-C stops)")
+    sys.stdout.flush()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    app.close()
+    click.echo("pgsched stopped")
+
+
+@main.command()
+@click.argument("task")
+@click.option("--args", "args_json", default="{}", show_default=True, help="Task arguments as a JSON object.")
+@click.option("--queue", help="Queue (default: the task's).")
+@click.option("--priority", type=int, help="-100..100, higher runs first (default: the task's).")
+@click.option("--run-at", "run_at", help="Earliest start, ISO 8601 with a UTC offset.")
+@click.option("--delay", type=float, help="Start after this many seconds.")
+@click.option("--max-attempts", "max_attempts", type=int, help="Attempts before the job fails for good.")
+@click.option("--dedupe-key", "dedupe_key", help="At most one live job per key.")
+@click.option("--depends-on", "depends_on", multiple=True, type=int, help="Job id to wait for (repeatable).")
+@click.option("--owner", help="Owner (tenant) of the job.")
+@JSON_FLAG
+@with_settings("app")
+def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:
+    """Enqueue one job of TASK."""
+    try:
+        args = json.loads(args_json)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"args: not valid JSON ({exc})") from None
+    if run_at is not None:
+        try:
+            options["run_at"] = datetime.fromisoformat(run_at)
+        except ValueError:
+            raise click.ClickException(f"run_at: {run_at!r} is not an ISO 8601 date and time") from None
+    options["depends_on"] = list(options["depends_on"]) or None
+    with load_app(settings) as app:
+        job = app.enqueue(task, args, **{k: v for k, v in options.items() if v is not None})
+    if as_json:
+        print_json(job)
+    else:
+        click.echo(f"enqueued job {job.id} ({job.task}, queue {job.queue}, {job.state})")
+
+
+@main.group()
+def jobs() -> None:
+    """List, show, cancel and retry jobs."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--queue", help="Only jobs of this queue.")
+@click.option("--task", help="Only jobs of this task.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@JSON_FLAG
+@with_settings()
+def list_jobs(settings: Settings, as_json: bool, **filters: Any) -> None:
+    """The newest jobs first."""
+    with connect(settings) as conn, conn.cursor(row_factory=psycopg.rows.kwargs_row(Job)) as cur:
+        cur.execute(queries.LIST_JOBS, filters)
+        print_jobs(cur.fetchall(), as_json)
+
+
+def _job_command(name: str, help_text: str, call: Callable[..., Job], *extra: Callable[..., Any]) -> None:
+    @jobs.command(name, help=help_text)
+    @click.argument("job_id", type=int)
+    @JSON_FLAG
+    @with_settings()
+    def command(settings: Settings, job_id: int, as_json: bool, **kwargs: Any) -> None:
+        with App(settings=settings) as app:
+            job = call(app, job_id, **kwargs)
+        if name == "show" or as_json:
+            print_job(job, as_json)
+        else:
+            click.echo(f"job {job.id}: {job.state}" + (" (cancel requested)" if job.cancel_requested_at else ""))
+
+    for decorator in extra:
+        decorator(command)
+
+
+_job_command("show", "Show one job.", App.get)
+_job_command(
+    "cancel",
+    "Cancel a job (a running one is stopped by its worker).",
+    App.cancel,
+    click.option("--reason", help="Why; stored as the job's error."),
+)
+_job_command("retry", "Run a failed, cancelled or scheduled job again now.", App.retry)
+
+
+@main.command()
+@JSON_FLAG
+@with_settings()
+def queues(settings: Settings, as_json: bool) -> None:
+    """Queue depths by state (the pgsched.queue_stats view)."""
+    with connect(settings) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(queries.QUEUE_STATS)
+        rows = cur.fetchall()
+    if as_json:
+        print_json(rows)
+        return
+    headers = (
+        "queue",
+        "paused",
+        "waiting",
+        "scheduled",
+        "queued",
+        "running",
+        "unroutable",
+        "oldest_queued_age_seconds",
+        "failed_last_hour",
+    )
+    print_table([[row[h] for h in headers] for row in rows], [h.replace("_seconds", "_s") for h in headers])
+
+
+@main.group()
+def db() -> None:
+    """The database pgsched uses."""
+
+
+@db.command()
+@with_settings()
+def url(settings: Settings) -> None:
+    """Print the DSN in use (starting the embedded server if needed), for psql."""
+    click.echo(resolve_dsn(settings))
+
+
+@db.command("stop")
+@with_settings()
+def stop_db(settings: Settings) -> None:
+    """Stop the embedded server."""
+    from . import embedded
+
+    if settings.dsn:
+        raise click.ClickException("a DSN is configured: pgsched does not stop servers it did not start")
+    stopped = embedded.stop(settings.embedded_data_dir)
+    click.echo("stopped" if stopped else "not running")

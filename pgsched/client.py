@@ -84,7 +84,7 @@ class App:
         timeout: float | timedelta | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(
+    def task(  # type: ignore[misc]
         self,
         fn: Callable[P, R] | None = None,
         /,
@@ -279,7 +279,7 @@ class App:
         defaults = (yield from self._op_defaults([task]))[task]
         job = new_job(task, args, defaults, **options)
         rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
-        return rows[0]  # type: ignore[no-any-return]
+        return rows[0]
 
     def _op_enqueue_many(self, specs: list[JobSpec]) -> Operation[list[int]]:
         for i, spec in enumerate(specs):
@@ -299,7 +299,7 @@ class App:
         plain = [i for i, job in enumerate(jobs) if not job.depends_on]
         if plain:
             ((db_now, allocated),) = yield Query(queries.BULK_PREPARE, (len(plain),))
-            for i, job_id in zip(plain, allocated):
+            for i, job_id in zip(plain, allocated, strict=True):
                 ids[i] = job_id
             yield Query(queries.BULK_COPY, copy=_copy_data([jobs[i] for i in plain], allocated, db_now))
         # Jobs with dependencies need the SQL function's checks, one by one.
@@ -313,7 +313,7 @@ class App:
         rows = yield Query(sql, params, rows="job")
         if not rows:
             raise JobNotFound(params[0])
-        return rows[0]  # type: ignore[no-any-return]
+        return rows[0]
 
     # -- public client API -----------------------------------------------------------------
 
@@ -431,7 +431,7 @@ def _copy_text(value: str | None) -> str:
 def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime) -> str:
     """COPY text-format rows for queries.BULK_COPY_COLUMNS."""
     lines = []
-    for job_id, job in zip(ids, jobs):
+    for job_id, job in zip(ids, jobs, strict=True):
         run_at = job.run_at or (db_now + timedelta(seconds=job.delay_seconds) if job.delay_seconds else db_now)
         lines.append(
             f"{job_id}\t{_copy_text(job.task)}\t{_copy_text(job.args_json)}\t{_copy_text(job.queue)}\t"
@@ -441,4 +441,3 @@ def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime) -> str:
             f"{'t' if job.run_on_upstream_failure else 'f'}\n"
         )
     return "".join(lines)
-

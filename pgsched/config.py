@@ -101,10 +101,13 @@ def _description(type_info: Any) -> str:
 def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """Warn about PGSCHED_* variables that are not options, suggesting the nearest valid name."""
     valid = [env_name(name) for name in OPTION_NAMES]
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in valid and k not in OTHER_KNOWN_VARIABLES)
+    unknown = sorted(
+        k for k in environ if k.startswith(ENV_PREFIX) and k not in valid and k not in OTHER_KNOWN_VARIABLES
+    )
     for name in unknown:
-        near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]}?" if near else ""
+        # Compare without the shared prefix, which would make every name look close.
+        near = difflib.get_close_matches(name.removeprefix(ENV_PREFIX).lower(), OPTION_NAMES, n=1, cutoff=0.6)
+        hint = f"; did you mean {env_name(near[0])}?" if near else ""
         warnings.warn(f"unknown environment variable {name} is ignored{hint}", stacklevel=2)
     return unknown
 

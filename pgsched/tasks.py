@@ -105,7 +105,9 @@ class Task(Generic[P, R]):
         return [
             {
                 "name": p.name,
-                "annotation": p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", None)
+                "annotation": p.annotation
+                if isinstance(p.annotation, str)
+                else getattr(p.annotation, "__name__", None)
                 if p.annotation is not inspect.Parameter.empty
                 else None,
                 "required": p.default is inspect.Parameter.empty

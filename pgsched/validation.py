@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -26,7 +26,7 @@ QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 PRIORITY_RANGE = (-100, 100)
 MAX_DEPENDENCIES = 1000
 # run_at outside [EARLIEST_RUN_AT, now + LATEST_RUN_AT_AHEAD] is a mistake, not a plan.
-EARLIEST_RUN_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
+EARLIEST_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_RUN_AT_AHEAD = timedelta(days=366 * 100)
 EXECUTOR_KINDS = frozenset({"shell", "http"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -84,7 +84,9 @@ def check_json_value(value: Any, field: str) -> None:
         elif isinstance(item, (list, tuple)):
             stack.extend((sub, f"{path}[{i}]") for i, sub in enumerate(item))
         else:
-            raise ValidationError(path, f"{type(item).__name__} is not JSON (use str, int, float, bool, None, list, dict)")
+            raise ValidationError(
+                path, f"{type(item).__name__} is not JSON (use str, int, float, bool, None, list, dict)"
+            )
 
 
 def encode_json_object(value: Any, field: str, max_bytes: int = ARGS_MAX_BYTES) -> str:
@@ -146,7 +148,7 @@ def check_run_at(value: Any) -> datetime:
         raise ValidationError("run_at", "must be timezone-aware (a naive datetime is ambiguous)")
     if value < EARLIEST_RUN_AT:
         raise ValidationError("run_at", f"{value.isoformat()} is before 2000-01-01")
-    if value > datetime.now(timezone.utc) + LATEST_RUN_AT_AHEAD:
+    if value > datetime.now(UTC) + LATEST_RUN_AT_AHEAD:
         raise ValidationError("run_at", f"{value.isoformat()} is more than 100 years ahead")
     return value
 
@@ -214,9 +216,7 @@ def new_job(
         max_attempts=check_int(defaults.max_attempts if max_attempts is None else max_attempts, "max_attempts", 1),
         run_at=None if run_at is None else check_run_at(run_at),
         delay_seconds=None if delay is None else check_seconds(delay, "delay", allow_zero=True),
-        timeout=check_seconds(timeout, "timeout", allow_zero=False)
-        if timeout is not None
-        else defaults.timeout,
+        timeout=check_seconds(timeout, "timeout", allow_zero=False) if timeout is not None else defaults.timeout,
         dedupe_key=check_name(dedupe_key, "dedupe_key", optional=True),
         depends_on=check_dependencies(depends_on),
         owner=check_name(owner, "owner", optional=True),
@@ -275,6 +275,8 @@ def error_from_db(exc: psycopg.Error) -> Exception:
         return ValidationError(diag.column_name, message)
     if isinstance(exc, (psycopg.errors.InvalidTextRepresentation, psycopg.errors.UntranslatableCharacter)):
         return ValidationError("args", message)
-    if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName)):
+    if isinstance(
+        exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName)
+    ):
         return SchemaError(f"{message}: run `pgsched migrate`")
     return exc

