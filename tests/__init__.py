@@ -1,0 +1,1 @@
+"""pgsched test suite (a package so modules can share helpers from conftest)."""
