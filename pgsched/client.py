@@ -7,6 +7,7 @@ sync method and its ``_async`` twin only choose the connection and the driver.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -21,7 +22,7 @@ from . import migrations, queries
 from .backoff import Backoff
 from .config import Settings, load_settings
 from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_async
-from .errors import JobNotFound, ValidationError
+from .errors import DuplicateJobError, JobNotFound, ValidationError
 from .jobs import Job, JobSpec
 from .tasks import Task, make_task
 from .validation import EXECUTOR_KINDS, NewJob, TaskDefaults, check_int, new_job
@@ -244,7 +245,7 @@ class App:
             )
 
     def _op_defaults(self, names: Iterable[str]) -> Operation[dict[str, TaskDefaults]]:
-        """Defaults of each task name; ValidationError(task) for a name nobody registered."""
+        """Defaults of each task name that the app, the executor kinds or the catalog knows."""
         found: dict[str, TaskDefaults] = {}
         missing = []
         for name in set(names):
@@ -258,26 +259,19 @@ class App:
                 missing.append(name)
         if missing:
             for name, queue, options in (yield Query(queries.CATALOG_DEFAULTS, (missing,))):
-                defaults = TaskDefaults(
+                self._catalog[name] = found[name] = TaskDefaults(
                     queue=queue,
                     priority=options.get("priority", 0),
                     max_attempts=options.get("max_attempts", 5),
                     timeout=options.get("timeout"),
-                )
-                self._catalog[name] = found[name] = defaults
-            unknown = sorted(set(missing) - set(found))
-            if unknown:
-                raise ValidationError(
-                    "task",
-                    f"unknown task {unknown[0]!r}: not registered in this app nor in the pgsched.tasks catalog",
                 )
         return found
 
     def _op_enqueue(self, task: str, args: Any, options: dict[str, Any]) -> Operation[Job]:
         if not isinstance(task, str) or not task:
             raise ValidationError("task", "must be a non-empty task name")
-        defaults = (yield from self._op_defaults([task]))[task]
-        job = new_job(task, args, defaults, **options)
+        defaults = yield from self._op_defaults([task])
+        job = new_job(task, args, _known(defaults, task), **options)
         rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
         return rows[0]
 
@@ -291,7 +285,7 @@ class App:
             try:
                 options = msgspec.structs.asdict(spec)
                 del options["task"], options["args"]
-                jobs.append(new_job(spec.task, spec.args, defaults[spec.task], **options))
+                jobs.append(new_job(spec.task, spec.args, _known(defaults, spec.task), **options))
             except ValidationError as exc:
                 raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from None
         ids: list[int | None] = [None] * len(jobs)
@@ -305,7 +299,12 @@ class App:
         # Jobs with dependencies need the SQL function's checks, one by one.
         for i, job in enumerate(jobs):
             if job.depends_on:
-                ids[i] = (yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job"))[0].id
+                try:
+                    ids[i] = (yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job"))[0].id
+                except DuplicateJobError:
+                    raise
+                except ValidationError as exc:
+                    raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from exc
         return ids  # type: ignore[return-value]
 
     def _op_job(self, sql: str, *params: Any) -> Operation[Job]:
@@ -401,6 +400,14 @@ def _configure_async(conn: psycopg.AsyncConnection[Any]) -> Any:
     return configure()
 
 
+def _known(defaults: dict[str, TaskDefaults], task: str) -> TaskDefaults:
+    if task not in defaults:
+        raise ValidationError(
+            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog"
+        )
+    return defaults[task]
+
+
 def _check_options(options: Mapping[str, Any]) -> None:
     for key in options:
         if key not in ENQUEUE_OPTIONS:
@@ -416,7 +423,10 @@ def _specs(jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobSpec]:
         try:
             specs.append(msgspec.convert(item, JobSpec))
         except msgspec.ValidationError as exc:
-            raise ValidationError(f"jobs[{i}]", str(exc)) from None
+            # msgspec says "... - at `$.priority`" or "unknown field `colour`"; keep the field name.
+            found = re.search(r"at `\$\.(\w+)", str(exc)) or re.search(r"unknown field `(\w+)`", str(exc))
+            field = f"jobs[{i}].{found.group(1)}" if found else f"jobs[{i}]"
+            raise ValidationError(field, str(exc).split(" - at ")[0]) from None
     return specs
 
 

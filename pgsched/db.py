@@ -44,11 +44,12 @@ def configure_adapters(adapters: AdaptersMap) -> None:
     set_json_loads(msgspec.json.decode, adapters)
 
 
-def _raise_mapped(exc: psycopg.Error) -> None:
+def _mapped(exc: psycopg.Error) -> BaseException:
+    """The pgsched error for ``exc``, thrown into the operation so it can add context (or let it pass)."""
     mapped = error_from_db(exc)
     if mapped is not exc:
-        raise mapped from exc
-    raise exc
+        mapped.__cause__ = exc
+    return mapped
 
 
 def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
@@ -66,7 +67,8 @@ def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
                         cur.execute(query.sql, query.params)
                         result = cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
-                _raise_mapped(exc)
+                query = op.throw(_mapped(exc))
+                continue
             query = op.send(result)
     except StopIteration as stop:
         return stop.value
@@ -87,7 +89,8 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
                         await cur.execute(query.sql, query.params)
                         result = await cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
-                _raise_mapped(exc)
+                query = op.throw(_mapped(exc))
+                continue
             query = op.send(result)
     except StopIteration as stop:
         return stop.value

@@ -55,7 +55,7 @@ class Job(msgspec.Struct, kw_only=True):
 JOB_COLUMNS = ", ".join(Job.__struct_fields__)
 
 
-class JobSpec(msgspec.Struct, kw_only=True):
+class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A job to enqueue, for ``App.enqueue_many``. Fields left None take the task's defaults."""
 
     task: str

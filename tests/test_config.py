@@ -1,0 +1,61 @@
+"""Settings: one declaration, variables and flags derived from it, clear errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from pgsched import ConfigError, Settings, load_settings
+from pgsched.cli import main
+from pgsched.config import OPTION_NAMES, default_data_dir, env_name, flag_name
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_option_has_a_variable_and_a_flag() -> None:
+    assert env_name("data_dir") == "PGSCHED_DATA_DIR"
+    assert flag_name("data_dir") == "--data-dir"
+    help_text = CliRunner().invoke(main, ["migrate", "--help"]).output
+    for name in ("dsn", "data_dir", "log_level"):
+        assert flag_name(name) in help_text
+        assert env_name(name) in help_text
+    assert "--app" in CliRunner().invoke(main, ["up", "--help"]).output
+    assert set(OPTION_NAMES) == set(Settings.__struct_fields__)
+
+
+def test_environment_then_flags() -> None:
+    env = {"PGSCHED_DSN": "postgresql://env/db", "PGSCHED_LOG_LEVEL": "debug"}
+    assert load_settings(environ=env).dsn == "postgresql://env/db"
+    assert load_settings({"dsn": "postgresql://flag/db"}, environ=env).dsn == "postgresql://flag/db"
+    assert load_settings({"dsn": None}, environ=env).dsn == "postgresql://env/db"
+    assert load_settings(environ=env).log_level == "debug"
+
+
+def test_database_url_is_the_fallback() -> None:
+    assert load_settings(environ={"DATABASE_URL": "postgresql://fallback/db"}).dsn == "postgresql://fallback/db"
+    both = {"DATABASE_URL": "postgresql://fallback/db", "PGSCHED_DSN": "postgresql://main/db"}
+    assert load_settings(environ=both).dsn == "postgresql://main/db"
+    assert load_settings(environ={}).dsn is None
+
+
+def test_unknown_variable_warns_with_the_nearest_name() -> None:
+    with pytest.warns(UserWarning, match="PGSCHED_DSM.*did you mean PGSCHED_DSN"):
+        load_settings(environ={"PGSCHED_DSM": "x"})
+    with pytest.warns(UserWarning, match="PGSCHED_LOGLEVEL.*did you mean PGSCHED_LOG_LEVEL"):
+        load_settings(environ={"PGSCHED_LOGLEVEL": "x"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_settings(environ={"PGSCHED_TEST_DSN": "x", "PGSCHED_DSN": "y"})
+
+
+def test_bad_value_names_the_option() -> None:
+    with pytest.raises(ConfigError, match=r"--log-level / PGSCHED_LOG_LEVEL.*'loud'"):
+        load_settings(environ={"PGSCHED_LOG_LEVEL": "loud"})
+
+
+def test_data_dir_default_and_override() -> None:
+    assert load_settings(environ={"PGSCHED_DATA_DIR": "/tmp/x/pg"}).embedded_data_dir.as_posix() == "/tmp/x/pg"
+    assert load_settings(environ={}).embedded_data_dir == default_data_dir()
+    assert default_data_dir().name == "pg18"
