@@ -80,6 +80,7 @@ CREATE TABLE pgsched.queues (
     CONSTRAINT queues_retention_positive CHECK (retention_succeeded > interval '0' AND retention_failed > interval '0')
 );
 COMMENT ON TABLE pgsched.queues IS 'Per-queue settings. A queue needs no row here to be used; a row only changes its defaults';
+COMMENT ON COLUMN pgsched.queues.name IS 'Queue name, as in jobs.queue';
 COMMENT ON COLUMN pgsched.queues.paused IS 'When true no worker claims from this queue; enqueue still works';
 COMMENT ON COLUMN pgsched.queues.max_running IS 'Global cap on jobs of this queue running at once, across all workers (NULL: no cap)';
 COMMENT ON COLUMN pgsched.queues.rate_limit IS 'At most rate_limit job starts per rate_period (NULL: no rate limit)';
@@ -103,6 +104,7 @@ CREATE TABLE pgsched.tasks (
     CONSTRAINT tasks_parameters_array CHECK (jsonb_typeof(parameters) = 'array')
 );
 COMMENT ON TABLE pgsched.tasks IS 'Catalog of task names registered by apps and workers; clients validate task names against it';
+COMMENT ON COLUMN pgsched.tasks.name IS 'Task name, as in jobs.task';
 COMMENT ON COLUMN pgsched.tasks.queue IS 'Default queue of jobs of this task';
 COMMENT ON COLUMN pgsched.tasks.options IS 'Default job options of this task: priority, max_attempts, timeout, backoff';
 COMMENT ON COLUMN pgsched.tasks.parameters IS 'The task function''s parameters: [{"name", "annotation", "required"}]';
@@ -151,6 +153,8 @@ CREATE TABLE pgsched.schedules (
 );
 CREATE INDEX schedules_due_idx ON pgsched.schedules (next_run_at) WHERE enabled AND NOT paused;
 COMMENT ON TABLE pgsched.schedules IS 'Cron and interval definitions and the job template each produces';
+COMMENT ON COLUMN pgsched.schedules.name IS 'Unique name of the schedule';
+COMMENT ON COLUMN pgsched.schedules.task IS 'Task of the jobs the schedule produces (with args, queue, priority, ...)';
 COMMENT ON COLUMN pgsched.schedules.cron IS 'Cron expression (5 or 6 fields, or an @alias) evaluated in timezone; exclusive with every';
 COMMENT ON COLUMN pgsched.schedules.every IS 'Interval between runs; exclusive with cron';
 COMMENT ON COLUMN pgsched.schedules.timezone IS 'IANA time zone in which cron is evaluated';
@@ -242,6 +246,10 @@ CREATE UNIQUE INDEX jobs_schedule_slot ON pgsched.jobs (schedule_id, slot) WHERE
 CREATE INDEX jobs_workflow_idx ON pgsched.jobs (workflow_id) WHERE workflow_id IS NOT NULL;
 
 COMMENT ON TABLE pgsched.jobs IS 'One row per execution unit. Enqueue with INSERT (task, args) or pgsched.enqueue(...)';
+COMMENT ON COLUMN pgsched.jobs.id IS 'Job id, increasing in enqueue order';
+COMMENT ON COLUMN pgsched.jobs.created_at IS 'When the job was enqueued (pgsched.now())';
+COMMENT ON COLUMN pgsched.jobs.started_at IS 'When the last attempt started';
+COMMENT ON COLUMN pgsched.jobs.finished_at IS 'When the job reached a terminal state';
 COMMENT ON COLUMN pgsched.jobs.queue IS 'Queue the job waits in; workers claim from the queues they serve';
 COMMENT ON COLUMN pgsched.jobs.task IS 'Registered task name, or an executor kind: shell, http';
 COMMENT ON COLUMN pgsched.jobs.args IS 'Arguments of the task: a JSON object of at most 1 MiB';
@@ -295,6 +303,10 @@ CREATE TABLE pgsched.workers (
     CONSTRAINT workers_concurrency_positive CHECK (concurrency >= 1)
 );
 COMMENT ON TABLE pgsched.workers IS 'One row per live worker process, refreshed by its heartbeat';
+COMMENT ON COLUMN pgsched.workers.id IS 'Worker id, chosen by the worker at start';
+COMMENT ON COLUMN pgsched.workers.host IS 'Host name the worker runs on';
+COMMENT ON COLUMN pgsched.workers.pid IS 'Process id of the worker on its host';
+COMMENT ON COLUMN pgsched.workers.concurrency IS 'Jobs the worker runs at once';
 COMMENT ON COLUMN pgsched.workers.queues IS 'Queues the worker claims from';
 COMMENT ON COLUMN pgsched.workers.tasks IS 'Task names (and enabled executor kinds) the worker can run';
 COMMENT ON COLUMN pgsched.workers.heartbeat_at IS 'Last heartbeat';
@@ -327,6 +339,9 @@ CREATE INDEX runs_job_idx ON pgsched.runs (job_id);
 CREATE INDEX runs_queue_started_idx ON pgsched.runs (queue, started_at);
 CREATE TABLE pgsched.runs_default PARTITION OF pgsched.runs DEFAULT;
 COMMENT ON TABLE pgsched.runs IS 'One row per attempt of a job; append-only, partitioned by day of started_at';
+COMMENT ON COLUMN pgsched.runs.job_id IS 'The job of this attempt (no foreign key: jobs are pruned independently)';
+COMMENT ON COLUMN pgsched.runs.started_at IS 'When the attempt started';
+COMMENT ON COLUMN pgsched.runs.finished_at IS 'When the attempt ended';
 COMMENT ON COLUMN pgsched.runs.attempt IS 'The job''s attempts value during this attempt';
 COMMENT ON COLUMN pgsched.runs.outcome IS 'succeeded, failed, timeout, cancelled, lease_expired, fenced, snoozed or interrupted';
 COMMENT ON COLUMN pgsched.runs.error IS 'Error with traceback, for outcomes other than succeeded';
@@ -345,6 +360,9 @@ CREATE TABLE pgsched.run_logs (
 CREATE INDEX run_logs_job_idx ON pgsched.run_logs (job_id, attempt, logged_at);
 CREATE TABLE pgsched.run_logs_default PARTITION OF pgsched.run_logs DEFAULT;
 COMMENT ON TABLE pgsched.run_logs IS 'Log lines of runs: ctx.log, logging inside tasks, shell stdout/stderr; capped per run';
+COMMENT ON COLUMN pgsched.run_logs.job_id IS 'The job whose attempt wrote the line';
+COMMENT ON COLUMN pgsched.run_logs.attempt IS 'The attempt that wrote the line';
+COMMENT ON COLUMN pgsched.run_logs.message IS 'The line, at most 64 KiB; a run''s lines are capped in total with a truncation marker';
 COMMENT ON COLUMN pgsched.run_logs.stream IS 'log (ctx.log and logging), stdout, stderr, or system (pgsched''s own notes such as truncation)';
 
 -- Creates the daily partitions of runs and run_logs from yesterday to
@@ -424,6 +442,9 @@ CREATE TABLE pgsched.api_tokens (
 );
 CREATE INDEX api_tokens_user_idx ON pgsched.api_tokens (user_id);
 COMMENT ON TABLE pgsched.api_tokens IS 'Bearer tokens (pgs_ + 32 random bytes); only their SHA-256 is stored';
+COMMENT ON COLUMN pgsched.api_tokens.user_id IS 'The user the token acts as';
+COMMENT ON COLUMN pgsched.api_tokens.expires_at IS 'The token is refused after this instant (NULL: never)';
+COMMENT ON COLUMN pgsched.api_tokens.revoked_at IS 'Set when the token was revoked; it is refused from then on';
 COMMENT ON COLUMN pgsched.api_tokens.token_hash IS 'SHA-256 of the token; the token itself is shown once and never stored';
 COMMENT ON COLUMN pgsched.api_tokens.prefix IS 'First characters of the token, so people can tell their tokens apart';
 
@@ -440,6 +461,9 @@ CREATE TABLE pgsched.audit_log (
 CREATE INDEX audit_log_at_idx ON pgsched.audit_log (at);
 CREATE INDEX audit_log_target_idx ON pgsched.audit_log (target_type, target_id);
 COMMENT ON TABLE pgsched.audit_log IS 'Every change made through the API or CLI: who, what, when, before and after';
+COMMENT ON COLUMN pgsched.audit_log.at IS 'When the change was made';
+COMMENT ON COLUMN pgsched.audit_log.before IS 'The object before the change (NULL for a creation)';
+COMMENT ON COLUMN pgsched.audit_log.after IS 'The object after the change (NULL for a deletion)';
 COMMENT ON COLUMN pgsched.audit_log.actor IS 'User name, or the database role for changes outside the API';
 COMMENT ON COLUMN pgsched.audit_log.action IS 'What was done, such as job.cancel or schedule.pause';
 
@@ -465,6 +489,9 @@ CREATE TABLE pgsched.outbox (
 );
 CREATE INDEX outbox_pending_idx ON pgsched.outbox (next_attempt_at) WHERE state = 'pending';
 COMMENT ON TABLE pgsched.outbox IS 'Notifications to deliver, written in the transaction of the state change; claimed with SKIP LOCKED';
+COMMENT ON COLUMN pgsched.outbox.event IS 'What happened: job.failed, job.dead, job.succeeded, queue.backlog';
+COMMENT ON COLUMN pgsched.outbox.payload IS 'The message body to deliver';
+COMMENT ON COLUMN pgsched.outbox.next_attempt_at IS 'When the dispatcher may next try to deliver';
 COMMENT ON COLUMN pgsched.outbox.channel IS 'webhook, email or slack';
 COMMENT ON COLUMN pgsched.outbox.destination IS 'URL or e-mail address';
 COMMENT ON COLUMN pgsched.outbox.state IS 'pending, delivering, delivered or failed';
