@@ -296,7 +296,7 @@ def test_views_report_queues_and_workers(conn: psycopg.Connection[Any]) -> None:
             "FROM pgsched.queue_stats"
         )
     }
-    queue, waiting, scheduled, queued, running, unroutable, age, failed = stats["default"]
+    _queue, waiting, scheduled, queued, running, unroutable, age, failed = stats["default"]
     assert (waiting, scheduled, queued, running, unroutable, failed) == (0, 1, 2, 1, 1, 1)
     assert age >= 90
     assert stats["other"][1] == 1
