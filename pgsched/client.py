@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, overload
@@ -438,8 +438,9 @@ def _copy_text(value: str | None) -> str:
     return _COPY_NULL if value is None else value.translate(_COPY_ESCAPES)
 
 
-def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime) -> str:
-    """COPY text-format rows for queries.BULK_COPY_COLUMNS."""
+def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime, chunk: int = 2000) -> Iterator[str]:
+    """COPY text-format rows for queries.BULK_COPY_COLUMNS, in chunks: the server inserts one
+    chunk while the next is formatted."""
     lines = []
     for job_id, job in zip(ids, jobs, strict=True):
         run_at = job.run_at or (db_now + timedelta(seconds=job.delay_seconds) if job.delay_seconds else db_now)
@@ -450,4 +451,8 @@ def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime) -> str:
             f"{_copy_text(job.owner)}\t{_copy_text(job.concurrency_key)}\t"
             f"{'t' if job.run_on_upstream_failure else 'f'}\n"
         )
-    return "".join(lines)
+        if len(lines) == chunk:
+            yield "".join(lines)
+            lines.clear()
+    if lines:
+        yield "".join(lines)

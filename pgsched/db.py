@@ -7,7 +7,7 @@ only two places that execute them, so no operation is written twice.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -26,12 +26,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Query:
-    """One statement of an operation. With ``copy`` set, ``sql`` is a COPY ... FROM STDIN fed that data."""
+    """One statement of an operation. With ``copy`` set, ``sql`` is a COPY ... FROM STDIN fed those chunks."""
 
     sql: str
     params: Any = None
     rows: Literal["tuple", "job"] = "tuple"
-    copy: str | None = None
+    copy: Iterable[str] | None = None
 
 
 Operation = Generator[Query, list[Any], T]
@@ -61,7 +61,8 @@ def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
                 with conn.cursor(row_factory=_ROW_FACTORIES[query.rows]) as cur:
                     if query.copy is not None:
                         with cur.copy(query.sql) as copy:
-                            copy.write(query.copy)
+                            for chunk in query.copy:
+                                copy.write(chunk)
                         result: list[Any] = []
                     else:
                         cur.execute(query.sql, query.params)
@@ -83,7 +84,8 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
                 async with conn.cursor(row_factory=_ROW_FACTORIES[query.rows]) as cur:
                     if query.copy is not None:
                         async with cur.copy(query.sql) as copy:
-                            await copy.write(query.copy)
+                            for chunk in query.copy:
+                                await copy.write(chunk)
                         result: list[Any] = []
                     else:
                         await cur.execute(query.sql, query.params)
