@@ -1,0 +1,71 @@
+"""``python -m bench [WORKLOAD ...] [--runs N] [--profile]``: measure, then print a Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+
+from . import enqueue, env, report
+
+WORKLOADS = {**enqueue.WORKLOADS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Measure pgsched on the workloads of BENCH.md; print a Markdown table."
+    )
+    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"default: all ({', '.join(WORKLOADS)})")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per workload (median printed; default 3)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the pgsched side of every run and print the top functions (figures are then slower)",
+    )
+    args = parser.parse_args(argv)
+    by_name = {name.lower(): name for name in WORKLOADS}
+    unknown = [w for w in args.workloads if w.lower() not in by_name]
+    if unknown or args.runs < 1:
+        parser.error(f"unknown workload {unknown[0]}" if unknown else "--runs must be at least 1")
+    selected = [by_name[w.lower()] for w in args.workloads] or list(WORKLOADS)
+    if args.profile:
+        report.profiler = cProfile.Profile()
+
+    load_before = env.load_average()
+    rows: list[report.Row] = []
+    servers: list[env.Server] = []
+    for name in selected:
+        print(f"{name}: {args.runs} run(s) ...", file=sys.stderr, flush=True)
+        with env.fresh_database() as server:
+            rows += WORKLOADS[name](server.dsn, args.runs)
+        servers.append(server)
+    load_after = env.load_average()
+
+    print(f"## pgsched benchmark: median of {args.runs} run(s), (min–max)\n")
+    print(report.table(rows))
+    print("\nEnvironment:\n")
+    for key, value in env.machine():
+        print(f"- {key}: {value}")
+    print(f"- load average (1/5/15 min): before {load_before}, after {load_after}")
+    server = servers[0]
+    print(f"- server: {server.where}")
+    print(f"- PostgreSQL: {server.version}")
+    print(f"- durability: {server.durability}")
+    settings = ", ".join(f"{name}={value}" for name, value in server.settings)
+    print(f"- non-default settings: {settings}")
+    for other in servers[1:]:
+        if (other.version, other.settings) != (server.version, server.settings):
+            print(f"- differed for a later workload: {other.version}; {other.settings}")
+    if report.profiler is not None:
+        out = io.StringIO()
+        stats = pstats.Stats(report.profiler, stream=out)
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(20)
+        print("\nProfile of the pgsched side (all workloads, all runs):\n\n```\n" + out.getvalue() + "```")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
