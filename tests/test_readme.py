@@ -1,0 +1,221 @@
+"""The README's examples, executed, so the docs cannot drift from the code (STYLE habit 10).
+
+Conventions for the fenced blocks of README.md (the README states them too):
+
+- ```` ```python ````: executed in document order in one namespace, with
+  ``PGSCHED_DSN`` set to this test's fresh database, so ``App()`` uses it.
+- ```` ```sql ````: executed through the ``psql`` of the embedded wheel
+  against the same database, one session per block, ``ON_ERROR_STOP=1``.
+- ```` ```console ````: every line starting with ``$ `` must be a
+  ``$ pgsched ...`` command; it runs as a subprocess (``PGSCHED_DSN`` set) and
+  must exit 0. The lines after it, up to the next ``$`` line, are its expected
+  output: ``...`` matches any text (across lines), a run of spaces matches any
+  whitespace. A command followed by no lines has its output unchecked.
+- ```` ```<lang> no-run ````: not executed (``make`` targets, long-running
+  ``pgsched up``, commands that need the embedded server or another machine).
+- ```` ```text ````: never executed (diagrams).
+
+Any other fence is an error, so a typo cannot silently turn an example off.
+Blocks of all kinds run in one pass in document order: a block may rely on
+what an earlier one created (job ids are deterministic in a fresh database).
+
+Roles are global to the server, unlike the per-test database: the login roles
+the README creates must not exist beforehand (the test refuses to drop a role
+it did not create) and are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import pgsched
+from pgsched import embedded
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+PGSCHED = Path(sys.executable).parent / "pgsched"
+RUNNABLE = frozenset({"python", "sql", "console"})
+NEVER_RUN = frozenset({"text"})
+
+_FENCE = re.compile(r"^```(?P<lang>[\w-]*)(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block of the README."""
+
+    lang: str
+    flags: frozenset[str]
+    body: str
+    line: int  # line number of the first line of the body
+
+    @property
+    def runs(self) -> bool:
+        return self.lang in RUNNABLE and "no-run" not in self.flags
+
+    def where(self) -> str:
+        return f"README.md:{self.line} ({self.lang} block)"
+
+
+def readme_blocks(text: str) -> list[Block]:
+    blocks = []
+    for match in _FENCE.finditer(text):
+        line = text.count("\n", 0, match.start("body")) + 1
+        blocks.append(Block(match["lang"], frozenset(match["info"].split()), match["body"], line))
+    return blocks
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``$ pgsched ...`` line of a console block and the output shown after it."""
+
+    argv: list[str]
+    expected: str
+    line: int
+
+
+def console_commands(block: Block) -> list[Command]:
+    commands: list[Command] = []
+    for offset, text in enumerate(block.body.splitlines()):
+        if text.startswith("$ "):
+            argv = shlex.split(text[2:], comments=True)
+            assert argv and argv[0] == "pgsched", (
+                f"README.md:{block.line + offset}: only `$ pgsched ...` lines can run; "
+                "fence the block as ```console no-run to show other commands"
+            )
+            commands.append(Command(argv, "", block.line + offset))
+        elif commands:
+            last = commands[-1]
+            commands[-1] = Command(last.argv, last.expected + text + "\n", last.line)
+        elif text.strip():
+            raise AssertionError(f"README.md:{block.line + offset}: output before any `$ ` command")
+    return commands
+
+
+def output_pattern(expected: str) -> re.Pattern[str]:
+    """``expected`` as a regex: ``...`` matches any text, a run of whitespace any whitespace."""
+    parts = []
+    for piece in expected.strip().split("..."):
+        parts.append(r"\s+".join(re.escape(word) for word in re.split(r"\s+", piece)))
+    return re.compile(".*?".join(parts), re.S)
+
+
+def normalized(output: str) -> str:
+    return "\n".join(line.rstrip() for line in output.strip().splitlines())
+
+
+def created_roles(blocks: list[Block]) -> list[str]:
+    names: list[str] = []
+    for block in blocks:
+        if block.lang == "sql" and block.runs:
+            names += re.findall(r"CREATE\s+ROLE\s+(\w+)", block.body, re.I)
+    return names
+
+
+# -- runners -----------------------------------------------------------------------------------------
+
+
+def run_python(block: Block, namespace: dict[str, Any]) -> None:
+    # Pad with blank lines so tracebacks point at README.md's own line numbers.
+    code = compile("\n" * (block.line - 1) + block.body, str(README), "exec")
+    exec(code, namespace)
+
+
+def run_sql(block: Block, dsn: str) -> None:
+    psql = embedded.bin_dir() / "psql"
+    done = subprocess.run(
+        [str(psql), "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn],
+        input=block.body,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"{block.where()} failed in psql:\n{done.stderr}\n--- stdout:\n{done.stdout}"
+
+
+def run_console(block: Block, env: dict[str, str]) -> None:
+    for command in console_commands(block):
+        done = subprocess.run([str(PGSCHED), *command.argv[1:]], env=env, capture_output=True, text=True, timeout=120)
+        shown = shlex.join(command.argv)
+        assert done.returncode == 0, (
+            f"README.md:{command.line}: `{shown}` exited {done.returncode}:\n{done.stderr}{done.stdout}"
+        )
+        if command.expected.strip():
+            actual = normalized(done.stdout)
+            assert output_pattern(command.expected).fullmatch(actual), (
+                f"README.md:{command.line}: `{shown}` printed\n{actual}\n--- but the README shows\n{command.expected}"
+            )
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blocks() -> list[Block]:
+    return readme_blocks(README.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def readme_roles(blocks: list[Block], dsn: str) -> Iterator[list[str]]:
+    """The login roles the README creates: absent before the examples run, dropped after."""
+    names = created_roles(blocks)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        existing = [n for n in names if admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (n,)).fetchone()]
+        assert not existing, (
+            f"roles {existing} already exist on the test server; the README examples create them. "
+            "Drop them (DROP ROLE ...) or use another server."
+        )
+        try:
+            yield names
+        finally:
+            for name in names:
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.mark.unit
+def test_readme_opens_with_the_two_setup_commands_and_every_block_is_known(blocks: list[Block]) -> None:
+    first, second = blocks[0], blocks[1]
+    assert (first.body.strip(), second.body.strip()) == ("$ make up", "$ make test")
+    text = README.read_text(encoding="utf-8")
+    assert text.index("```") < text.index("\n## "), "the set-up commands come before any section"
+    for block in blocks:
+        assert block.lang in RUNNABLE | NEVER_RUN, f"{block.where()}: unknown fence language {block.lang!r}"
+        assert block.flags <= {"no-run"}, f"{block.where()}: unknown fence flags {sorted(block.flags)}"
+    langs = {b.lang for b in blocks if b.runs}
+    assert langs == RUNNABLE, f"the README should show runnable examples of each kind, found {sorted(langs)}"
+
+
+@pytest.mark.db
+def test_readme_examples_run(
+    blocks: list[Block], dsn: str, cli_env: dict[str, str], readme_roles: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("PGSCHED_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PGSCHED_DSN", dsn)
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    try:
+        for block in blocks:
+            if not block.runs:
+                continue
+            if block.lang == "python":
+                run_python(block, namespace)
+            elif block.lang == "sql":
+                run_sql(block, dsn)
+            else:
+                run_console(block, cli_env)
+    finally:
+        for value in namespace.values():
+            if isinstance(value, pgsched.App):
+                value.close()
