@@ -3,6 +3,7 @@
 from .backoff import Backoff
 from .client import App
 from .config import Settings, load_settings
+from .context import Context
 from .errors import (
     ConfigError,
     DuplicateJobError,
@@ -14,6 +15,7 @@ from .errors import (
     ValidationError,
 )
 from .jobs import Job, JobSpec
+from .outcomes import Cancel, Retry, Snooze
 from .tasks import Task
 
 __version__ = "0.1.0"
@@ -21,7 +23,9 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Backoff",
+    "Cancel",
     "ConfigError",
+    "Context",
     "DuplicateJobError",
     "InvalidStateError",
     "Job",
@@ -29,8 +33,10 @@ __all__ = [
     "JobSpec",
     "PermissionDenied",
     "PgschedError",
+    "Retry",
     "SchemaError",
     "Settings",
+    "Snooze",
     "Task",
     "ValidationError",
     "load_settings",

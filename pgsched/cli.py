@@ -7,9 +7,11 @@ line on stderr.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -42,9 +44,15 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
             overrides = {name: kwargs.pop(name) for name in names}
             return command(settings=load_settings(overrides), **kwargs)
 
+        defaults = Settings()
         for name in reversed(names):
+            flag = isinstance(getattr(defaults, name), bool)
             wrapper = click.option(
-                flag_name(name), name, default=None, help=f"{option_help(name)} [env: {env_name(name)}]"
+                flag_name(name),
+                name,
+                is_flag=flag,
+                default=None,
+                help=f"{option_help(name)} [env: {env_name(name)}; default: {getattr(defaults, name)}]",
             )(wrapper)
         return wrapper
 
@@ -63,7 +71,8 @@ def load_app(settings: Settings) -> App:
         raise ConfigError(f"--app / PGSCHED_APP: cannot load {settings.app!r}: {exc}") from None
     if not isinstance(app, App):
         raise ConfigError(f"--app / PGSCHED_APP: {settings.app!r} is not a pgsched.App")
-    app.settings = msgspec.structs.replace(app.settings, dsn=settings.dsn or app.settings.dsn)
+    # The command line's settings win; an app built with its own DSN keeps it when none is given here.
+    app.settings = msgspec.structs.replace(settings, dsn=settings.dsn or app.settings.dsn)
     return app
 
 
@@ -169,6 +178,7 @@ def up(settings: Settings) -> None:
     Stays in the foreground until Ctrl-C / SIGTERM, then stops the embedded
     server it started.
     """
+    configure_logging(settings)
     where = "configured database" if settings.dsn else "embedded PostgreSQL 18"
     dsn = resolve_dsn(settings, stop_on_exit=True)
     settings = msgspec.structs.replace(settings, dsn=dsn)
@@ -191,6 +201,54 @@ def up(settings: Settings) -> None:
     click.echo("pgsched stopped")
 
 
+WORKER_OPTIONS = (
+    "app",
+    "queues",
+    "concurrency",
+    "processes",
+    "prefetch",
+    "lease_seconds",
+    "heartbeat_seconds",
+    "poll_seconds",
+    "grace_seconds",
+    "allow_shell",
+    "allow_private_http",
+    "burst",
+)
+
+
+@main.command()
+@with_settings(*WORKER_OPTIONS)
+def worker(settings: Settings) -> None:
+    """Claim and run jobs (SIGTERM/Ctrl-C: finish running jobs, then stop; twice: stop now)."""
+    configure_logging(settings)
+    if settings.processes > 1:
+        from pgsched.worker.supervisor import supervise
+
+        sys.exit(supervise(settings))
+    app = load_app(settings)
+    stats = asyncio.run(_run_worker(app, settings))
+    if settings.burst:
+        click.echo(
+            f"done: {stats.claimed} claimed, {stats.succeeded} succeeded, {stats.failed} failed, "
+            f"{stats.retried} to retry, {stats.cancelled} cancelled, {stats.fenced} fenced"
+        )
+
+
+async def _run_worker(app: App, settings: Settings) -> Any:
+    from pgsched.worker.runtime import Worker, install_signal_handlers
+
+    runtime = Worker(app, settings)
+    install_signal_handlers(runtime)
+    return await runtime.run()
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
 @main.command()
 @click.argument("task")
 @click.option("--args", "args_json", default="{}", show_default=True, help="Task arguments as a JSON object.")
@@ -202,6 +260,8 @@ def up(settings: Settings) -> None:
 @click.option("--dedupe-key", "dedupe_key", help="At most one live job per key.")
 @click.option("--depends-on", "depends_on", multiple=True, type=int, help="Job id to wait for (repeatable).")
 @click.option("--owner", help="Owner (tenant) of the job.")
+@click.option("--timeout", type=float, help="Seconds an attempt may run (default: the task's).")
+@click.option("--concurrency-key", "concurrency_key", help="Jobs sharing a key are capped together.")
 @JSON_FLAG
 @with_settings("app")
 def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:

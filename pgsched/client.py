@@ -7,6 +7,8 @@ sync method and its ``_async`` twin only choose the connection and the driver.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -20,12 +22,14 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import migrations, queries
 from .backoff import Backoff
-from .config import Settings, load_settings
+from .config import Settings, load_settings, replace_settings
 from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_async
-from .errors import DuplicateJobError, JobNotFound, ValidationError
+from .errors import DuplicateJobError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .tasks import Task, make_task
 from .validation import EXECUTOR_KINDS, NewJob, TaskDefaults, check_int, new_job
+
+log = logging.getLogger("pgsched")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -142,10 +146,13 @@ class App:
         """Open the sync pool now: check the schema and register the tasks in the catalog."""
         with self._lock:
             if self._pool is None:
-                pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(**self._pool_kwargs())
-                pool.open(wait=True)
-                with pool.connection() as conn:
+                # One direct connection first: an unreachable database fails at once with its
+                # real error, where a pool would retry in the background until its timeout.
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    configure_adapters(conn.adapters)
                     run(conn, self._op_ready())
+                pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(**self._pool_kwargs())
+                pool.open()
                 self._pool = pool
         return self
 
@@ -155,12 +162,13 @@ class App:
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
             if self._async_pool is None:
+                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                    configure_adapters(conn.adapters)
+                    await run_async(conn, self._op_ready())
                 kwargs = self._pool_kwargs()
                 kwargs["configure"] = _configure_async
                 pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(**kwargs)
-                await pool.open(wait=True)
-                async with pool.connection() as conn:
-                    await run_async(conn, self._op_ready())
+                await pool.open()
                 self._async_pool = pool
         return self
 
@@ -232,17 +240,26 @@ class App:
         yield from self._op_check_schema()
         if self.tasks:
             tasks = list(self.tasks.values())
-            yield Query(
-                queries.CATALOG_UPSERT,
-                {
-                    "names": [t.name for t in tasks],
-                    "queues": [t.defaults.queue for t in tasks],
-                    "options": [msgspec.json.encode(t.catalog_options()).decode() for t in tasks],
-                    "parameters": [msgspec.json.encode(t.parameters()).decode() for t in tasks],
-                    "descriptions": [(t.__doc__ or "").strip().split("\n")[0] or None for t in tasks],
-                    "apps": [getattr(t.fn, "__module__", None) for t in tasks],
-                },
-            )
+            try:
+                yield from self._op_register(tasks)
+            except PermissionDenied:
+                # A role that may only enqueue (pgsched_enqueuer) cannot write the catalog;
+                # the app still knows its own tasks, and workers register them.
+                log.info("this database role may not write pgsched.tasks; tasks were not registered")
+
+    def _op_register(self, tasks: list[Task[Any, Any]]) -> Operation[None]:
+        """Write the app's tasks to the catalog (one statement)."""
+        yield Query(
+            queries.CATALOG_UPSERT,
+            {
+                "names": [t.name for t in tasks],
+                "queues": [t.defaults.queue for t in tasks],
+                "options": [msgspec.json.encode(t.catalog_options()).decode() for t in tasks],
+                "parameters": [msgspec.json.encode(t.parameters()).decode() for t in tasks],
+                "descriptions": [(t.__doc__ or "").strip().split("\n")[0] or None for t in tasks],
+                "apps": [getattr(t.fn, "__module__", None) for t in tasks],
+            },
+        )
 
     def _op_defaults(self, names: Iterable[str]) -> Operation[dict[str, TaskDefaults]]:
         """Defaults of each task name that the app, the executor kinds or the catalog knows."""
@@ -313,6 +330,21 @@ class App:
         if not rows:
             raise JobNotFound(params[0])
         return rows[0]
+
+    # -- running a worker in this process --------------------------------------------------
+
+    def run_worker(self, **options: Any) -> Any:
+        """Run a worker for this app in this process until it is stopped (or, with ``burst=True``,
+        until the queues are empty); options are the worker settings (``queues="a,b"``,
+        ``concurrency=4``, ...). Returns the worker's stats."""
+        return asyncio.run(self.run_worker_async(**options))
+
+    async def run_worker_async(self, **options: Any) -> Any:
+        """``run_worker`` inside a running event loop."""
+        # Imported by name at call time: the worker depends on the core, never the other way
+        # round (import-linter checks static imports), and an app that only enqueues never loads it.
+        worker = importlib.import_module("pgsched.worker.runtime")
+        return await worker.Worker(self, replace_settings(self.settings, **options)).run()
 
     # -- public client API -----------------------------------------------------------------
 

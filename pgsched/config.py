@@ -42,6 +42,8 @@ def default_data_dir() -> Path:
 
 
 LogLevel = Annotated[str, msgspec.Meta(pattern=r"^(?i:debug|info|warning|error|critical)$")]
+_QUEUE = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}"
+QUEUE_LIST = rf"^\s*{_QUEUE}\s*(,\s*{_QUEUE}\s*)*$"
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -60,6 +62,39 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         msgspec.Meta(description="Your tasks, as module:attribute of a pgsched.App (e.g. myproject.tasks:app)"),
     ] = None
     log_level: Annotated[LogLevel, msgspec.Meta(description="Log level: debug, info, warning, error")] = "info"
+    # Worker
+    queues: Annotated[
+        str, msgspec.Meta(pattern=QUEUE_LIST, description="Queues the worker claims from, comma-separated")
+    ] = "default"
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000, description="Jobs one worker process runs at once")] = 10
+    processes: Annotated[int, msgspec.Meta(ge=1, le=256, description="Worker processes under one supervisor")] = 1
+    prefetch: Annotated[
+        int, msgspec.Meta(ge=0, le=100_000, description="Extra jobs a worker claims ahead into its local queue")
+    ] = 0
+    lease_seconds: Annotated[float, msgspec.Meta(gt=0, description="How long a claim holds without a heartbeat")] = 30.0
+    heartbeat_seconds: Annotated[
+        float, msgspec.Meta(gt=0, description="Interval of the heartbeat that extends the leases")
+    ] = 5.0
+    poll_seconds: Annotated[
+        float, msgspec.Meta(gt=0, description="Claim poll interval when no notification arrives (jittered)")
+    ] = 2.0
+    grace_seconds: Annotated[
+        float, msgspec.Meta(ge=0, description="On shutdown, how long running jobs may finish before they are put back")
+    ] = 10.0
+    allow_shell: Annotated[bool, msgspec.Meta(description="Run shell jobs on this worker")] = False
+    allow_private_http: Annotated[
+        bool, msgspec.Meta(description="Let http jobs reach private, loopback and link-local addresses")
+    ] = False
+    burst: Annotated[bool, msgspec.Meta(description="Exit when the queues are empty")] = False
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise msgspec.ValidationError("must be shorter than lease_seconds - at `$.heartbeat_seconds`")
+
+    @property
+    def queue_list(self) -> tuple[str, ...]:
+        """``queues`` as a tuple of names."""
+        return tuple(dict.fromkeys(q.strip() for q in self.queues.split(",") if q.strip()))
 
     @property
     def embedded_data_dir(self) -> Path:
@@ -127,6 +162,18 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
     if "dsn" not in raw and environ.get("DATABASE_URL"):
         raw["dsn"] = environ["DATABASE_URL"]
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _convert(raw)
+
+
+def replace_settings(settings: Settings, **changes: Any) -> Settings:
+    """``settings`` with some options changed, validated like any other input (ConfigError)."""
+    unknown = set(changes) - set(OPTION_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown option {sorted(unknown)[0]!r}; options: {', '.join(OPTION_NAMES)}")
+    return _convert({**msgspec.structs.asdict(settings), **changes})
+
+
+def _convert(raw: dict[str, Any]) -> Settings:
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:

@@ -1,0 +1,60 @@
+"""``Context``: what a running task may know and do. A task receives it as its first parameter
+when that parameter is annotated ``pgsched.Context``."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .jobs import Job
+from .validation import encode_json_object
+
+PROGRESS_MAX_BYTES = 256 * 1024
+
+
+class RunSink(Protocol):
+    """Where a context sends what the task reports (the worker implements it)."""
+
+    def log(self, job: Job, level: str, message: str) -> None: ...
+
+    def progress(self, job: Job, encoded: str) -> None: ...
+
+
+class Context:
+    """The running job, its attempt, a log into its run, progress checkpoints and cancellation."""
+
+    def __init__(self, job: Job, sink: RunSink, dependency_results: dict[int, Any] | None = None) -> None:
+        self.job = job
+        self.dependency_results = dependency_results or {}
+        self._sink = sink
+        self._cancelled = False
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number (1 for the first)."""
+        return self.job.attempts
+
+    @property
+    def progress(self) -> Any:
+        """The last checkpoint saved with ``set_progress``, by this attempt or an earlier one."""
+        return self.job.progress
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job should stop: cancelled, its lease lost, or the worker shutting down."""
+        return self._cancelled
+
+    def log(self, message: str, level: str = "info") -> None:
+        """Write a line into this run's log (``pgsched.run_logs``)."""
+        self._sink.log(self.job, level, str(message))
+
+    def set_progress(self, progress: dict[str, Any]) -> None:
+        """Save a checkpoint (a JSON object, at most 256 KiB); a retried attempt reads it from ``ctx.progress``.
+
+        It is written within milliseconds and always before the attempt's outcome.
+        """
+        encoded = encode_json_object(progress, "progress", PROGRESS_MAX_BYTES)
+        self.job.progress = progress
+        self._sink.progress(self.job, encoded)
+
+    def _cancel(self) -> None:
+        self._cancelled = True

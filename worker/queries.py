@@ -1,0 +1,126 @@
+"""Statements the worker executes, each with the index it relies on."""
+
+from __future__ import annotations
+
+from pgsched.jobs import JOB_COLUMNS
+
+_J_COLUMNS = ", ".join(f"j.{c}" for c in JOB_COLUMNS.split(", "))
+
+# Claim up to %(limit)s queued jobs, one queue after the other in the order
+# given (the worker rotates it on every claim, so no queue starves).
+# Why not DESIGN's single `queue = ANY(...)` scan: with several queues the
+# planner cannot read jobs_claim_idx in (priority, run_at, id) order across
+# queues, so it sorts every queued row of those queues on every claim. The
+# LATERAL form reads each queue's slice of jobs_claim_idx in order and stops
+# at the limit. MATERIALIZED keeps the planner from inlining the sub-select
+# and running LIMIT ... SKIP LOCKED more than once (which can claim more rows
+# than asked).
+CLAIM = f"""
+WITH picked AS MATERIALIZED (
+    SELECT p.id
+    FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, position)
+    CROSS JOIN LATERAL (
+        SELECT id FROM pgsched.jobs
+        WHERE state = 'queued' AND queue = q.name AND task = ANY(%(tasks)s::text[])
+        ORDER BY priority DESC, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS p
+    LIMIT %(limit)s
+)
+UPDATE pgsched.jobs j
+SET state = 'running', attempts = j.attempts + 1, worker_id = %(worker)s,
+    started_at = pgsched.now(), lease_expires_at = pgsched.now() + make_interval(secs => %(lease)s)
+FROM picked
+WHERE j.id = picked.id
+RETURNING {_J_COLUMNS}
+"""
+
+# Complete a batch of attempts in one round trip. Every row is fenced on
+# (id, attempt, worker, state = 'running'): a job whose lease was lost and
+# that was rescued or finished elsewhere is not touched, and its attempt is
+# recorded as 'fenced'. Primary key lookups only.
+COMPLETE = """
+WITH done AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(queues)s::text[], %(tasks)s::text[],
+                         %(owners)s::text[], %(states)s::text[], %(outcomes)s::text[], %(results)s::jsonb[],
+                         %(errors)s::text[], %(delays)s::double precision[], %(started)s::timestamptz[],
+                         %(finished)s::timestamptz[])
+        AS d(id, attempt, queue, task, owner, state, outcome, result, error, delay, started_at, finished_at)
+), updated AS (
+    UPDATE pgsched.jobs j
+    SET state = d.state,
+        result = CASE WHEN d.state = 'succeeded' THEN d.result ELSE j.result END,
+        -- A cancel keeps the reason pgsched.cancel stored.
+        error = CASE WHEN d.outcome = 'cancelled' AND d.error IS NULL THEN j.error ELSE d.error END,
+        -- A snoozed attempt does not count.
+        attempts = CASE WHEN d.outcome = 'snoozed' THEN j.attempts - 1 ELSE j.attempts END,
+        run_at = CASE WHEN d.delay IS NOT NULL THEN pgsched.now() + make_interval(secs => d.delay) ELSE j.run_at END,
+        finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'cancelled') THEN pgsched.now() END,
+        worker_id = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
+    FROM done d
+    WHERE j.id = d.id AND j.attempts = d.attempt AND j.worker_id = %(worker)s AND j.state = 'running'
+    RETURNING j.id
+), history AS (
+    INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, worker_id, outcome, error, started_at, finished_at)
+    SELECT d.id, d.attempt, d.queue, d.task, d.owner, %(worker)s,
+           CASE WHEN u.id IS NULL THEN 'fenced' ELSE d.outcome END, d.error, d.started_at, d.finished_at
+    FROM done d LEFT JOIN updated u ON u.id = d.id
+)
+SELECT id FROM updated
+"""
+
+# Extend every in-flight lease of this worker and refresh its row, in one
+# round trip. Jobs missing from the result lost their lease (rescued or
+# finished elsewhere); a set cancel_requested_at asks the worker to stop one.
+HEARTBEAT = """
+WITH leases AS (
+    UPDATE pgsched.jobs
+    SET lease_expires_at = pgsched.now() + make_interval(secs => %(lease)s)
+    WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running'
+    RETURNING id, cancel_requested_at IS NOT NULL AS cancel
+), me AS (
+    INSERT INTO pgsched.workers (id, host, pid, queues, tasks, concurrency, version, expires_at)
+    VALUES (%(worker)s, %(host)s, %(pid)s, %(queues)s, %(tasks)s, %(concurrency)s, %(version)s,
+            pgsched.now() + make_interval(secs => %(lease)s))
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = pgsched.now(), expires_at = excluded.expires_at
+)
+SELECT id, cancel FROM leases
+"""
+
+# Save a task's checkpoint (fenced like a completion).
+SET_PROGRESS = """
+UPDATE pgsched.jobs SET progress = %(progress)s::jsonb
+WHERE id = %(id)s AND attempts = %(attempt)s AND worker_id = %(worker)s AND state = 'running'
+"""
+
+# Put jobs this worker holds back in the queue without counting the attempt
+# (shutdown: prefetched jobs never started, running jobs interrupted).
+RELEASE = """
+UPDATE pgsched.jobs
+SET state = 'queued', attempts = attempts - 1, worker_id = NULL, lease_expires_at = NULL, started_at = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running'
+RETURNING id, queue
+"""
+
+# The runs rows of attempts interrupted by a shutdown (written just before RELEASE).
+INSERT_INTERRUPTED = """
+INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, worker_id, outcome, started_at, finished_at)
+SELECT d.id, d.attempt, d.queue, d.task, d.owner, %(worker)s, 'interrupted', d.started_at, d.finished_at
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(queues)s::text[], %(tasks)s::text[], %(owners)s::text[],
+            %(started)s::timestamptz[], %(finished)s::timestamptz[])
+    AS d(id, attempt, queue, task, owner, started_at, finished_at)
+"""
+
+UNREGISTER = "DELETE FROM pgsched.workers WHERE id = %s"
+
+WAKE = "SELECT pg_notify('pgsched_wakeup', q) FROM unnest(%s::text[]) AS q"
+
+INSERT_LOGS = """
+INSERT INTO pgsched.run_logs (job_id, attempt, logged_at, stream, level, message)
+SELECT * FROM unnest(%(job_ids)s::bigint[], %(attempts)s::integer[], %(at)s::timestamptz[], %(streams)s::text[],
+                     %(levels)s::text[], %(messages)s::text[])
+"""
+
+# Who created a shell/http job, re-checked by the worker before running it.
+MAY_RUN_COMMANDS = "SELECT pgsched.may_create_command_jobs(%s)"

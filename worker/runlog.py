@@ -1,0 +1,99 @@
+"""Capture of what a run writes (``ctx.log``, ``logging`` inside the task, shell output) into
+``pgsched.run_logs``, capped per run with a truncation marker, flushed in batches."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pgsched.jobs import Job
+
+MAX_LINES_PER_RUN = 1000
+MAX_BYTES_PER_RUN = 256 * 1024
+MAX_LINE_BYTES = 16 * 1024
+
+# The job whose task is executing in this context (set by the runtime, copied
+# into the threads of sync tasks), so log records can be attributed to it.
+current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar("pgsched_current_job", default=None)
+
+
+@dataclass
+class _Budget:
+    lines: int = 0
+    bytes: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class RunLogBuffer:
+    """Lines waiting to be written, and what each run has used of its cap."""
+
+    rows: list[tuple[int, int, datetime, str, str | None, str]] = field(default_factory=list)
+    budgets: dict[tuple[int, int], _Budget] = field(default_factory=dict)
+    # Sync tasks log from their threads while the event loop takes the rows.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, job: Job, stream: str, level: str | None, message: str) -> None:
+        with self.lock:
+            self._add(job, stream, level, message)
+
+    def _add(self, job: Job, stream: str, level: str | None, message: str) -> None:
+        key = (job.id, job.attempts)
+        budget = self.budgets.setdefault(key, _Budget())
+        encoded = message.encode()
+        if len(encoded) > MAX_LINE_BYTES:
+            message = encoded[:MAX_LINE_BYTES].decode(errors="ignore") + " [line truncated]"
+        if budget.lines >= MAX_LINES_PER_RUN or budget.bytes + len(encoded) > MAX_BYTES_PER_RUN:
+            budget.dropped += 1
+            return
+        budget.lines += 1
+        budget.bytes += len(encoded)
+        self.rows.append((job.id, job.attempts, datetime.now(timezone.utc), stream, level, message))
+
+    def finish(self, job: Job) -> None:
+        """The run ended: write the truncation marker if lines were dropped, and forget its budget."""
+        with self.lock:
+            budget = self.budgets.pop((job.id, job.attempts), None)
+        if budget and budget.dropped:
+            self.rows.append(
+                (
+                    job.id,
+                    job.attempts,
+                    datetime.now(timezone.utc),
+                    "system",
+                    "warning",
+                    f"[pgsched] log truncated: {budget.dropped} more line(s) dropped "
+                    f"(cap {MAX_LINES_PER_RUN} lines / {MAX_BYTES_PER_RUN} bytes per run)",
+                )
+            )
+
+    def take(self) -> dict[str, list[Any]] | None:
+        """The pending rows as INSERT_LOGS parameters, or None; the buffer is emptied."""
+        with self.lock:
+            rows, self.rows = self.rows, []
+        if not rows:
+            return None
+        columns = list(zip(*rows, strict=True))
+        keys = ("job_ids", "attempts", "at", "streams", "levels", "messages")
+        return {k: list(v) for k, v in zip(keys, columns, strict=True)}
+
+
+class TaskLogHandler(logging.Handler):
+    """A root-logger handler that copies records emitted inside a task into its run log."""
+
+    def __init__(self, buffer: RunLogBuffer) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.buffer = buffer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = current_job.get()
+        if job is None or record.name.startswith("pgsched."):
+            return
+        try:
+            self.buffer.add(job, "log", record.levelname.lower(), self.format(record))
+        except Exception:  # a log line must never break the task
+            self.handleError(record)

@@ -1,0 +1,547 @@
+"""The worker: claims jobs, runs them, heartbeats their leases, records outcomes.
+
+A job held by this worker moves through::
+
+    claimed ──▶ local queue ──▶ running ──▶ outcome buffered ──▶ flushed (fenced UPDATE + runs row)
+       │             │              │
+       └─ shutdown ──┴── released ◀─┘ (back to queued, attempt not counted)
+
+Every held job (prefetched, running, or finished but not yet flushed) is in
+``held`` and covered by the heartbeat, so no lease lapses while its outcome
+waits in the buffer. Capacity (``concurrency + prefetch``) counts only the
+unfinished ones, so claiming goes on while outcomes are being written. One
+asyncio task per concern: claiming, ``concurrency`` execution slots, the
+flusher, the heartbeat and the listener.
+
+Shutdown order (SIGTERM/SIGINT, or ``stop()``): stop claiming; release the
+prefetched jobs at once; give running jobs ``grace_seconds``; cancel what is
+left and release it (recorded as ``interrupted``); flush every buffered
+outcome; remove the ``workers`` row. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg.rows import kwargs_row
+
+from pgsched import __version__
+from pgsched.backoff import DEFAULT_BACKOFF, Backoff
+from pgsched.client import App
+from pgsched.config import Settings
+from pgsched.context import Context
+from pgsched.db import configure_adapters
+from pgsched.jobs import Job
+from pgsched.outcomes import Cancel, Retry, Snooze
+from pgsched.validation import ARGS_MAX_BYTES, check_json_value
+
+from . import queries
+from .executors import NotRetryable, run_http, run_python, run_shell
+from .runlog import RunLogBuffer, TaskLogHandler, current_job
+
+log = logging.getLogger("pgsched.worker")
+
+TRACEBACK_MAX_CHARS = 16_000
+FLUSH_BATCH = 1000
+# How long the first outcome of a batch waits for others before the batch is written.
+FLUSH_SECONDS = 0.002
+
+
+@dataclass
+class Outcome:
+    """What an attempt ended as, waiting to be flushed."""
+
+    job: Job
+    state: str
+    outcome: str
+    started_at: datetime
+    finished_at: datetime
+    result: str | None = None
+    error: str | None = None
+    delay: float | None = None
+
+
+@dataclass
+class Stats:
+    """What a worker did (returned by ``run``; ``--burst`` prints it)."""
+
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    fenced: int = 0
+    released: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """One worker process's runtime, configured by the worker fields of ``Settings``.
+
+    ``await Worker(app).run()`` (options from the app's settings) or ``Worker(app, settings)``.
+    """
+
+    def __init__(self, app: App, settings: Settings | None = None) -> None:
+        self.app = app
+        self.options = settings or app.settings
+        self.id = uuid.uuid4()
+        self.stats = Stats()
+        kinds = [k for k, on in (("shell", self.options.allow_shell), ("http", True)) if on]
+        self.runnable = sorted({*app.tasks, *kinds})
+        self.capacity = self.options.concurrency + self.options.prefetch
+        # Claimed jobs until their outcome is written (the heartbeat covers them all)...
+        self.held: dict[int, Job] = {}
+        # ...of which these are not finished yet (in the local queue or running): they use capacity.
+        self.active = 0
+        self.running: dict[int, tuple[asyncio.Task[Any], Context]] = {}
+        self.local: asyncio.Queue[Job] = asyncio.Queue()
+        self.pending: list[Outcome] = []
+        self._progress: dict[tuple[int, int], str] = {}
+        self.logs = RunLogBuffer()
+        self.threads = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="pgsched-task")
+        self._queues = list(self.options.queue_list)
+        self._wake = asyncio.Event()
+        self._flush_now = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._released_ids: set[int] = set()
+        self._lost: set[int] = set()
+        self._pool: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> Stats:
+        """Run until stopped (or, with ``burst``, until the queues are empty)."""
+        from psycopg_pool import AsyncConnectionPool
+
+        self._loop = asyncio.get_running_loop()
+        await self.app.open_async()  # schema check and task catalog
+        self._pool = AsyncConnectionPool(
+            self.app.dsn,
+            min_size=2,
+            max_size=3,
+            kwargs={"autocommit": True},
+            configure=_configure,
+            open=False,
+        )
+        await self._pool.open(wait=True)
+        handler = TaskLogHandler(self.logs)
+        logging.getLogger().addHandler(handler)
+        try:
+            await self._heartbeat_once()
+            log.info(
+                "worker %s started: queues %s, concurrency %d",
+                self.id,
+                ",".join(self._queues),
+                self.options.concurrency,
+            )
+            background = [
+                asyncio.create_task(self._listen(), name="listen"),
+                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._flush_loop(), name="flush"),
+            ]
+            slots = [asyncio.create_task(self._slot(), name=f"slot-{i}") for i in range(self.options.concurrency)]
+            await self._claim_loop()
+            await self._shutdown(slots)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._flush()
+            async with self._pool.connection() as conn:
+                await conn.execute(queries.UNREGISTER, (self.id,))
+        finally:
+            logging.getLogger().removeHandler(handler)
+            await self._pool.close()
+            self.threads.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped: %s", self.id, self.stats)
+        return self.stats
+
+    async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
+        # Prefetched jobs never started: give them back now.
+        waiting = []
+        while not self.local.empty():
+            waiting.append(self.local.get_nowait())
+        self.active -= len(waiting)
+        await self._release([job.id for job in waiting], interrupted=False)
+        deadline = time.monotonic() + self.options.grace_seconds
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.running:
+            ids = list(self.running)
+            self._released_ids.update(ids)
+            for task, ctx in list(self.running.values()):
+                ctx._cancel()
+                task.cancel()
+            while self.running:
+                await asyncio.sleep(0.01)
+            await self._release(ids, interrupted=True)
+        for slot in slots:
+            slot.cancel()
+        await asyncio.gather(*slots, return_exceptions=True)
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        # While the queues have more than we can take, claim in batches of at least half
+        # the capacity rather than one job per freed slot.
+        batch = max(1, self.capacity // 2)
+        busy = False
+        while not self._stopping.is_set():
+            free = self.capacity - self.active
+            if free > 0 and (free >= batch or not busy):
+                got = await self._claim(free)
+                busy = got == free
+                if self.options.burst and got == 0 and not self.held:
+                    return
+                if busy and self.capacity - self.active >= batch:
+                    continue
+            self._wake.clear()
+            poll = self.options.poll_seconds * random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=poll)
+
+    async def _claim(self, limit: int) -> int:
+        self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
+        try:
+            async with self._pool.connection() as conn, conn.cursor(row_factory=kwargs_row(Job)) as cur:
+                await cur.execute(
+                    queries.CLAIM,
+                    {
+                        "queues": self._queues,
+                        "tasks": self.runnable,
+                        "limit": limit,
+                        "worker": self.id,
+                        "lease": self.options.lease_seconds,
+                    },
+                )
+                jobs = await cur.fetchall()
+        except psycopg.Error as exc:
+            log.warning("claim failed, will retry: %s", exc)
+            await asyncio.sleep(min(self.options.poll_seconds, 1.0))
+            return 0
+        for job in jobs:
+            self.held[job.id] = job
+            self.local.put_nowait(job)
+        self.active += len(jobs)
+        self.stats.claimed += len(jobs)
+        return len(jobs)
+
+    # -- execution ---------------------------------------------------------------------------
+
+    async def _slot(self) -> None:
+        while True:
+            job = await self.local.get()
+            if self._stopping.is_set():
+                self.local.put_nowait(job)
+                return
+            await self._execute(job)
+
+    async def _execute(self, job: Job) -> None:
+        ctx = Context(job, self)
+        started = datetime.now(timezone.utc)
+        current_job.set(job)
+        runner = asyncio.ensure_future(self._invoke(job, ctx))
+        self.running[job.id] = (runner, ctx)
+        try:
+            outcome = await self._outcome(job, runner, started)
+        finally:
+            self.running.pop(job.id, None)
+            current_job.set(None)
+            self.logs.finish(job)
+            self.active -= 1
+            self._wake.set()
+        if outcome is not None:
+            self.pending.append(outcome)
+            self._flush_now.set()
+
+    async def _invoke(self, job: Job, ctx: Context) -> Any:
+        if job.task == "shell":
+            if not await self._creator_may_run_commands(job):
+                raise NotRetryable(f"role {job.created_by!r} may not create shell jobs")
+            return await run_shell(job.args, lambda stream, line: self.logs.add(job, stream, None, line))
+        if job.task == "http":
+            if not await self._creator_may_run_commands(job):
+                raise NotRetryable(f"role {job.created_by!r} may not create http jobs")
+            return await run_http(
+                job.args,
+                allow_private=self.options.allow_private_http,
+                threads=self.threads,
+                timeout=job.timeout_seconds,
+            )
+        task = self.app.tasks.get(job.task)
+        if task is None:
+            raise NotRetryable(f"task {job.task!r} is not registered in this worker's app")
+        return await run_python(task, ctx, self.threads)
+
+    async def _creator_may_run_commands(self, job: Job) -> bool:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(queries.MAY_RUN_COMMANDS, (job.created_by,))).fetchone()
+        return bool(row and row[0])
+
+    async def _outcome(self, job: Job, runner: asyncio.Future[Any], started: datetime) -> Outcome | None:
+        """Wait for the attempt and classify how it ended (None: not ours to record any more)."""
+        timeout = job.timeout_seconds
+        try:
+            value = await asyncio.wait_for(asyncio.shield(runner), timeout) if timeout else await runner
+        except TimeoutError:
+            runner.cancel()
+            return self._failure(job, started, "timeout", f"timed out after {timeout:g} s")
+        except asyncio.CancelledError:
+            runner.cancel()
+            if job.id in self._lost or job.id in self._released_ids:
+                return None  # lease lost (someone else owns it now) or released at shutdown
+            return self._ended(job, started, "cancelled", "cancelled")  # keeps the reason given to cancel
+        except Retry as exc:
+            return self._failure(job, started, "failed", exc.reason, delay=exc.after)
+        except Snooze as exc:
+            return self._ended(job, started, "scheduled", "snoozed", delay=exc.seconds)
+        except Cancel as exc:
+            return self._ended(job, started, "cancelled", "cancelled", error=exc.reason)
+        except NotRetryable as exc:
+            return self._failure(job, started, "failed", str(exc), final=True)
+        except Exception as exc:
+            text = "".join(traceback.format_exception(exc))[-TRACEBACK_MAX_CHARS:]
+            return self._failure(job, started, "failed", text)
+        try:
+            check_json_value(value, "result")
+            encoded = msgspec.json.encode(value)
+        except (ValueError, TypeError) as exc:
+            return self._failure(job, started, "failed", f"the task's return value is not JSON: {exc}")
+        if len(encoded) > ARGS_MAX_BYTES:
+            return self._failure(
+                job, started, "failed", f"result is {len(encoded):,} bytes encoded; the limit is {ARGS_MAX_BYTES:,}"
+            )
+        return self._ended(job, started, "succeeded", "succeeded", result=encoded.decode())
+
+    def _ended(self, job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:
+        return Outcome(job, state, outcome, started, datetime.now(timezone.utc), **extra)
+
+    def _failure(
+        self, job: Job, started: datetime, outcome: str, error: str, *, delay: float | None = None, final: bool = False
+    ) -> Outcome:
+        if final or job.attempts >= job.max_attempts:
+            return self._ended(job, started, "failed", outcome, error=error)
+        if delay is None:
+            delay = self._backoff(job).delay(job.attempts)
+        return self._ended(job, started, "scheduled", outcome, error=error, delay=delay)
+
+    def _backoff(self, job: Job) -> Backoff:
+        task = self.app.tasks.get(job.task)
+        return task.backoff if task is not None else DEFAULT_BACKOFF
+
+    # -- RunSink (what a Context reports) ------------------------------------------------------
+
+    def log(self, job: Job, level: str, message: str) -> None:
+        self.logs.add(job, "log", level, message)
+
+    def progress(self, job: Job, encoded: str) -> None:
+        # Called from task threads too: hand the write to the event loop.
+        self._progress[(job.id, job.attempts)] = encoded
+        self._loop.call_soon_threadsafe(self._flush_now.set)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_now.wait()
+            self._flush_now.clear()
+            await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Write progress, logs and outcomes, in that order (a checkpoint precedes its outcome)."""
+        progress, self._progress = self._progress, {}
+        logs = self.logs.take()
+        batch, self.pending = self.pending[:FLUSH_BATCH], self.pending[FLUSH_BATCH:]
+        if not (progress or logs or batch):
+            return
+        try:
+            async with self._pool.connection() as conn:
+                for (job_id, attempt), encoded in progress.items():
+                    await conn.execute(
+                        queries.SET_PROGRESS, {"id": job_id, "attempt": attempt, "progress": encoded, "worker": self.id}
+                    )
+                if logs:
+                    await conn.execute(queries.INSERT_LOGS, logs)
+                if batch:
+                    cur = await conn.execute(queries.COMPLETE, _complete_params(batch, self.id))
+                    written = {row[0] for row in await cur.fetchall()}
+                    self._count(batch, written)
+        except psycopg.Error as exc:
+            # Keep what was not written; the next flush tries again (leases keep them ours meanwhile).
+            log.warning("writing outcomes failed, will retry: %s", exc)
+            self.pending[:0] = batch
+            for key, value in progress.items():
+                self._progress.setdefault(key, value)
+            await asyncio.sleep(0.5)
+            return
+        for outcome in batch:
+            self.held.pop(outcome.job.id, None)
+        if self.pending:
+            self._flush_now.set()
+        if self.options.burst:
+            self._wake.set()  # the claim loop decides whether everything is done
+
+    def _count(self, batch: list[Outcome], written: set[int]) -> None:
+        for outcome in batch:
+            if outcome.job.id not in written:
+                self.stats.fenced += 1
+                continue
+            self.stats.by_outcome[outcome.outcome] = self.stats.by_outcome.get(outcome.outcome, 0) + 1
+            if outcome.state == "succeeded":
+                self.stats.succeeded += 1
+            elif outcome.state == "failed":
+                self.stats.failed += 1
+            elif outcome.state == "cancelled":
+                self.stats.cancelled += 1
+            else:
+                self.stats.retried += 1
+
+    async def _release(self, ids: list[int], *, interrupted: bool) -> None:
+        if not ids:
+            return
+        now = datetime.now(timezone.utc)
+        async with self._pool.connection() as conn:
+            if interrupted:
+                # Record the interrupted attempts before the jobs go back.
+                batch = [
+                    Outcome(self.held[i], "running", "interrupted", self.held[i].started_at or now, now)
+                    for i in ids
+                    if i in self.held
+                ]
+                await conn.execute(queries.INSERT_INTERRUPTED, _complete_params(batch, self.id))
+            cur = await conn.execute(queries.RELEASE, {"ids": ids, "worker": self.id})
+            queues = sorted({row[1] for row in await cur.fetchall()})
+            if queues:
+                await conn.execute(queries.WAKE, (queues,))
+        for job_id in ids:
+            self.held.pop(job_id, None)
+        self.stats.released += len(ids)
+
+    # -- heartbeat and listening ---------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_seconds)
+            try:
+                await self._heartbeat_once()
+            except psycopg.Error as exc:
+                log.warning("heartbeat failed, will retry: %s", exc)
+
+    async def _heartbeat_once(self) -> None:
+        ids = list(self.held)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                queries.HEARTBEAT,
+                {
+                    "ids": ids,
+                    "worker": self.id,
+                    "lease": self.options.lease_seconds,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "queues": list(self.options.queue_list),
+                    "tasks": self.runnable,
+                    "concurrency": self.options.concurrency,
+                    "version": __version__,
+                },
+            )
+            rows = await cur.fetchall()
+        alive = {job_id for job_id, _ in rows}
+        for job_id, cancel in rows:
+            if cancel:
+                self._cancel_running(job_id)
+        for job_id in ids:
+            if job_id not in alive and job_id in self.held:
+                self._lose(job_id)
+
+    def _lose(self, job_id: int) -> None:
+        """Our lease on this job is gone: stop it locally and never write its outcome."""
+        still_pending = any(o.job.id == job_id for o in self.pending)
+        if still_pending:
+            return  # finished; the flush will find it fenced and count it
+        log.warning("lease of job %d lost; stopping it", job_id)
+        self._lost.add(job_id)
+        self.held.pop(job_id, None)
+        if job_id in self.running:
+            task, ctx = self.running[job_id]
+            ctx._cancel()
+            task.cancel()
+
+    def _cancel_running(self, job_id: int) -> None:
+        if job_id in self.running:
+            task, ctx = self.running[job_id]
+            if not ctx.cancelled:
+                ctx._cancel()
+                task.cancel()
+
+    async def _listen(self) -> None:
+        """LISTEN for wake-ups and cancels; reconnect when the connection drops. Polling covers the gaps."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.app.dsn, autocommit=True) as conn:
+                    await conn.execute("LISTEN pgsched_wakeup")
+                    await conn.execute("LISTEN pgsched_cancel")
+                    self._wake.set()  # anything enqueued while we were not listening
+                    async for note in conn.notifies():
+                        if note.channel == "pgsched_cancel":
+                            self._cancel_running(int(note.payload))
+                        elif note.payload in self._queues:
+                            self._wake.set()
+            except psycopg.Error as exc:
+                log.warning("listener connection lost, reconnecting: %s", exc)
+                await asyncio.sleep(random.uniform(0.5, 1.5))
+
+
+def _complete_params(batch: list[Outcome], worker: uuid.UUID) -> dict[str, Any]:
+    return {
+        "worker": worker,
+        "ids": [o.job.id for o in batch],
+        "attempts": [o.job.attempts for o in batch],
+        "queues": [o.job.queue for o in batch],
+        "tasks": [o.job.task for o in batch],
+        "owners": [o.job.owner for o in batch],
+        "states": [o.state for o in batch],
+        "outcomes": [o.outcome for o in batch],
+        "results": [o.result for o in batch],
+        "errors": [o.error for o in batch],
+        "delays": [o.delay for o in batch],
+        "started": [o.started_at for o in batch],
+        "finished": [o.finished_at for o in batch],
+    }
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    configure_adapters(conn.adapters)
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    """SIGTERM/SIGINT: graceful stop; a second one: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if worker._stopping.is_set():
+            os._exit(130)
+        log.info("stopping: finishing running jobs (up to %g s)", worker.options.grace_seconds)
+        worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)

@@ -1,0 +1,75 @@
+"""``pgsched worker --processes N``: N worker processes under one supervisor that restarts a dead one.
+
+Children get the supervisor's settings through their ``PGSCHED_*`` variables
+(with ``processes=1``). SIGTERM/SIGINT are forwarded to every child, which then
+shuts down gracefully; a second signal kills them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgspec
+
+from pgsched.config import Settings, env_name
+
+log = logging.getLogger("pgsched.supervisor")
+
+# A child that dies sooner than this after its start is restarted after a pause,
+# so a crash loop does not spin.
+MIN_UPTIME_SECONDS = 5.0
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_")}
+    for name, value in msgspec.structs.asdict(settings).items():
+        if value is not None:
+            env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    env[env_name("processes")] = "1"
+    return env
+
+
+def supervise(settings: Settings) -> int:
+    """Run and watch the children until stopped; returns the exit status."""
+    env = child_environment(settings)
+    command = [sys.executable, "-m", "pgsched", "worker"]
+    children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    stopping = False
+
+    def start(slot: int) -> None:
+        children[slot] = (subprocess.Popen(command, env=env), time.monotonic())
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        kill = stopping
+        stopping = True
+        for process, _ in children.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL if kill else signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for slot in range(settings.processes):
+        start(slot)
+    log.info("supervising %d worker processes", settings.processes)
+    status = 0
+    while children:
+        time.sleep(0.2)
+        for slot, (process, started) in list(children.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del children[slot]
+            if stopping or settings.burst:
+                status = status or (code if code > 0 else 0)
+                continue
+            log.warning("worker process %d exited with %s; restarting it", process.pid, code)
+            if time.monotonic() - started < MIN_UPTIME_SECONDS:
+                time.sleep(1.0)
+            start(slot)
+    return status
