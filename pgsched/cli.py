@@ -27,7 +27,7 @@ import psycopg
 from . import migrations, queries
 from .client import App
 from .config import Settings, env_name, flag_name, load_settings, option_help
-from .db import configure_adapters, resolve_dsn
+from .db import configure_adapters, job_row, resolve_dsn
 from .errors import ConfigError, PgschedError
 from .jobs import STATES, Job
 
@@ -298,7 +298,7 @@ def jobs() -> None:
 @with_settings()
 def list_jobs(settings: Settings, as_json: bool, **filters: Any) -> None:
     """The newest jobs first."""
-    with connect(settings) as conn, conn.cursor(row_factory=psycopg.rows.kwargs_row(Job)) as cur:
+    with connect(settings) as conn, conn.cursor(row_factory=job_row) as cur:
         cur.execute(queries.LIST_JOBS, filters)
         print_jobs(cur.fetchall(), as_json)
 

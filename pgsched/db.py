@@ -7,14 +7,15 @@ only two places that execute them, so no operation is written twice.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import msgspec
 import psycopg
+from psycopg import pq
 from psycopg.adapt import AdaptersMap
-from psycopg.rows import RowFactory, kwargs_row, tuple_row
+from psycopg.rows import RowFactory, tuple_row
 from psycopg.types.json import set_json_loads
 
 from .config import Settings
@@ -36,7 +37,19 @@ class Query:
 
 Operation = Generator[Query, list[Any], T]
 
-_ROW_FACTORIES: dict[str, RowFactory[Any]] = {"tuple": tuple_row, "job": kwargs_row(Job)}
+
+def job_row(cursor: Any) -> Callable[[Sequence[Any]], Job]:
+    """Row factory for statements selecting ``JOB_COLUMNS``: positional, so psycopg need not
+    describe the columns (measurable on the single-enqueue path)."""
+    return lambda values: Job(*values)
+
+
+_ROW_FACTORIES: dict[str, RowFactory[Any]] = {"tuple": tuple_row, "job": job_row}
+
+
+def _has_rows(cur: Any) -> bool:
+    # Cheaper than cur.description, which builds a Column object per column.
+    return cur.pgresult is not None and cur.pgresult.status == pq.ExecStatus.TUPLES_OK
 
 
 def configure_adapters(adapters: AdaptersMap) -> None:
@@ -66,7 +79,7 @@ def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
                         result: list[Any] = []
                     else:
                         cur.execute(query.sql, query.params)
-                        result = cur.fetchall() if cur.description else []
+                        result = cur.fetchall() if _has_rows(cur) else []
             except psycopg.Error as exc:
                 query = op.throw(_mapped(exc))
                 continue
@@ -89,7 +102,7 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
                         result: list[Any] = []
                     else:
                         await cur.execute(query.sql, query.params)
-                        result = await cur.fetchall() if cur.description else []
+                        result = await cur.fetchall() if _has_rows(cur) else []
             except psycopg.Error as exc:
                 query = op.throw(_mapped(exc))
                 continue

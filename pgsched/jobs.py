@@ -14,8 +14,11 @@ TERMINAL_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 STATES: tuple[str, ...] = LIVE_STATES + TERMINAL_STATES
 
 
-class Job(msgspec.Struct, kw_only=True):
-    """One row of ``pgsched.jobs``. See the column comments in ``sql/0001_schema.sql``."""
+class Job(msgspec.Struct):
+    """One row of ``pgsched.jobs``. See the column comments in ``sql/0001_schema.sql``.
+
+    Fields are in ``JOB_COLUMNS`` order, so a row selected with ``JOB_COLUMNS`` maps
+    positionally: ``Job(*row)``."""
 
     id: int
     queue: str

@@ -38,14 +38,13 @@ from typing import Any
 
 import msgspec
 import psycopg
-from psycopg.rows import kwargs_row
 
 from pgsched import __version__
 from pgsched.backoff import DEFAULT_BACKOFF, Backoff
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.db import configure_adapters
+from pgsched.db import configure_adapters, job_row
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import ARGS_MAX_BYTES, check_json_value
@@ -222,7 +221,7 @@ class Worker:
     async def _claim(self, limit: int) -> int:
         self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
         try:
-            async with self._pool.connection() as conn, conn.cursor(row_factory=kwargs_row(Job)) as cur:
+            async with self._pool.connection() as conn, conn.cursor(row_factory=job_row) as cur:
                 await cur.execute(
                     queries.CLAIM,
                     {
