@@ -1,0 +1,1 @@
+"""Apps that the tests run real workers on (``--app tests.apps.sample:app``)."""
