@@ -141,3 +141,35 @@ def row_counts(connection: psycopg.Connection[Any]) -> dict[str, int]:
            ORDER BY 1"""
     ).fetchall()
     return {t: connection.execute(f"SELECT count(*) FROM pgsched.{t}").fetchone()[0] for (t,) in tables}
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> Any:
+    """``wait_until`` for async tests; ``predicate`` may be a coroutine function."""
+    import asyncio
+    import inspect
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        await asyncio.sleep(interval)
