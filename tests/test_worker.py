@@ -181,7 +181,7 @@ def test_context_logs_and_progress_survive_a_retry(tasks: pgsched.App, conn: psy
     logs = conn.execute(
         "SELECT attempt, stream, level, message FROM pgsched.run_logs WHERE job_id = %s ORDER BY logged_at", (job.id,)
     ).fetchall()
-    assert ("log", "info", "attempt 1 starts from None") == logs[0][1:]
+    assert logs[0][1:] == ("log", "info", "attempt 1 starts from None")
     assert (2, "log", "info", "attempt 2 starts from {'done': 5}") in logs
     assert any(m.endswith("logged through logging") and lvl == "warning" for _, _, lvl, m in logs)
 
