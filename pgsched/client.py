@@ -27,7 +27,7 @@ from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_asyn
 from .errors import DuplicateJobError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .tasks import Task, make_task
-from .validation import EXECUTOR_KINDS, NewJob, TaskDefaults, check_int, new_job
+from .validation import EXECUTOR_KINDS, MAX_BIGINT, NewJob, TaskDefaults, check_int, new_job
 
 log = logging.getLogger("pgsched")
 
@@ -325,7 +325,7 @@ class App:
         return ids  # type: ignore[return-value]
 
     def _op_job(self, sql: str, *params: Any) -> Operation[Job]:
-        check_int(params[0], "job_id", 1)
+        check_int(params[0], "job_id", 1, MAX_BIGINT)
         rows = yield Query(sql, params, rows="job")
         if not rows:
             raise JobNotFound(params[0])

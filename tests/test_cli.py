@@ -183,24 +183,8 @@ def test_enqueue_refuses_a_second_live_job_with_the_same_dedupe_key(
         (["send_report", "--delay", "-5"], "delay"),
         (["shell", "--args", '{"cmd": "rm -rf /"}'], "args.cmd"),
         (["send_report", "--run-at", "2026-12-01T10:00+02:00", "--delay", "60"], "delay"),
-        pytest.param(
-            ["send_report", "--depends-on", str(2**64)],
-            "depends_on",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="check_dependencies has no upper bound: a job id beyond bigint reaches PostgreSQL, whose "
-                "NumericValueOutOfRange is not mapped, so the CLI dies with a traceback",
-            ),
-        ),
-        pytest.param(
-            ["send_report", "--max-attempts", str(2**40)],
-            "max_attempts",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="new_job does not bound max_attempts to integer: psycopg sends a bigint, no pgsched.enqueue "
-                "signature matches, and the user reads the SQL signature and 'run `pgsched migrate`'",
-            ),
-        ),
+        (["send_report", "--depends-on", str(2**64)], "depends_on"),
+        (["send_report", "--max-attempts", str(2**40)], "max_attempts"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -368,17 +352,7 @@ def test_jobs_command_on_a_missing_job_fails_with_one_line(
     assert row_counts(conn) == before
 
 
-HUGE_ID_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="App._op_job checks job_id >= 1 with no upper bound: an id beyond bigint is sent as numeric, "
-    "pgsched.cancel(numeric, unknown) / pgsched.retry(numeric) do not exist, and the user is told to run "
-    "`pgsched migrate`",
-)
-
-
-@pytest.mark.parametrize(
-    "command", ["show", pytest.param("cancel", marks=HUGE_ID_BUG), pytest.param("retry", marks=HUGE_ID_BUG)]
-)
+@pytest.mark.parametrize("command", ["show", "cancel", "retry"])
 def test_jobs_command_on_an_id_beyond_bigint_says_the_job_does_not_exist(
     cli_env: dict[str, str], conn: psycopg.Connection[Any], some_jobs: dict[str, int], command: str
 ) -> None:

