@@ -171,32 +171,36 @@ def migrate(settings: Settings) -> None:
 
 
 @main.command()
-@with_settings("app")
+@with_settings("app", "queues", "concurrency", "prefetch", "allow_shell", "allow_private_http")
 def up(settings: Settings) -> None:
-    """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set) and migrations.
+    """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set), migrations and a worker.
 
-    Stays in the foreground until Ctrl-C / SIGTERM, then stops the embedded
-    server it started.
+    Stays in the foreground until Ctrl-C / SIGTERM; then the worker finishes
+    its running jobs and the embedded server it started is stopped.
     """
-    stop = threading.Event()
+    stop = threading.Event()  # a signal during start-up: start nothing more
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     configure_logging(settings)
     where = "configured database" if settings.dsn else "embedded PostgreSQL 18"
     dsn = resolve_dsn(settings, stop_on_exit=True)
-    settings = msgspec.structs.replace(settings, dsn=dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         done = migrations.migrate(conn)
-    app = load_app(settings)
+    app = load_app(msgspec.structs.replace(settings, dsn=dsn))
+    if settings.queues == "default":  # not chosen: serve every queue the app's tasks use
+        queues = ",".join(dict.fromkeys(["default", *(t.defaults.queue for t in app.tasks.values())]))
+        app.settings = msgspec.structs.replace(app.settings, queues=queues)
     app.open()
     click.echo(f"pgsched is up on the {where}")
     click.echo(f"  database:   {dsn}")
     click.echo(f"  schema:     version {len(migrations.available())}" + (f" ({len(done)} applied now)" if done else ""))
     click.echo(f"  tasks:      {', '.join(sorted(app.tasks)) or '(none: pass --app module:app)'}")
+    click.echo(f"  worker:     queues {app.settings.queues}, concurrency {app.settings.concurrency}")
     click.echo(f"  psql:       psql '{dsn}'")
-    click.echo("  running:    database and migrations (Ctrl-C stops)")
+    click.echo("  running:    database, migrations, worker (Ctrl-C stops)")
     sys.stdout.flush()
-    stop.wait()
+    if not stop.is_set():
+        asyncio.run(_run_worker(app, app.settings, already_stopped=stop))
     app.close()
     click.echo("pgsched stopped")
 
@@ -235,11 +239,13 @@ def worker(settings: Settings) -> None:
         )
 
 
-async def _run_worker(app: App, settings: Settings) -> Any:
+async def _run_worker(app: App, settings: Settings, already_stopped: threading.Event | None = None) -> Any:
     from pgsched.worker.runtime import Worker, install_signal_handlers
 
     runtime = Worker(app, settings)
     install_signal_handlers(runtime)
+    if already_stopped is not None and already_stopped.is_set():
+        runtime.stop()
     return await runtime.run()
 
 

@@ -26,6 +26,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgsched import migrations
 
+from .conftest import wait_until as value_when_ready
+
 pytestmark = pytest.mark.process
 
 PGSCHED = [sys.executable, "-m", "pgsched"]
@@ -356,3 +358,29 @@ def test_db_url_as_an_unprivileged_user(nobody_home: tuple[dict[str, str], Path]
 
     assert succeeded(pgsched(env, "db", "stop", prefix=AS_NOBODY, cwd=str(home))).stdout.strip() == "stopped"
     wait_until(lambda: not alive(pid), f"the postmaster {pid} to exit")
+
+
+def test_up_runs_a_worker_for_the_app(embedded_env: tuple[dict[str, str], Path], tmp_path: Path) -> None:
+    env, _ = embedded_env
+    env = {**env, "PGSCHED_APP": "pgsched.demo:app", "PGSCHED_POLL_SECONDS": "0.2"}
+    up = Up(env, tmp_path / "up.err")
+    try:
+        dsn = up.wait_for_dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            add = conn.execute("SELECT id FROM pgsched.enqueue('add', '{\"a\": 2, \"b\": 3}')").fetchone()[0]
+            report = conn.execute(
+                "SELECT id FROM pgsched.enqueue('send_report', '{\"day\": \"2026-12-01\"}')"
+            ).fetchone()[0]
+
+            def results() -> Any:
+                rows = conn.execute(
+                    "SELECT id, result FROM pgsched.jobs WHERE id IN (%s, %s) AND state = 'succeeded'", (add, report)
+                ).fetchall()
+                return dict(rows) if len(rows) == 2 else None
+
+            done = value_when_ready(results, timeout=DEADLINE, message="both demo jobs to succeed")
+        assert done[add] == 5 and done[report] == {"day": "2026-12-01", "status": "sent"}
+        returncode, rest = up.stop(signal.SIGTERM)
+        assert returncode == 0 and "pgsched stopped" in rest, up.stderr()
+    finally:
+        up.close()
