@@ -157,7 +157,9 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, me
         time.sleep(interval)
 
 
-async def wait_until_async(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> Any:
+async def wait_until_async(
+    predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"
+) -> Any:
     """``wait_until`` for async tests; ``predicate`` may be a coroutine function."""
     import asyncio
     import inspect

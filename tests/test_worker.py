@@ -236,7 +236,9 @@ def test_claims_never_exceed_free_capacity(tasks: pgsched.App, conn: psycopg.Con
     assert most == 3
 
 
-def test_a_worker_never_holds_more_than_concurrency_plus_prefetch(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+def test_a_worker_never_holds_more_than_concurrency_plus_prefetch(
+    tasks: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
     async def scenario() -> list[int]:
         worker, task = await _start(tasks, poll_seconds=0.05, concurrency=2, prefetch=1)
         await tasks.enqueue_many_async([{"task": "sleep", "args": {"seconds": 0.4}} for _ in range(12)])

@@ -39,13 +39,14 @@ RETURNING {_J_COLUMNS}
 # Complete a batch of attempts in one round trip. Every row is fenced on
 # (id, attempt, worker, state = 'running'): a job whose lease was lost and
 # that was rescued or finished elsewhere is not touched, and its attempt is
-# recorded as 'fenced'. Primary key lookups only.
+# recorded as 'fenced'. Primary key lookups only. Parameters go in binary
+# (%(...)b): psycopg then sends the arrays without quoting every element.
 COMPLETE = """
 WITH done AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(queues)s::text[], %(tasks)s::text[],
-                         %(owners)s::text[], %(states)s::text[], %(outcomes)s::text[], %(results)s::jsonb[],
-                         %(errors)s::text[], %(delays)s::double precision[], %(started)s::timestamptz[],
-                         %(finished)s::timestamptz[])
+    SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::integer[], %(queues)b::text[], %(tasks)b::text[],
+                         %(owners)b::text[], %(states)b::text[], %(outcomes)b::text[], %(results)b::jsonb[],
+                         %(errors)b::text[], %(delays)b::double precision[], %(started)b::timestamptz[],
+                         %(finished)b::timestamptz[])
         AS d(id, attempt, queue, task, owner, state, outcome, result, error, delay, started_at, finished_at)
 ), updated AS (
     UPDATE pgsched.jobs j
@@ -59,11 +60,11 @@ WITH done AS (
         finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'cancelled') THEN pgsched.now() END,
         worker_id = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
     FROM done d
-    WHERE j.id = d.id AND j.attempts = d.attempt AND j.worker_id = %(worker)s AND j.state = 'running'
+    WHERE j.id = d.id AND j.attempts = d.attempt AND j.worker_id = %(worker)b AND j.state = 'running'
     RETURNING j.id
 ), history AS (
     INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, worker_id, outcome, error, started_at, finished_at)
-    SELECT d.id, d.attempt, d.queue, d.task, d.owner, %(worker)s,
+    SELECT d.id, d.attempt, d.queue, d.task, d.owner, %(worker)b,
            CASE WHEN u.id IS NULL THEN 'fenced' ELSE d.outcome END, d.error, d.started_at, d.finished_at
     FROM done d LEFT JOIN updated u ON u.id = d.id
 )

@@ -258,10 +258,13 @@ class Worker:
         ctx = Context(job, self)
         started = datetime.now(timezone.utc)
         current_job.set(job)
-        runner = asyncio.ensure_future(self._invoke(job, ctx))
-        self.running[job.id] = (runner, ctx)
+        # The job runs in this slot's own task: stopping it means cancelling this task
+        # after setting ctx.cancelled (see _outcome), which costs no task per job.
+        slot = asyncio.current_task()
+        assert slot is not None
+        self.running[job.id] = (slot, ctx)
         try:
-            outcome = await self._outcome(job, runner, started)
+            outcome = await self._outcome(job, ctx, started)
         finally:
             self.running.pop(job.id, None)
             current_job.set(None)
@@ -296,16 +299,20 @@ class Worker:
             row = await (await conn.execute(queries.MAY_RUN_COMMANDS, (job.created_by,))).fetchone()
         return bool(row and row[0])
 
-    async def _outcome(self, job: Job, runner: asyncio.Future[Any], started: datetime) -> Outcome | None:
-        """Wait for the attempt and classify how it ended (None: not ours to record any more)."""
+    async def _outcome(self, job: Job, ctx: Context, started: datetime) -> Outcome | None:
+        """Run the attempt and classify how it ended (None: not ours to record any more)."""
         timeout = job.timeout_seconds
         try:
-            value = await asyncio.wait_for(asyncio.shield(runner), timeout) if timeout else await runner
+            async with asyncio.timeout(timeout):
+                value = await self._invoke(job, ctx)
         except TimeoutError:
-            runner.cancel()
             return self._failure(job, started, "timeout", f"timed out after {timeout:g} s")
         except asyncio.CancelledError:
-            runner.cancel()
+            if not ctx.cancelled:
+                raise  # the slot itself is being stopped, not this job
+            slot = asyncio.current_task()
+            assert slot is not None
+            slot.uncancel()
             if job.id in self._lost or job.id in self._released_ids:
                 return None  # lease lost (someone else owns it now) or released at shutdown
             return self._ended(job, started, "cancelled", "cancelled")  # keeps the reason given to cancel
