@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ from .config import Settings, env_name, flag_name, load_settings, option_help
 from .db import configure_adapters, job_row, resolve_dsn
 from .errors import ConfigError, PgschedError
 from .jobs import STATES, Job
+from .maintenance import Maintenance, default_services
 
 JSON_FLAG = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs instead of a table.")
 
@@ -171,7 +173,7 @@ def migrate(settings: Settings) -> None:
 
 
 @main.command()
-@with_settings("app", "queues", "concurrency", "prefetch", "allow_shell", "allow_private_http")
+@with_settings("app", "queues", "concurrency", "prefetch", "lease_seconds", "allow_shell", "allow_private_http")
 def up(settings: Settings) -> None:
     """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set), migrations and a worker.
 
@@ -197,10 +199,10 @@ def up(settings: Settings) -> None:
     click.echo(f"  tasks:      {', '.join(sorted(app.tasks)) or '(none: pass --app module:app)'}")
     click.echo(f"  worker:     queues {app.settings.queues}, concurrency {app.settings.concurrency}")
     click.echo(f"  psql:       psql '{dsn}'")
-    click.echo("  running:    database, migrations, worker (Ctrl-C stops)")
+    click.echo("  running:    database, migrations, worker, scheduler (Ctrl-C stops)")
     sys.stdout.flush()
-    if not stop.is_set():
-        asyncio.run(_run_worker(app, app.settings, already_stopped=stop))
+    app.settings = msgspec.structs.replace(app.settings, with_scheduler=True)
+    asyncio.run(_run_worker(app, app.settings, already_stopped=stop))
     app.close()
     click.echo("pgsched stopped")
 
@@ -218,6 +220,7 @@ WORKER_OPTIONS = (
     "allow_shell",
     "allow_private_http",
     "burst",
+    "with_scheduler",
 )
 
 
@@ -237,16 +240,48 @@ def worker(settings: Settings) -> None:
             f"done: {stats.claimed} claimed, {stats.succeeded} succeeded, {stats.failed} failed, "
             f"{stats.retried} to retry, {stats.cancelled} cancelled, {stats.fenced} fenced"
         )
+    # Every outcome is written and the worker unregistered. A sync task that ignored its
+    # timeout or the shutdown may still hold a thread, which Python cannot stop and would
+    # wait for at exit: leave without waiting (its job was already put back or failed).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _run_worker(app: App, settings: Settings, already_stopped: threading.Event | None = None) -> Any:
     from pgsched.worker.runtime import Worker, install_signal_handlers
 
     runtime = Worker(app, settings)
-    install_signal_handlers(runtime)
+    services = [Maintenance(app.dsn, default_services(settings.lease_seconds))] if settings.with_scheduler else []
+    install_signal_handlers(runtime, *services)
     if already_stopped is not None and already_stopped.is_set():
         runtime.stop()
-    return await runtime.run()
+        for service in services:
+            service.stop()
+    stats, *_ = await asyncio.gather(runtime.run(), *(s.run() for s in services))
+    return stats
+
+
+@main.command()
+@with_settings("app", "lease_seconds")
+def scheduler(settings: Settings) -> None:
+    """Run the maintenance services: promote due jobs, rescue expired leases, prune history.
+
+    Any number may run; each pass is led by whoever takes the advisory lock.
+    """
+    configure_logging(settings)
+    app = load_app(settings)
+    app.open()
+    maintenance = Maintenance(app.dsn, default_services(settings.lease_seconds))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, maintenance.stop)
+        await maintenance.run()
+
+    asyncio.run(run())
+    app.close()
 
 
 def configure_logging(settings: Settings) -> None:

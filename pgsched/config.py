@@ -86,6 +86,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         bool, msgspec.Meta(description="Let http jobs reach private, loopback and link-local addresses")
     ] = False
     burst: Annotated[bool, msgspec.Meta(description="Exit when the queues are empty")] = False
+    with_scheduler: Annotated[
+        bool, msgspec.Meta(description="Also run the maintenance services (promote, rescue, prune, schedules)")
+    ] = False
 
     def __post_init__(self) -> None:
         if self.heartbeat_seconds >= self.lease_seconds:

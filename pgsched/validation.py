@@ -171,6 +171,8 @@ def check_dependencies(value: Any) -> list[int]:
 
 def check_executor_args(task: str, args: Mapping[str, Any]) -> None:
     """The shape of the built-in kinds' arguments (DESIGN §3, task kinds)."""
+    if "timeout" in args:
+        check_seconds(args["timeout"], "args.timeout", allow_zero=False)
     if task == "shell":
         cmd = args.get("cmd")
         if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
@@ -250,6 +252,7 @@ CONSTRAINT_FIELDS = {
     "job_deps_not_self": "depends_on",
     "job_deps_depends_on_fkey": "depends_on",
     "job_deps_job_id_fkey": "depends_on",
+    "job_deps_no_cycle": "depends_on",
     "queues_name_format": "queue",
 }
 

@@ -124,4 +124,8 @@ SELECT * FROM unnest(%(job_ids)s::bigint[], %(attempts)s::integer[], %(at)s::tim
 """
 
 # Who created a shell/http job, re-checked by the worker before running it.
-MAY_RUN_COMMANDS = "SELECT pgsched.may_create_command_jobs(%s)"
+# (A role dropped since it created the job may not: pg_has_role would raise for it.)
+MAY_RUN_COMMANDS = """
+SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(role)s)
+            THEN pgsched.may_create_command_jobs(%(role)s) ELSE false END
+"""

@@ -47,7 +47,7 @@ from pgsched.context import Context
 from pgsched.db import configure_adapters, job_row
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
-from pgsched.validation import ARGS_MAX_BYTES, check_json_value
+from pgsched.validation import ARGS_MAX_BYTES, EXECUTOR_KINDS, check_json_value
 
 from . import queries
 from .executors import NotRetryable, run_http, run_python, run_shell
@@ -296,12 +296,14 @@ class Worker:
 
     async def _creator_may_run_commands(self, job: Job) -> bool:
         async with self._pool.connection() as conn:
-            row = await (await conn.execute(queries.MAY_RUN_COMMANDS, (job.created_by,))).fetchone()
+            row = await (await conn.execute(queries.MAY_RUN_COMMANDS, {"role": job.created_by})).fetchone()
         return bool(row and row[0])
 
     async def _outcome(self, job: Job, ctx: Context, started: datetime) -> Outcome | None:
         """Run the attempt and classify how it ended (None: not ours to record any more)."""
         timeout = job.timeout_seconds
+        if timeout is None and job.task in EXECUTOR_KINDS:
+            timeout = job.args.get("timeout")  # shell and http take it in their args too (DESIGN §3)
         try:
             async with asyncio.timeout(timeout):
                 value = await self._invoke(job, ctx)
@@ -539,8 +541,9 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     configure_adapters(conn.adapters)
 
 
-def install_signal_handlers(worker: Worker) -> None:
-    """SIGTERM/SIGINT: graceful stop; a second one: exit at once."""
+def install_signal_handlers(worker: Worker, *others: Any) -> None:
+    """SIGTERM/SIGINT: graceful stop (of the worker and of ``others``, which have ``stop()``);
+    a second one: exit at once."""
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
@@ -548,6 +551,8 @@ def install_signal_handlers(worker: Worker) -> None:
             os._exit(130)
         log.info("stopping: finishing running jobs (up to %g s)", worker.options.grace_seconds)
         worker.stop()
+        for other in others:
+            other.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)

@@ -42,7 +42,9 @@ def supervise(settings: Settings) -> int:
     stopping = False
 
     def start(slot: int) -> None:
-        children[slot] = (subprocess.Popen(command, env=env), time.monotonic())
+        # Its own process group: a Ctrl-C at the terminal reaches the supervisor only, which
+        # forwards it once (a child getting it twice would take it as "exit at once").
+        children[slot] = (subprocess.Popen(command, env=env, process_group=0), time.monotonic())
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -71,5 +73,6 @@ def supervise(settings: Settings) -> int:
             log.warning("worker process %d exited with %s; restarting it", process.pid, code)
             if time.monotonic() - started < MIN_UPTIME_SECONDS:
                 time.sleep(1.0)
-            start(slot)
+            if not stopping:  # a signal may have come during the pause
+                start(slot)
     return status
