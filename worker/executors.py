@@ -110,14 +110,9 @@ def check_target(host: str, port: int, *, allow_private: bool) -> str:
     if not allow_private:
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
-            if (
-                ip.is_private
-                or ip.is_loopback
-                or ip.is_link_local
-                or ip.is_multicast
-                or ip.is_reserved
-                or ip.is_unspecified
-            ):
+            # Only globally routable unicast: this also refuses shared address space
+            # (100.64.0.0/10, where some clouds put their metadata service) and the like.
+            if not ip.is_global or ip.is_multicast:
                 raise NotRetryable(
                     f"refused: {host} resolves to {address}, a private/loopback/link-local address "
                     "(start the worker with --allow-private-http to allow it)"
