@@ -1,0 +1,240 @@
+"""Maintenance services driven with run_once and the test clock; dependencies; cycles under races."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgsched
+from pgsched.maintenance import LEADER_KEY, Promoter, Pruner, Rescuer
+
+pytestmark = pytest.mark.db
+
+
+def db_now(conn: psycopg.Connection[Any]) -> datetime:
+    return conn.execute("SELECT now()").fetchone()[0]
+
+
+def run_once(dsn: str, service: Any, now: datetime | None = None) -> Any:
+    async def go() -> Any:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            return await service.run_once(conn, now)
+
+    return asyncio.run(go())
+
+
+def states(conn: psycopg.Connection[Any]) -> dict[int, str]:
+    return dict(conn.execute("SELECT id, state FROM pgsched.jobs").fetchall())
+
+
+def test_promoter_queues_due_jobs_and_notifies(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    later = conn.execute(
+        "INSERT INTO pgsched.jobs (task, queue, run_at) VALUES ('t', 'q', pgsched.now() + interval '1 hour') RETURNING id"
+    ).fetchone()[0]
+    much_later = conn.execute(
+        "INSERT INTO pgsched.jobs (task, run_at) VALUES ('t', pgsched.now() + interval '1 day') RETURNING id"
+    ).fetchone()[0]
+    assert run_once(dsn, Promoter()).done == {"promoted": 0}
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgsched_wakeup")
+        result = run_once(dsn, Promoter(), db_now(conn) + timedelta(hours=2))
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["q"]
+    assert result.leader and result.done == {"promoted": 1}
+    assert states(conn) == {later: "queued", much_later: "scheduled"}
+
+
+def test_promoter_pages_through_many(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "INSERT INTO pgsched.jobs (task, run_at) SELECT 't', pgsched.now() + interval '1 minute' FROM generate_series(1, 2500)"
+    )
+    result = run_once(dsn, Promoter(), db_now(conn) + timedelta(minutes=5))
+    assert result.done == {"promoted": 2500}
+
+
+def test_only_the_lock_holder_leads_a_pass(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO pgsched.jobs (task, state, run_at) VALUES ('t', 'scheduled', pgsched.now() - interval '1 second')")
+    with psycopg.connect(dsn) as other:  # another scheduler, mid-pass
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (LEADER_KEY,))
+        result = run_once(dsn, Promoter())
+        assert (result.leader, result.done) == (False, {})
+    assert run_once(dsn, Promoter()).done == {"promoted": 1}
+
+
+def test_rescuer_waits_a_lease_after_gaining_leadership(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    job = conn.execute(
+        """INSERT INTO pgsched.jobs (task, queue, state, attempts, max_attempts, worker_id, lease_expires_at, started_at)
+           VALUES ('t', 'q', 'running', 1, 3, gen_random_uuid(), pgsched.now() - interval '1 minute', pgsched.now() - interval '2 minutes')
+           RETURNING id"""
+    ).fetchone()[0]
+    rescuer = Rescuer(lease_seconds=30)
+    t0 = db_now(conn)
+    assert run_once(dsn, rescuer, t0).done == {"rescued": 0}  # just became leader: the workers may be reconnecting
+    assert run_once(dsn, rescuer, t0 + timedelta(seconds=10)).done == {"rescued": 0}
+    assert run_once(dsn, rescuer, t0 + timedelta(seconds=31)).done == {"rescued": 1}
+    row = conn.execute("SELECT state, attempts, worker_id, error FROM pgsched.jobs WHERE id = %s", (job,)).fetchone()
+    assert row[:3] == ("queued", 1, None) and "lease expired" in row[3]
+    assert conn.execute("SELECT attempt, outcome FROM pgsched.runs WHERE job_id = %s", (job,)).fetchall() == [
+        (1, "lease_expired")
+    ]
+
+
+def test_rescue_fails_exhausted_jobs_and_ends_cancel_requests(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    def running(attempts: int, max_attempts: int, cancel: bool) -> int:
+        return conn.execute(
+            """INSERT INTO pgsched.jobs (task, state, attempts, max_attempts, worker_id, lease_expires_at, cancel_requested_at, error)
+               VALUES ('t', 'running', %s, %s, gen_random_uuid(), pgsched.now() - interval '1 second',
+                       CASE WHEN %s THEN pgsched.now() END, CASE WHEN %s THEN 'stop it' END) RETURNING id""",
+            (attempts, max_attempts, cancel, cancel),
+        ).fetchone()[0]
+
+    exhausted, cancel, alive = running(3, 3, False), running(1, 3, True), None
+    alive = conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id, lease_expires_at) VALUES ('t', 'running', 1, gen_random_uuid(), pgsched.now() + interval '1 minute') RETURNING id"
+    ).fetchone()[0]
+    rescuer = Rescuer(lease_seconds=0)
+    assert run_once(dsn, rescuer).done == {"rescued": 2}
+    got = conn.execute("SELECT id, state, error FROM pgsched.jobs ORDER BY id").fetchall()
+    assert [(s, e) for i, s, e in got if i == exhausted] == [("failed", got[0][2])] and "lease" in got[0][2]
+    assert [(s, e) for i, s, e in got if i == cancel] == [("cancelled", "stop it")]
+    assert [s for i, s, _ in got if i == alive] == ["running"]
+
+
+def test_rescue_never_overwrites_a_job_that_just_completed(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    job = conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id, lease_expires_at) VALUES ('t', 'running', 1, gen_random_uuid(), pgsched.now() - interval '1 second') RETURNING id"
+    ).fetchone()[0]
+    with psycopg.connect(dsn) as worker:  # the worker's completion holds the row...
+        worker.execute(
+            "UPDATE pgsched.jobs SET state = 'succeeded', finished_at = now(), worker_id = NULL, lease_expires_at = NULL WHERE id = %s",
+            (job,),
+        )
+        result = run_once(dsn, Rescuer(lease_seconds=0))  # ...so the rescuer skips it (SKIP LOCKED)
+        worker.commit()
+    assert result.done == {"rescued": 0}
+    assert run_once(dsn, Rescuer(lease_seconds=0)).done == {"rescued": 0}  # and after commit, it is not expired-running
+    assert states(conn)[job] == "succeeded"
+
+
+def test_pruner_deletes_by_retention_and_keeps_partitions_ahead(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO pgsched.queues (name, retention_succeeded) VALUES ('short', '1 hour')")
+    rows = conn.execute(
+        """INSERT INTO pgsched.jobs (task, queue, state, finished_at) VALUES
+           ('t', 'default', 'succeeded', pgsched.now() - interval '8 days'),
+           ('t', 'default', 'succeeded', pgsched.now() - interval '6 days'),
+           ('t', 'default', 'failed', pgsched.now() - interval '8 days'),
+           ('t', 'default', 'failed', pgsched.now() - interval '31 days'),
+           ('t', 'short', 'succeeded', pgsched.now() - interval '2 hours'),
+           ('t', 'short', 'queued', NULL)
+           RETURNING id"""
+    ).fetchall()
+    ids = [r[0] for r in rows]
+    conn.execute(
+        "INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, expires_at) VALUES (gen_random_uuid(), 'h', 1, '{default}', 1, pgsched.now() - interval '1 hour')"
+    )
+    result = run_once(dsn, Pruner())
+    assert result.done["jobs"] == 3 and result.done["workers"] == 1
+    assert sorted(states(conn)) == [ids[1], ids[2], ids[5]]
+    future = db_now(conn) + timedelta(days=60)
+    later = run_once(dsn, Pruner(), future)
+    assert later.done["partitions"] > 0 and later.done["history"] > 0  # new days created, old days dropped
+    today = conn.execute("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')").fetchone()[0]
+    assert conn.execute("SELECT to_regclass(%s)", (f"pgsched.runs_{today}",)).fetchone()[0] is None
+
+
+@pytest.fixture
+def chain(app: pgsched.App) -> pgsched.App:
+    @app.task
+    def step(name: str) -> str:
+        return name
+
+    @app.task(max_attempts=1)
+    def broken() -> None:
+        raise RuntimeError("broken")
+
+    return app
+
+
+def drain(app: pgsched.App) -> None:
+    app.run_worker(burst=True, poll_seconds=0.05)
+
+
+def test_dependents_run_after_their_dependencies(chain: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    a = chain.enqueue("step", {"name": "a"})
+    b = chain.enqueue("step", {"name": "b"})
+    c = chain.enqueue("step", {"name": "c"}, depends_on=[a, b])
+    d = chain.enqueue("step", {"name": "d"}, depends_on=[c])
+    assert [chain.get(j.id).state for j in (c, d)] == ["waiting", "waiting"]
+    drain(chain)  # c is released in the transaction that completes b, d in the one that completes c
+    order = [r[0] for r in conn.execute("SELECT job_id FROM pgsched.runs ORDER BY started_at, id")]
+    assert set(order[:2]) == {a.id, b.id} and order[2:] == [c.id, d.id]
+    assert all(chain.get(j.id).state == "succeeded" for j in (a, b, c, d))
+
+
+def test_a_failed_dependency_cancels_dependents_transitively(chain: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    bad = chain.enqueue("broken")
+    child = chain.enqueue("step", {"name": "child"}, depends_on=[bad])
+    grandchild = chain.enqueue("step", {"name": "grandchild"}, depends_on=[child])
+    cleanup = chain.enqueue("step", {"name": "cleanup"}, depends_on=[bad], run_on_upstream_failure=True)
+    drain(chain)
+    got = {j.id: chain.get(j.id) for j in (bad, child, grandchild, cleanup)}
+    assert got[bad.id].state == "failed"
+    assert (got[child.id].state, got[child.id].error) == ("cancelled", f"upstream: dependency {bad.id} failed")
+    assert got[grandchild.id].state == "cancelled" and got[grandchild.id].error.startswith("upstream")
+    assert got[cleanup.id].state == "succeeded"
+
+
+def test_cancelling_a_waiting_job_cancels_its_dependents(chain: pgsched.App) -> None:
+    root = chain.enqueue("step", {"name": "root"}, delay=3600)
+    child = chain.enqueue("step", {"name": "child"}, depends_on=[root])
+    chain.cancel(root.id)
+    assert chain.get(child.id).state == "cancelled"
+
+
+def test_an_edge_that_closes_a_cycle_is_refused(chain: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    a = chain.enqueue("step", {"name": "a"}, delay=3600)
+    b = chain.enqueue("step", {"name": "b"}, depends_on=[a])
+    c = chain.enqueue("step", {"name": "c"}, depends_on=[b])
+    for job_id, depends_on in ((a.id, a.id), (a.id, b.id), (a.id, c.id)):
+        with pytest.raises(psycopg.errors.CheckViolation) as caught:
+            conn.execute("INSERT INTO pgsched.job_deps VALUES (%s, %s)", (job_id, depends_on))
+        assert pgsched.validation.error_from_db(caught.value).field == "depends_on"
+
+
+def test_racing_transactions_never_store_a_cycle(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    pairs = conn.execute(
+        """WITH made AS (INSERT INTO pgsched.jobs (task, state) SELECT 't', 'waiting' FROM generate_series(1, 2000) RETURNING id)
+           SELECT array_agg(id ORDER BY id) FROM made"""
+    ).fetchone()[0]
+    barrier = threading.Barrier(2)
+    failures: list[int] = []
+
+    def close(edges: list[tuple[int, int]]) -> None:
+        with psycopg.connect(dsn) as mine:
+            for job_id, depends_on in edges:
+                barrier.wait()
+                try:
+                    mine.execute("INSERT INTO pgsched.job_deps VALUES (%s, %s)", (job_id, depends_on))
+                    mine.commit()
+                except psycopg.errors.CheckViolation:
+                    mine.rollback()
+                    failures.append(job_id)
+
+    races = list(zip(pairs[0::2], pairs[1::2], strict=True))  # 1,000 pairs: x -> y in one, y -> x in the other
+    threads = [
+        threading.Thread(target=close, args=([(x, y) for x, y in races],)),
+        threading.Thread(target=close, args=([(y, x) for x, y in races],)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cycles = conn.execute(
+        "SELECT count(*) FROM pgsched.job_deps a JOIN pgsched.job_deps b ON a.job_id = b.depends_on AND a.depends_on = b.job_id"
+    ).fetchone()[0]
+    stored = conn.execute("SELECT count(*) FROM pgsched.job_deps").fetchone()[0]
+    assert cycles == 0 and stored == 1000 and len(failures) == 1000
