@@ -11,6 +11,7 @@ import importlib
 import logging
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timedelta
@@ -27,7 +28,16 @@ from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_asyn
 from .errors import DuplicateJobError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .tasks import Task, make_task
-from .validation import EXECUTOR_KINDS, MAX_BIGINT, NewJob, TaskDefaults, check_int, new_job
+from .validation import (
+    EXECUTOR_KINDS,
+    MAX_BIGINT,
+    NewJob,
+    TaskDefaults,
+    check_dependencies,
+    check_int,
+    new_job,
+)
+from .workflows import Workflow
 
 log = logging.getLogger("pgsched")
 
@@ -324,6 +334,32 @@ class App:
                     raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from exc
         return ids  # type: ignore[return-value]
 
+    def _op_workflow(self, workflow: Workflow) -> Operation[None]:
+        nodes = workflow.order()
+        defaults = yield from self._op_defaults(node.task for node in nodes)
+        planned = []
+        for node in nodes:
+            try:
+                _check_options(node.options)
+                job = new_job(node.task, node.args, _known(defaults, node.task), **node.options)
+                external = check_dependencies(node.external)
+            except ValidationError as exc:
+                raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from None
+            job.workflow_id = workflow.id
+            planned.append((node, job, external))
+        for node, job, external in planned:
+            job.depends_on = [*(up.job.id for up in node.upstream if up.job), *external]  # inserted before
+            try:
+                (node.job,) = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
+            except DuplicateJobError:
+                raise
+            except ValidationError as exc:
+                raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from exc
+
+    def _op_scalar(self, sql: str, *params: Any) -> Operation[Any]:
+        rows = yield Query(sql, params)
+        return rows[0][0]
+
     def _op_job(self, sql: str, *params: Any) -> Operation[Job]:
         check_int(params[0], "job_id", 1, MAX_BIGINT)
         rows = yield Query(sql, params, rows="job")
@@ -398,6 +434,31 @@ class App:
     ) -> list[int]:
         """``enqueue_many`` for async code."""
         return await self._execute_async(self._op_enqueue_many(_specs(jobs)), connection, atomic=True)
+
+    def workflow(self, *, connection: Any = None) -> Workflow:
+        """A workflow to fill in a ``with`` (or ``async with``) block; committed in one transaction
+        at its end (in the caller's, with ``connection``). See ``pgsched.workflows``."""
+        return Workflow(self, connection)
+
+    def _commit_workflow(self, workflow: Workflow) -> None:
+        self._execute(self._op_workflow(workflow), workflow.connection, atomic=True)
+
+    async def _commit_workflow_async(self, workflow: Workflow) -> None:
+        await self._execute_async(self._op_workflow(workflow), workflow.connection, atomic=True)
+
+    def cancel_workflow(self, workflow_id: uuid.UUID, reason: str | None = None) -> int:
+        """Cancel every unfinished job of a workflow; returns how many."""
+        return int(self._execute(self._op_scalar(queries.CANCEL_WORKFLOW, workflow_id, reason), None))
+
+    async def cancel_workflow_async(self, workflow_id: uuid.UUID, reason: str | None = None) -> int:
+        return int(await self._execute_async(self._op_scalar(queries.CANCEL_WORKFLOW, workflow_id, reason), None))
+
+    def retry_workflow(self, workflow_id: uuid.UUID) -> int:
+        """Run a workflow's failed and cancelled jobs again (each after its dependencies); returns how many."""
+        return int(self._execute(self._op_scalar(queries.RETRY_WORKFLOW, workflow_id), None))
+
+    async def retry_workflow_async(self, workflow_id: uuid.UUID) -> int:
+        return int(await self._execute_async(self._op_scalar(queries.RETRY_WORKFLOW, workflow_id), None))
 
     def get(self, job_id: int, *, connection: psycopg.Connection[Any] | None = None) -> Job:
         """The job with this id; raises JobNotFound."""

@@ -21,7 +21,7 @@ SELECT {JOB_COLUMNS} FROM pgsched.enqueue(
     run_at => %(run_at)s, delay => make_interval(secs => %(delay_seconds)s), max_attempts => %(max_attempts)s,
     dedupe_key => %(dedupe_key)s, depends_on => %(depends_on)s::bigint[], owner => %(owner)s,
     timeout_seconds => %(timeout)s, concurrency_key => %(concurrency_key)s,
-    run_on_upstream_failure => %(run_on_upstream_failure)s)
+    run_on_upstream_failure => %(run_on_upstream_failure)s, workflow_id => %(workflow_id)s)
 """
 
 # Bulk enqueue: the database clock of this transaction (which is also what
@@ -47,6 +47,8 @@ BULK_COPY = f"COPY pgsched.jobs ({', '.join(BULK_COPY_COLUMNS)}) FROM STDIN"
 # Primary key.
 GET_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.jobs WHERE id = %s"
 CANCEL_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.cancel(%s, %s)"
+CANCEL_WORKFLOW = "SELECT pgsched.cancel_workflow(%s, %s)"
+RETRY_WORKFLOW = "SELECT pgsched.retry_workflow(%s)"
 RETRY_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.retry(%s)"
 
 # Listing for people (CLI): newest first, by primary key, optionally one

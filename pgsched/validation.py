@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,6 +62,7 @@ class NewJob(msgspec.Struct, kw_only=True):
     owner: str | None
     concurrency_key: str | None
     run_on_upstream_failure: bool
+    workflow_id: uuid.UUID | None = None
 
 
 def check_json_value(value: Any, field: str) -> None:

@@ -358,3 +358,58 @@ REVOKE EXECUTE ON FUNCTION pgsched.wake(text[]), pgsched.promote(integer), pgsch
 GRANT EXECUTE ON FUNCTION pgsched.wake(text[]), pgsched.promote(integer), pgsched.rescue(integer),
     pgsched.prune_jobs(integer), pgsched.prune_history(integer), pgsched.prune_workers()
     TO pgsched_worker, pgsched_admin;
+
+-- ---------------------------------------------------------------------------
+-- Workflows: act on every unfinished job of one workflow_id.
+-- ---------------------------------------------------------------------------
+
+-- Cancels the workflow's unfinished jobs (a running one is asked to stop, as
+-- with pgsched.cancel); returns how many it cancelled or marked.
+CREATE FUNCTION pgsched.cancel_workflow(workflow uuid, reason text DEFAULT NULL) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    job_id bigint;
+    touched integer := 0;
+BEGIN
+    FOR job_id IN
+        SELECT id FROM pgsched.jobs
+        WHERE workflow_id = workflow AND state IN ('waiting', 'scheduled', 'queued', 'running')
+        ORDER BY id
+    LOOP
+        -- An earlier cancel may have cascaded to this one already; cancel() then returns it as is.
+        PERFORM pgsched.cancel(job_id, COALESCE(reason, 'workflow cancelled'));
+        touched := touched + 1;
+    END LOOP;
+    RETURN touched;
+END
+$$;
+COMMENT ON FUNCTION pgsched.cancel_workflow(uuid, text) IS 'Cancels every unfinished job of a workflow';
+
+-- Runs the workflow's failed and cancelled jobs again: those whose
+-- dependencies all succeeded are queued now, the others wait for them again.
+CREATE FUNCTION pgsched.retry_workflow(workflow uuid) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    retried integer;
+    woken text[];
+BEGIN
+    WITH again AS (
+        UPDATE pgsched.jobs j
+        SET state = CASE WHEN EXISTS (
+                             SELECT 1 FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
+                             WHERE e.job_id = j.id AND d.state <> 'succeeded')
+                         THEN 'waiting' ELSE 'queued' END,
+            run_at = pgsched.now(), max_attempts = greatest(j.max_attempts, j.attempts + 1),
+            finished_at = NULL, cancel_requested_at = NULL
+        WHERE j.workflow_id = workflow AND j.state IN ('failed', 'cancelled')
+        RETURNING j.queue, j.state
+    )
+    SELECT count(*), array_agg(DISTINCT queue) FILTER (WHERE state = 'queued') INTO retried, woken FROM again;
+    PERFORM pgsched.wake(woken);
+    RETURN retried;
+END
+$$;
+COMMENT ON FUNCTION pgsched.retry_workflow(uuid) IS 'Runs the failed and cancelled jobs of a workflow again';
+
+REVOKE EXECUTE ON FUNCTION pgsched.cancel_workflow(uuid, text), pgsched.retry_workflow(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgsched.cancel_workflow(uuid, text), pgsched.retry_workflow(uuid) TO pgsched_worker, pgsched_admin;

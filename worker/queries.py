@@ -33,7 +33,12 @@ SET state = 'running', attempts = j.attempts + 1, worker_id = %(worker)s,
     started_at = pgsched.now(), lease_expires_at = pgsched.now() + make_interval(secs => %(lease)s)
 FROM picked
 WHERE j.id = picked.id
-RETURNING {_J_COLUMNS}
+RETURNING {_J_COLUMNS},
+    -- The results of its dependencies, for ctx.dependency_results (job_deps primary key;
+    -- one index probe for a job without any).
+    (SELECT jsonb_object_agg(e.depends_on::text, d.result)
+     FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
+     WHERE e.job_id = j.id) AS dependency_results
 """
 
 # Complete a batch of attempts in one round trip. Every row is fenced on

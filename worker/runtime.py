@@ -44,7 +44,7 @@ from pgsched.backoff import DEFAULT_BACKOFF, Backoff
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.db import configure_adapters, job_row
+from pgsched.db import configure_adapters
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import ARGS_MAX_BYTES, EXECUTOR_KINDS, check_json_value
@@ -111,6 +111,7 @@ class Worker:
         self.local: asyncio.Queue[Job] = asyncio.Queue()
         self.pending: list[Outcome] = []
         self._progress: dict[tuple[int, int], str] = {}
+        self._dependency_results: dict[int, dict[int, Any]] = {}
         self.logs = RunLogBuffer()
         self.threads = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="pgsched-task")
         self._queues = list(self.options.queue_list)
@@ -221,7 +222,7 @@ class Worker:
     async def _claim(self, limit: int) -> int:
         self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
         try:
-            async with self._pool.connection() as conn, conn.cursor(row_factory=job_row) as cur:
+            async with self._pool.connection() as conn, conn.cursor(row_factory=_claimed_row) as cur:
                 await cur.execute(
                     queries.CLAIM,
                     {
@@ -232,17 +233,19 @@ class Worker:
                         "lease": self.options.lease_seconds,
                     },
                 )
-                jobs = await cur.fetchall()
+                claimed = await cur.fetchall()
         except psycopg.Error as exc:
             log.warning("claim failed, will retry: %s", exc)
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
-        for job in jobs:
+        for job, dependency_results in claimed:
+            if dependency_results:
+                self._dependency_results[job.id] = {int(k): v for k, v in dependency_results.items()}
             self.held[job.id] = job
             self.local.put_nowait(job)
-        self.active += len(jobs)
-        self.stats.claimed += len(jobs)
-        return len(jobs)
+        self.active += len(claimed)
+        self.stats.claimed += len(claimed)
+        return len(claimed)
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -255,7 +258,7 @@ class Worker:
             await self._execute(job)
 
     async def _execute(self, job: Job) -> None:
-        ctx = Context(job, self)
+        ctx = Context(job, self, self._dependency_results.pop(job.id, None))
         started = datetime.now(timezone.utc)
         current_job.set(job)
         # The job runs in this slot's own task: stopping it means cancelling this task
@@ -535,6 +538,11 @@ def _complete_params(batch: list[Outcome], worker: uuid.UUID) -> dict[str, Any]:
         "started": [o.started_at for o in batch],
         "finished": [o.finished_at for o in batch],
     }
+
+
+def _claimed_row(cursor: Any) -> Any:
+    """CLAIM rows: the job (JOB_COLUMNS, positionally) and its dependencies' results."""
+    return lambda values: (Job(*values[:-1]), values[-1])
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -1,0 +1,114 @@
+"""Workflows: a graph of jobs inserted in one transaction under one ``workflow_id``.
+
+::
+
+    with app.workflow() as wf:
+        a = wf.add("extract", {"day": "2026-11-22"})
+        b = wf.add("transform", {}, depends_on=[a])
+        c = wf.add("load", {}, depends_on=[b])
+    # committed: a.id, b.id, c.id are set; a runs first, c last
+
+Edges may also be declared after the nodes (``wf.add_dependency(b, on=a)``);
+a cycle is refused with ``ValidationError(field="depends_on")`` before
+anything is written. Nothing is inserted if the block raises.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .errors import ValidationError
+from .jobs import Job
+
+if TYPE_CHECKING:
+    from .client import App
+
+
+class WorkflowJob:
+    """A job of a workflow being built; ``id`` and ``job`` are set once the workflow is committed."""
+
+    def __init__(self, index: int, task: str, args: Any, options: dict[str, Any]) -> None:
+        self.index = index
+        self.task = task
+        self.args = args
+        self.options = options
+        self.upstream: list[WorkflowJob] = []
+        self.external: list[Any] = []  # ids (or Jobs) of jobs that already exist
+        self.job: Job | None = None
+
+    @property
+    def id(self) -> int | None:
+        return self.job.id if self.job is not None else None
+
+    def __repr__(self) -> str:
+        return f"<WorkflowJob #{self.index} {self.task} id={self.id}>"
+
+
+class Workflow:
+    """Collects jobs and edges; inserts them all at the end of the ``with`` block."""
+
+    def __init__(self, app: App, connection: Any = None) -> None:
+        self.app = app
+        self.connection = connection
+        self.id = uuid.uuid4()
+        self.jobs: list[WorkflowJob] = []
+
+    def add(self, task: str, args: Any = None, *, depends_on: Iterable[Any] = (), **options: Any) -> WorkflowJob:
+        """Add a job; ``depends_on`` names jobs of this workflow (their handles) or existing job ids."""
+        if "workflow_id" in options:
+            raise ValidationError("workflow_id", "is set by the workflow")
+        node = WorkflowJob(len(self.jobs), task, args, options)
+        self.jobs.append(node)
+        for upstream in depends_on:
+            self.add_dependency(node, on=upstream)
+        return node
+
+    def add_dependency(self, job: WorkflowJob, on: Any) -> None:
+        """``job`` waits for ``on`` (a job of this workflow, or the id of an existing job)."""
+        if not isinstance(job, WorkflowJob) or job not in self.jobs:
+            raise ValidationError("depends_on", "the dependent must be a job added to this workflow")
+        if isinstance(on, WorkflowJob):
+            if on not in self.jobs:
+                raise ValidationError("depends_on", f"{on!r} belongs to another workflow")
+            job.upstream.append(on)
+        else:
+            job.external.append(on)
+
+    def order(self) -> list[WorkflowJob]:
+        """The jobs, each after everything it depends on; ValidationError(depends_on) for a cycle."""
+        done: list[WorkflowJob] = []
+        state: dict[int, str] = {}
+
+        def visit(node: WorkflowJob, path: list[WorkflowJob]) -> None:
+            if state.get(node.index) == "done":
+                return
+            if state.get(node.index) == "visiting":
+                loop = [*path[path.index(node) :], node]
+                raise ValidationError("depends_on", "cycle: " + " -> ".join(f"#{n.index} {n.task}" for n in loop))
+            state[node.index] = "visiting"
+            for upstream in node.upstream:
+                visit(upstream, [*path, node])
+            state[node.index] = "done"
+            done.append(node)
+
+        for node in self.jobs:
+            visit(node, [])
+        return done
+
+    # -- committing -------------------------------------------------------------------
+
+    def __enter__(self) -> Workflow:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.app._commit_workflow(self)
+
+    async def __aenter__(self) -> Workflow:
+        return self
+
+    async def __aexit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            await self.app._commit_workflow_async(self)
