@@ -57,7 +57,9 @@ def test_promoter_pages_through_many(dsn: str, conn: psycopg.Connection[Any]) ->
 
 
 def test_only_the_lock_holder_leads_a_pass(dsn: str, conn: psycopg.Connection[Any]) -> None:
-    conn.execute("INSERT INTO pgsched.jobs (task, state, run_at) VALUES ('t', 'scheduled', pgsched.now() - interval '1 second')")
+    conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, run_at) VALUES ('t', 'scheduled', pgsched.now() - interval '1 second')"
+    )
     with psycopg.connect(dsn) as other:  # another scheduler, mid-pass
         other.execute("SELECT pg_advisory_xact_lock(%s)", (LEADER_KEY,))
         result = run_once(dsn, Promoter())
@@ -238,3 +240,68 @@ def test_racing_transactions_never_store_a_cycle(dsn: str, conn: psycopg.Connect
     ).fetchone()[0]
     stored = conn.execute("SELECT count(*) FROM pgsched.job_deps").fetchone()[0]
     assert cycles == 0 and stored == 1000 and len(failures) == 1000
+
+
+def test_a_workflow_runs_as_a_graph_and_passes_results(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    @app.task
+    def extract(day: str) -> dict[str, Any]:
+        return {"rows": 3, "day": day}
+
+    @app.task
+    def load(ctx: pgsched.Context) -> int:
+        return sum(r["rows"] for r in ctx.dependency_results.values())
+
+    with app.workflow() as wf:
+        a = wf.add("extract", {"day": "mon"})
+        b = wf.add("extract", {"day": "tue"})
+        c = wf.add("load", depends_on=[a, b])
+    assert a.id and b.id and c.id and {j.job.workflow_id for j in (a, b, c)} == {wf.id}
+    assert c.job.state == "waiting"
+    drain(app)
+    assert app.get(c.id).result == 6
+
+
+def test_a_workflow_refuses_cycles_and_writes_nothing(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    @app.task
+    def step() -> None: ...
+
+    before = conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone()[0]
+    for edges in ([(0, 0)], [(0, 1), (1, 0)], [(0, 1), (1, 2), (2, 3), (3, 0)]):
+        with pytest.raises(pgsched.ValidationError) as caught, app.workflow() as wf:
+            nodes = [wf.add("step") for _ in range(4)]
+            for job, on in edges:
+                wf.add_dependency(nodes[job], on=nodes[on])
+        assert caught.value.field == "depends_on" and "cycle" in caught.value.message
+    with pytest.raises(pgsched.ValidationError) as caught, app.workflow() as wf:
+        wf.add("step")
+        wf.add("nope")
+    assert caught.value.field == "jobs[1].task"
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone()[0] == before
+
+
+def test_cancel_and_retry_a_workflow(chain: pgsched.App) -> None:
+    with chain.workflow() as wf:
+        first = wf.add("broken")
+        second = wf.add("step", {"name": "second"}, depends_on=[first])
+        wf.add("step", {"name": "third"}, depends_on=[second])
+    drain(chain)
+    assert [chain.get(j.id).state for j in wf.jobs] == ["failed", "cancelled", "cancelled"]
+    assert chain.retry_workflow(wf.id) == 3
+    assert [chain.get(j.id).state for j in wf.jobs] == ["queued", "waiting", "waiting"]
+    assert chain.cancel_workflow(wf.id, "enough") == 3
+    assert [chain.get(j.id).state for j in wf.jobs] == ["cancelled"] * 3
+
+
+def test_async_workflow(app: pgsched.App) -> None:
+    @app.task
+    def step() -> None: ...
+
+    async def build() -> Any:
+        async with app.workflow() as wf:
+            a = wf.add("step")
+            wf.add("step", depends_on=[a])
+        await app.close_async()
+        return wf
+
+    wf = asyncio.run(build())
+    assert [j.job.state for j in wf.jobs] == ["queued", "waiting"]
