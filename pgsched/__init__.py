@@ -4,6 +4,7 @@ from .backoff import Backoff
 from .client import App
 from .config import Settings, load_settings
 from .context import Context
+from .cron import next_fire_times
 from .errors import (
     ConfigError,
     DuplicateJobError,
@@ -40,4 +41,5 @@ __all__ = [
     "Task",
     "ValidationError",
     "load_settings",
+    "next_fire_times",
 ]

@@ -21,7 +21,7 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import migrations, queries
+from . import migrations, queries, schedules
 from .backoff import Backoff
 from .config import Settings, load_settings, replace_settings
 from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_async
@@ -70,10 +70,14 @@ class App:
     migrated and writes its tasks to the ``pgsched.tasks`` catalog.
     """
 
-    def __init__(self, dsn: str | None = None, *, settings: Settings | None = None, pool_size: int = 10) -> None:
+    def __init__(
+        self, dsn: str | None = None, *, settings: Settings | None = None, pool_size: int = 10, name: str = "default"
+    ) -> None:
         self.settings = settings or load_settings({"dsn": dsn})
         self.pool_size = check_int(pool_size, "pool_size", 1)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.periodics: dict[str, schedules.Schedule] = {}
+        self.name = name
         self._catalog: dict[str, TaskDefaults] = {}
         self._dsn: str | None = None
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
@@ -130,6 +134,48 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        timezone: str = "UTC",
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a task and a schedule that runs it (``cron`` in ``timezone``, or ``every``).
+
+        Schedules defined in code are written to ``pgsched.schedules`` when the app connects;
+        those this app no longer defines are disabled, not deleted. Other options: ``misfire``,
+        ``catch_up_window``, ``overlap``, ``jitter_seconds``, ``start_at``, ``end_at``, and the
+        task options of ``@app.task`` (``queue``, ``priority``, ``max_attempts``, ``timeout``, ...).
+        """
+        task_options = {
+            k: options.pop(k) for k in ("queue", "priority", "max_attempts", "backoff", "timeout") if k in options
+        }
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task = self.task(name=name, **task_options)(func)
+            schedule = schedules.build(
+                name=task.name,
+                task=task.name,
+                args=dict(args or {}),
+                cron=cron,
+                every=every,
+                timezone=timezone,
+                queue=task.defaults.queue,
+                priority=task.defaults.priority,
+                max_attempts=task.defaults.max_attempts,
+                timeout=task.defaults.timeout,
+                source="code",
+                **options,
+            )
+            self.periodics[schedule.name] = schedule
+            return task
+
+        return register
 
     # -- connections -----------------------------------------------------------------------
 
@@ -256,6 +302,8 @@ class App:
                 # A role that may only enqueue (pgsched_enqueuer) cannot write the catalog;
                 # the app still knows its own tasks, and workers register them.
                 log.info("this database role may not write pgsched.tasks; tasks were not registered")
+                return
+            yield from schedules.op_sync(list(self.periodics.values()), self.name)
 
     def _op_register(self, tasks: list[Task[Any, Any]]) -> Operation[None]:
         """Write the app's tasks to the catalog (one statement)."""
@@ -459,6 +507,38 @@ class App:
 
     async def retry_workflow_async(self, workflow_id: uuid.UUID) -> int:
         return int(await self._execute_async(self._op_scalar(queries.RETRY_WORKFLOW, workflow_id), None))
+
+    # -- schedules (the CLI and the REST API call these too) ---------------------------------
+
+    def add_schedule(self, name: str, task: str, **fields: Any) -> schedules.Schedule:
+        """Create or replace a schedule (``cron=`` + ``timezone=``, or ``every=``); see ``Schedule``."""
+        schedule = schedules.build(name=name, task=task, source=fields.pop("source", "api"), **fields)
+        return self._execute(self._op_checked_schedule(schedule), None)
+
+    def _op_checked_schedule(self, schedule: schedules.Schedule) -> Operation[schedules.Schedule]:
+        _known((yield from self._op_defaults([schedule.task])), schedule.task)
+        return (yield from schedules.op_upsert(schedule))
+
+    def list_schedules(self) -> list[schedules.Schedule]:
+        return self._execute(schedules.op_list(), None)
+
+    def get_schedule(self, name: str) -> schedules.Schedule:
+        return self._execute(schedules.op_get(name), None)
+
+    def pause_schedule(self, name: str) -> schedules.Schedule:
+        """A paused schedule produces no jobs."""
+        return self._execute(schedules.op_set_paused(name, True), None)
+
+    def resume_schedule(self, name: str) -> schedules.Schedule:
+        """Resume; slots missed while paused follow the misfire policy."""
+        return self._execute(schedules.op_set_paused(name, False), None)
+
+    def trigger_schedule(self, name: str) -> Job:
+        """Run the schedule's job now, outside its timetable (the timetable is not touched)."""
+        return self.get(self._execute(schedules.op_trigger(name), None))
+
+    def delete_schedule(self, name: str) -> None:
+        self._execute(schedules.op_delete(name), None)
 
     def get(self, job_id: int, *, connection: psycopg.Connection[Any] | None = None) -> Job:
         """The job with this id; raises JobNotFound."""

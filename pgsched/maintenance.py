@@ -197,4 +197,6 @@ class Maintenance:
 
 def default_services(lease_seconds: float) -> list[Service]:
     """The services every scheduler runs."""
-    return [Promoter(), Rescuer(lease_seconds), Pruner()]
+    from .materializer import Materializer
+
+    return [Materializer(), Promoter(), Rescuer(lease_seconds), Pruner()]

@@ -1,0 +1,176 @@
+"""The materializer: turns due schedule slots into jobs.
+
+Per pass (a maintenance service, see ``pgsched.maintenance``), for a batch of
+due schedules locked with SKIP LOCKED:
+
+- a schedule without ``next_run_at`` (new, or its timetable changed) starts
+  at its first slot after now (and not before ``start_at``); nothing fires;
+- the due slots are ``next_run_at`` up to now. A slot more than
+  ``MISFIRE_GRACE`` old was missed (the scheduler was down or the schedule
+  paused). The misfire policy decides: ``skip`` drops missed slots (slots on
+  time still fire), ``run_once`` fires one run for the latest due slot,
+  ``catch_up`` fires every due slot within ``catch_up_window``;
+- the overlap policy looks at the schedule's live jobs from earlier passes:
+  ``allow`` fires anyway, ``skip`` fires nothing while one is live,
+  ``queue_one`` fires one run only if none is waiting to start (a running one
+  may get one successor), ``cancel_previous`` cancels the live ones and fires
+  the latest slot;
+- jobs are inserted with ``ON CONFLICT (schedule_id, slot) DO NOTHING`` and
+  ``next_run_at`` moves to the first slot after now by compare-and-set, so a
+  slot fires at most once even when two schedulers process the same schedule.
+  Jitter delays ``run_at``, never the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from . import cron
+from .errors import ValidationError
+from .maintenance import BATCH, Service
+from .schedules import from_row
+
+log = logging.getLogger("pgsched.materializer")
+
+MISFIRE_GRACE = timedelta(seconds=60)
+MAX_SLOTS_PER_PASS = 1000
+
+# Due schedules (schedules_due_idx), locked so concurrent schedulers split them.
+DUE = """
+SELECT id, name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner,
+       misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, paused, enabled, source,
+       next_run_at, last_slot, created_at
+FROM pgsched.schedules
+WHERE enabled AND NOT paused
+  AND (next_run_at IS NULL OR (next_run_at <= pgsched.now() AND (end_at IS NULL OR next_run_at <= end_at)))
+ORDER BY next_run_at NULLS FIRST
+LIMIT %s
+FOR UPDATE SKIP LOCKED
+"""
+
+# Live jobs of those schedules, for the overlap policy (jobs_schedule_slot).
+LIVE = """
+SELECT schedule_id, id, state FROM pgsched.jobs
+WHERE schedule_id = ANY(%s) AND state IN ('waiting', 'scheduled', 'queued', 'running')
+"""
+
+INSERT_JOBS = """
+INSERT INTO pgsched.jobs (task, args, queue, priority, max_attempts, timeout_seconds, owner,
+                          schedule_id, slot, run_at)
+SELECT s.task, s.args, s.queue, s.priority, COALESCE(s.max_attempts, 5), s.timeout_seconds, s.owner,
+       s.id, f.slot, f.run_at
+FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[]) AS f(schedule_id, slot, run_at)
+JOIN pgsched.schedules s ON s.id = f.schedule_id
+ON CONFLICT (schedule_id, slot) WHERE schedule_id IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+# Compare-and-set: only if next_run_at is still what this pass read.
+ADVANCE = """
+UPDATE pgsched.schedules s
+SET next_run_at = v.next_run_at, last_slot = COALESCE(v.last_slot, s.last_slot), updated_at = pgsched.now()
+FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[])
+     AS v(id, seen, next_run_at, last_slot)
+WHERE s.id = v.id AND s.next_run_at IS NOT DISTINCT FROM v.seen
+"""
+
+
+def slots_between(
+    schedule: Any, first: datetime, now: datetime, created_at: datetime
+) -> tuple[list[datetime], datetime]:
+    """The slots from ``first`` (inclusive) up to ``now``, and the first slot after ``now``."""
+    due: list[datetime] = []
+    after = first - timedelta(microseconds=1)
+    while len(due) < MAX_SLOTS_PER_PASS:
+        (slot,) = _next(schedule, after, created_at, 1)
+        if slot > now:
+            return due, slot
+        due.append(slot)
+        after = slot
+    # Too far behind to enumerate: keep the most recent window and move on from now.
+    return due, _next(schedule, now, created_at, 1)[0]
+
+
+def _next(schedule: Any, after: datetime, created_at: datetime, n: int) -> list[datetime]:
+    if schedule.cron is not None:
+        return cron.next_fire_times(schedule.cron, schedule.timezone, after, n)
+    return cron.every_slots(schedule.every, schedule.start_at or created_at, after, n)
+
+
+def plan(
+    schedule: Any, now: datetime, created_at: datetime, live: list[tuple[int, str]]
+) -> tuple[list[datetime], datetime, list[int]]:
+    """What one pass does with one schedule: (slots to fire, new next_run_at, live job ids to cancel)."""
+    start = schedule.start_at
+    if schedule.next_run_at is None:
+        after = max(now, start - timedelta(microseconds=1)) if start else now
+        return [], _next(schedule, after, created_at, 1)[0], []
+    due, following = slots_between(schedule, schedule.next_run_at, now, created_at)
+    if start:
+        due = [s for s in due if s >= start]
+    if schedule.end_at:
+        due = [s for s in due if s <= schedule.end_at]
+    on_time = [s for s in due if now - s <= MISFIRE_GRACE]
+    if schedule.misfire == "skip":
+        fire = on_time
+    elif schedule.misfire == "run_once":
+        fire = due[-1:]
+    else:  # catch_up
+        fire = [s for s in due if now - s <= schedule.catch_up_window]
+    cancel: list[int] = []
+    if fire and live and schedule.overlap != "allow":
+        if schedule.overlap == "skip":
+            fire = []
+        elif schedule.overlap == "queue_one":
+            fire = [] if any(state != "running" for _, state in live) else fire[-1:]
+        else:  # cancel_previous
+            cancel = [job_id for job_id, _ in live]
+            fire = fire[-1:]
+    return fire, following, cancel
+
+
+class Materializer(Service):
+    """Turns due schedule slots into jobs (see the module docstring)."""
+
+    name = "materializer"
+    interval = 0.5
+
+    async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
+        rows = await (await conn.execute(DUE, (BATCH,))).fetchall()
+        if not rows:
+            return {"fired": 0, "schedules": 0}
+        schedules = [(from_row(row[:-1]), row[-1]) for row in rows]
+        live: dict[int, list[tuple[int, str]]] = {}
+        for schedule_id, job_id, state in await (await conn.execute(LIVE, ([s.id for s, _ in schedules],))).fetchall():
+            live.setdefault(schedule_id, []).append((job_id, state))
+        fire_ids, fire_slots, fire_run_ats, cancel = [], [], [], []
+        ids, seen, nexts, lasts = [], [], [], []
+        for schedule, created_at in schedules:
+            try:
+                fire, following, to_cancel = plan(schedule, db_now, created_at, live.get(schedule.id or 0, []))
+            except ValidationError as exc:  # only possible for a bad row written by plain SQL
+                log.warning("schedule %r cannot be evaluated, skipping it: %s", schedule.name, exc)
+                continue
+            for slot in fire:
+                fire_ids.append(schedule.id)
+                fire_slots.append(slot)
+                jitter = random.uniform(0, schedule.jitter_seconds) if schedule.jitter_seconds else 0
+                fire_run_ats.append(max(slot, db_now) + timedelta(seconds=jitter) if jitter else slot)
+            cancel.extend(to_cancel)
+            ids.append(schedule.id)
+            seen.append(schedule.next_run_at)
+            nexts.append(following)
+            lasts.append(fire[-1] if fire else None)
+        for job_id in cancel:
+            await conn.execute("SELECT pgsched.cancel(%s, 'replaced by the next run of its schedule')", (job_id,))
+        inserted = 0
+        if fire_ids:
+            cur = await conn.execute(INSERT_JOBS, (fire_ids, fire_slots, fire_run_ats))
+            inserted = len(await cur.fetchall())
+        await conn.execute(ADVANCE, (ids, seen, nexts, lasts))
+        return {"fired": inserted, "schedules": len(rows)}

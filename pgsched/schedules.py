@@ -1,0 +1,218 @@
+"""Schedules: validation, and the operations the Python API, the CLI (and later the REST API) share.
+
+A schedule is a timetable (a cron expression in an IANA zone, or a fixed
+interval) plus the template of the jobs it produces. ``Materializer``
+(``pgsched.materializer``) turns its due slots into jobs; this module only
+defines, stores and changes schedules.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+import msgspec
+
+from . import cron
+from .db import Operation, Query
+from .errors import ValidationError
+from .validation import (
+    MAX_INTEGER,
+    PRIORITY_RANGE,
+    QUEUE_PATTERN,
+    check_int,
+    check_name,
+    check_seconds,
+    encode_json_object,
+)
+
+Misfire = Literal["skip", "run_once", "catch_up"]
+Overlap = Literal["allow", "skip", "queue_one", "cancel_previous"]
+MISFIRE_POLICIES = ("skip", "run_once", "catch_up")
+OVERLAP_POLICIES = ("allow", "skip", "queue_one", "cancel_previous")
+MAX_JITTER_SECONDS = 86_400
+
+
+class Schedule(msgspec.Struct, kw_only=True):
+    """A schedule as stored in ``pgsched.schedules`` (the columns pgsched reads)."""
+
+    name: str
+    task: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    cron: str | None = None
+    every: timedelta | None = None
+    timezone: str = "UTC"
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int | None = None
+    timeout: float | None = None
+    owner: str | None = None
+    misfire: Misfire = "run_once"
+    catch_up_window: timedelta = timedelta(days=1)
+    overlap: Overlap = "skip"
+    jitter_seconds: int = 0
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    paused: bool = False
+    enabled: bool = True
+    source: str = "sql"
+    id: int | None = None
+    next_run_at: datetime | None = None
+    last_slot: datetime | None = None
+
+
+def validate(schedule: Schedule, *, now: datetime | None = None) -> Schedule:
+    """Check every field (ValidationError naming it); returns the schedule unchanged."""
+    check_name(schedule.name, "name")
+    check_name(schedule.task, "task")
+    encode_json_object(schedule.args, "args")
+    if (schedule.cron is None) == (schedule.every is None):
+        raise ValidationError("cron", "give exactly one of cron or every")
+    cron.load_zone(schedule.timezone)
+    if schedule.cron is not None:
+        # Also proves that it fires at all (a never-firing cron is refused by the parser).
+        cron.next_fire_times(schedule.cron, schedule.timezone, now or datetime.now(timezone.utc))
+    else:
+        if not isinstance(schedule.every, timedelta) or schedule.every < cron.MIN_INTERVAL:
+            raise ValidationError("every", f"must be at least {cron.MIN_INTERVAL.total_seconds():g} s")
+    check_name(schedule.queue, "queue", pattern=QUEUE_PATTERN)
+    check_int(schedule.priority, "priority", *PRIORITY_RANGE)
+    if schedule.max_attempts is not None:
+        check_int(schedule.max_attempts, "max_attempts", 1, MAX_INTEGER)
+    if schedule.timeout is not None:
+        check_seconds(schedule.timeout, "timeout", allow_zero=False)
+    check_name(schedule.owner, "owner", optional=True)
+    if schedule.misfire not in MISFIRE_POLICIES:
+        raise ValidationError("misfire", f"must be one of {', '.join(MISFIRE_POLICIES)}")
+    if schedule.overlap not in OVERLAP_POLICIES:
+        raise ValidationError("overlap", f"must be one of {', '.join(OVERLAP_POLICIES)}")
+    if not isinstance(schedule.catch_up_window, timedelta) or schedule.catch_up_window <= timedelta(0):
+        raise ValidationError("catch_up_window", "must be a positive duration")
+    check_int(schedule.jitter_seconds, "jitter_seconds", 0, MAX_JITTER_SECONDS)
+    for field in ("start_at", "end_at"):
+        value = getattr(schedule, field)
+        if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+            raise ValidationError(field, "must be a timezone-aware datetime")
+    if schedule.start_at and schedule.end_at and schedule.end_at <= schedule.start_at:
+        raise ValidationError("end_at", "must be after start_at")
+    return schedule
+
+
+def build(**fields: Any) -> Schedule:
+    """A validated Schedule from keyword fields (``every`` may be seconds); ValidationError otherwise."""
+    every = fields.get("every")
+    if isinstance(every, (int, float)) and not isinstance(every, bool):
+        fields["every"] = timedelta(seconds=every)
+    try:
+        schedule = Schedule(**fields)
+    except TypeError as exc:
+        raise ValidationError("schedule", str(exc)) from None
+    return validate(schedule)
+
+
+# -- statements ---------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "id, name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner, "
+    "misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, paused, enabled, source, "
+    "next_run_at, last_slot"
+)
+
+# A changed timetable clears next_run_at; the materializer then starts it from now.
+UPSERT = f"""
+INSERT INTO pgsched.schedules AS s (name, task, args, cron, every, timezone, queue, priority, max_attempts,
+    timeout_seconds, owner, misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at,
+    source, options)
+VALUES (%(name)s, %(task)s, %(args)s::jsonb, %(cron)s, %(every)s, %(timezone)s, %(queue)s, %(priority)s,
+    %(max_attempts)s, %(timeout)s, %(owner)s, %(misfire)s, %(catch_up_window)s, %(overlap)s, %(jitter_seconds)s,
+    %(start_at)s, %(end_at)s, %(source)s, %(options)s::jsonb)
+ON CONFLICT (name) DO UPDATE SET
+    task = excluded.task, args = excluded.args, cron = excluded.cron, every = excluded.every,
+    timezone = excluded.timezone, queue = excluded.queue, priority = excluded.priority,
+    max_attempts = excluded.max_attempts, timeout_seconds = excluded.timeout_seconds, owner = excluded.owner,
+    misfire_policy = excluded.misfire_policy, catch_up_window = excluded.catch_up_window,
+    overlap_policy = excluded.overlap_policy, jitter_seconds = excluded.jitter_seconds,
+    start_at = excluded.start_at, end_at = excluded.end_at, source = excluded.source, options = excluded.options,
+    enabled = true, updated_at = pgsched.now(),
+    next_run_at = CASE WHEN (s.cron, s.every, s.timezone, s.start_at) IS DISTINCT FROM
+                            (excluded.cron, excluded.every, excluded.timezone, excluded.start_at)
+                       THEN NULL ELSE s.next_run_at END
+RETURNING {_COLUMNS}
+"""
+
+LIST = f"SELECT {_COLUMNS} FROM pgsched.schedules ORDER BY name"
+GET = f"SELECT {_COLUMNS} FROM pgsched.schedules WHERE name = %s"
+SET_PAUSED = (
+    f"UPDATE pgsched.schedules SET paused = %s, updated_at = pgsched.now() WHERE name = %s RETURNING {_COLUMNS}"
+)
+DELETE = "DELETE FROM pgsched.schedules WHERE name = %s RETURNING id"
+# Schedules this app defined in code before and no longer does: disabled, kept.
+DISABLE_REMOVED = """
+UPDATE pgsched.schedules SET enabled = false, updated_at = pgsched.now()
+WHERE source = 'code' AND options->>'app' = %s AND NOT (name = ANY(%s)) AND enabled
+"""
+# A run now, outside the timetable: a job with the schedule's id and no slot.
+TRIGGER = """
+INSERT INTO pgsched.jobs (task, args, queue, priority, max_attempts, timeout_seconds, owner, schedule_id)
+SELECT task, args, queue, priority, COALESCE(max_attempts, 5), timeout_seconds, owner, id
+FROM pgsched.schedules WHERE name = %s
+RETURNING id
+"""
+
+
+def from_row(row: tuple[Any, ...]) -> Schedule:
+    (id_, name, task, args, cron_, every, tz, queue, priority, max_attempts, timeout, owner, misfire, window,
+     overlap, jitter, start_at, end_at, paused, enabled, source, next_run_at, last_slot) = row  # fmt: skip
+    return Schedule(
+        id=id_, name=name, task=task, args=args, cron=cron_, every=every, timezone=tz, queue=queue,
+        priority=priority, max_attempts=max_attempts, timeout=timeout, owner=owner, misfire=misfire,
+        catch_up_window=window, overlap=overlap, jitter_seconds=jitter, start_at=start_at, end_at=end_at,
+        paused=paused, enabled=enabled, source=source, next_run_at=next_run_at, last_slot=last_slot,
+    )  # fmt: skip
+
+
+def _params(schedule: Schedule, app_name: str | None) -> dict[str, Any]:
+    params = msgspec.structs.asdict(schedule)
+    params["args"] = encode_json_object(schedule.args, "args")
+    params["options"] = msgspec.json.encode({"app": app_name} if app_name else {}).decode()
+    return params
+
+
+def op_upsert(schedule: Schedule, app_name: str | None = None) -> Operation[Schedule]:
+    rows = yield Query(UPSERT, _params(schedule, app_name))
+    return from_row(rows[0])
+
+
+def op_sync(schedules: list[Schedule], app_name: str) -> Operation[None]:
+    """Make the table match the app's code: add or update its schedules, disable the removed ones."""
+    for schedule in schedules:
+        yield from op_upsert(schedule, app_name)
+    yield Query(DISABLE_REMOVED, (app_name, [s.name for s in schedules]))
+
+
+def op_list() -> Operation[list[Schedule]]:
+    return [from_row(r) for r in (yield Query(LIST))]
+
+
+def _one(rows: list[Any], name: str) -> Any:
+    if not rows:
+        raise ValidationError("name", f"no schedule is named {name!r}")
+    return rows[0]
+
+
+def op_get(name: str) -> Operation[Schedule]:
+    return from_row(_one((yield Query(GET, (name,))), name))
+
+
+def op_set_paused(name: str, paused: bool) -> Operation[Schedule]:
+    """Pause, or resume: a resumed schedule's missed slots follow its misfire policy."""
+    return from_row(_one((yield Query(SET_PAUSED, (paused, name))), name))
+
+
+def op_delete(name: str) -> Operation[None]:
+    _one((yield Query(DELETE, (name,))), name)
+
+
+def op_trigger(name: str) -> Operation[int]:
+    """Enqueue one run now without touching the timetable; returns the job id."""
+    return int(_one((yield Query(TRIGGER, (name,))), name)[0])
