@@ -304,3 +304,22 @@ def test_three_schedulers_without_the_lock_never_duplicate_or_miss(
             expected.append(following)
         assert got == expected, f"{name}: missing slots"
         assert len(got) >= 4
+
+
+def test_a_schedule_inserted_by_plain_sql_fires(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "INSERT INTO pgsched.schedules (name, task, cron, timezone, args) VALUES ('sql-made', 'tick', '*/5 * * * *', 'Asia/Kolkata', '{\"n\": 1}')"
+    )
+    t0 = at("2026-12-01T10:01:00+00:00")
+    materialize(dsn, t0)  # 10:05 UTC is 15:35 in Kolkata: */5 matches there too
+    assert materialize(dsn, t0 + timedelta(minutes=4, seconds=1))["fired"] == 1
+    assert slots(conn, "sql-made") == [at("2026-12-01T10:05:00+00:00")]
+    assert conn.execute("SELECT args FROM pgsched.jobs").fetchone()[0] == {"n": 1}
+
+
+def test_a_broken_sql_schedule_is_skipped_not_fatal(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO pgsched.schedules (name, task, cron) VALUES ('broken', 'tick', 'not a cron')")
+    conn.execute("INSERT INTO pgsched.schedules (name, task, every) VALUES ('fine', 'tick', '1 minute')")
+    now = conn.execute("SELECT now()").fetchone()[0]
+    materialize(dsn, now)
+    assert materialize(dsn, now + timedelta(minutes=1, seconds=1))["fired"] == 1  # the good one still fires
