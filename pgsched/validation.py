@@ -67,35 +67,46 @@ class NewJob(msgspec.Struct, kw_only=True):
 
 def check_json_value(value: Any, field: str) -> None:
     """Refuse what JSON (or PostgreSQL's jsonb) cannot hold faithfully: NaN/Infinity, NUL characters, odd types."""
-    stack = [(value, field)]
-    while stack:
-        item, path = stack.pop()
-        if item is None or isinstance(item, (bool, int)):
-            continue
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise ValidationError(path, "text must not contain the NUL character (\\u0000)")
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise ValidationError(path, f"{item} is not a valid JSON number")
-        elif isinstance(item, Mapping):
-            for key, sub in item.items():
-                if not isinstance(key, str):
-                    raise ValidationError(path, f"object keys must be strings, not {type(key).__name__}")
-                if "\x00" in key:
-                    raise ValidationError(path, "keys must not contain the NUL character (\\u0000)")
-                stack.append((sub, f"{path}.{key}"))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((sub, f"{path}[{i}]") for i, sub in enumerate(item))
-        else:
-            raise ValidationError(
-                path, f"{type(item).__name__} is not JSON (use str, int, float, bool, None, list, dict)"
-            )
+    _check_json(value, field, ())
+
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _check_json(item: Any, field: str, path: tuple[Any, ...]) -> None:
+    # The path is only turned into text for an error: valid input (the common case) pays nothing for it.
+    kind = type(item)
+    if kind is str:
+        if "\x00" in item:
+            raise ValidationError(_path(field, path), "text must not contain the NUL character (\\u0000)")
+    elif kind is float:
+        if not math.isfinite(item):
+            raise ValidationError(_path(field, path), f"{item} is not a valid JSON number")
+    elif kind is dict or isinstance(item, Mapping):
+        for key, sub in item.items():
+            if type(key) is not str:
+                raise ValidationError(_path(field, path), f"object keys must be strings, not {type(key).__name__}")
+            if "\x00" in key:
+                raise ValidationError(_path(field, path), "keys must not contain the NUL character (\\u0000)")
+            if type(sub) not in _SCALARS or (type(sub) is str and "\x00" in sub):
+                _check_json(sub, field, (*path, key))
+    elif kind is list or kind is tuple:
+        for index, sub in enumerate(item):
+            if type(sub) not in _SCALARS or (type(sub) is str and "\x00" in sub):
+                _check_json(sub, field, (*path, index))
+    elif not isinstance(item, _SCALARS) and not isinstance(item, float):
+        raise ValidationError(
+            _path(field, path), f"{type(item).__name__} is not JSON (use str, int, float, bool, None, list, dict)"
+        )
+
+
+def _path(field: str, path: tuple[Any, ...]) -> str:
+    return field + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
 def encode_json_object(value: Any, field: str, max_bytes: int = ARGS_MAX_BYTES) -> str:
     """Validate a JSON object and return its encoding."""
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a JSON object (a dict), not {type(value).__name__}")
     check_json_value(value, field)
     encoded = _encoder.encode(value)
@@ -214,14 +225,16 @@ def new_job(
         raise ValidationError("delay", "give run_at or delay, not both")
     if not isinstance(run_on_upstream_failure, bool):
         raise ValidationError("run_on_upstream_failure", "must be true or false")
+    # Defaults were checked when the task was registered (or come from the catalog, whose
+    # values the table's constraints check again): only given options are checked here.
     return NewJob(
         task=task,
         args_json=args_json,
-        queue=check_name(defaults.queue if queue is None else queue, "queue", pattern=QUEUE_PATTERN),
-        priority=check_int(defaults.priority if priority is None else priority, "priority", *PRIORITY_RANGE),
-        max_attempts=check_int(
-            defaults.max_attempts if max_attempts is None else max_attempts, "max_attempts", 1, MAX_INTEGER
-        ),
+        queue=defaults.queue if queue is None else check_name(queue, "queue", pattern=QUEUE_PATTERN),
+        priority=defaults.priority if priority is None else check_int(priority, "priority", *PRIORITY_RANGE),
+        max_attempts=defaults.max_attempts
+        if max_attempts is None
+        else check_int(max_attempts, "max_attempts", 1, MAX_INTEGER),
         run_at=None if run_at is None else check_run_at(run_at),
         delay_seconds=None if delay is None else check_seconds(delay, "delay", allow_zero=True),
         timeout=check_seconds(timeout, "timeout", allow_zero=False) if timeout is not None else defaults.timeout,
