@@ -418,3 +418,24 @@ def test_run_worker_refuses_bad_options(tasks: pgsched.App) -> None:
 def test_wait_until_fails_on_timeout() -> None:
     with pytest.raises(AssertionError, match="timed out"):
         wait_until(lambda: False, timeout=0.05)
+
+
+def test_a_prefetched_job_cancelled_before_it_starts_never_runs(
+    tasks: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
+    async def scenario() -> tuple[int, int]:
+        worker, task = await _start(tasks, poll_seconds=0.2, concurrency=1, prefetch=1)
+        busy = await tasks.enqueue_async("sleep", {"seconds": 1.0})
+        waiting = await tasks.enqueue_async("echo", {"value": "should not run"})
+        await wait_until_async(lambda: waiting.id in worker.held and busy.id in worker.running, message="prefetched")
+        await tasks.cancel_async(waiting.id, "not needed")
+        await wait_until_async(lambda: _is(tasks, waiting.id, "cancelled"), timeout=5, message="cancelled")
+        await wait_until_async(lambda: _is(tasks, busy.id, "succeeded"), timeout=5, message="busy done")
+        worker.stop()
+        await task
+        return busy.id, waiting.id
+
+    _, waiting_id = asyncio.run(scenario())
+    row = job_row(conn, waiting_id)
+    assert (row["result"], row["error"]) == (None, "not needed")
+    assert [r[1] for r in runs_of(conn, waiting_id)] == ["cancelled"]

@@ -120,6 +120,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._released_ids: set[int] = set()
         self._lost: set[int] = set()
+        self._cancel_before_start: set[int] = set()
         self._pool: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -255,6 +256,16 @@ class Worker:
             if self._stopping.is_set():
                 self.local.put_nowait(job)
                 return
+            if job.id in self._lost:  # taken away while it waited in the local queue
+                self.active -= 1
+                continue
+            if job.id in self._cancel_before_start:  # cancelled while it waited: never started
+                self._cancel_before_start.discard(job.id)
+                now = datetime.now(timezone.utc)
+                self.pending.append(Outcome(job, "cancelled", "cancelled", now, now))
+                self.active -= 1
+                self._flush_now.set()
+                continue
             await self._execute(job)
 
     async def _execute(self, job: Job) -> None:
@@ -407,6 +418,7 @@ class Worker:
             return
         for outcome in batch:
             self.held.pop(outcome.job.id, None)
+            self._cancel_before_start.discard(outcome.job.id)
         if self.pending:
             self._flush_now.set()
         if self.options.burst:
@@ -503,6 +515,8 @@ class Worker:
             if not ctx.cancelled:
                 ctx._cancel()
                 task.cancel()
+        elif job_id in self.held:  # still in the local queue
+            self._cancel_before_start.add(job_id)
 
     async def _listen(self) -> None:
         """LISTEN for wake-ups and cancels; reconnect when the connection drops. Polling covers the gaps."""
