@@ -459,7 +459,9 @@ def test_an_unmigrated_database_asks_for_pgsched_migrate(empty_env: dict[str, st
     again = succeeded(pgsched(empty_env, "migrate")).stdout
     assert "up to date" in again
     with psycopg.connect(empty_dsn) as check:
-        assert check.execute("SELECT count(*) FROM pgsched.schema_migrations").fetchone() == (len(migrations.available()),)
+        assert check.execute("SELECT count(*) FROM pgsched.schema_migrations").fetchone() == (
+            len(migrations.available()),
+        )
 
 
 @pytest.mark.parametrize(

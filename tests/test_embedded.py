@@ -174,7 +174,9 @@ def test_two_first_starts_at_once_share_one_server(embedded_env: tuple[dict[str,
 
 def test_migrate_and_jobs_on_the_embedded_server(embedded_env: tuple[dict[str, str], Path]) -> None:
     env, _ = embedded_env
-    assert succeeded(pgsched(env, "migrate")).stdout == "".join(f"applied {m.version:04d}_{m.name}\n" for m in migrations.available())
+    assert succeeded(pgsched(env, "migrate")).stdout == "".join(
+        f"applied {m.version:04d}_{m.name}\n" for m in migrations.available()
+    )
     out = succeeded(pgsched(env, "enqueue", "shell", "--args", '{"cmd": ["true"]}')).stdout
     job_id = int(out.split()[2])
     listed = succeeded(pgsched(env, "jobs", "list")).stdout.splitlines()
