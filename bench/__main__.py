@@ -8,9 +8,9 @@ import io
 import pstats
 import sys
 
-from . import enqueue, env, report
+from . import enqueue, env, report, scheduling
 
-WORKLOADS = {**enqueue.WORKLOADS}
+WORKLOADS = {**enqueue.WORKLOADS, **scheduling.WORKLOADS}
 
 
 def main(argv: list[str] | None = None) -> int:
