@@ -228,6 +228,7 @@ WORKER_OPTIONS = (
 @with_settings(*WORKER_OPTIONS)
 def worker(settings: Settings) -> None:
     """Claim and run jobs (SIGTERM/Ctrl-C: finish running jobs, then stop; twice: stop now)."""
+    settings.check_worker()
     configure_logging(settings)
     if settings.processes > 1:
         from pgsched.worker.supervisor import supervise
@@ -498,7 +499,10 @@ def preview(expression: str, tz: str, count: int, after: str | None, as_json: bo
     """The next slots of a cron EXPRESSION in a time zone, as UTC and local times."""
     from .cron import load_zone, next_fire_times
 
-    start = datetime.fromisoformat(after) if after else datetime.now(load_zone("UTC"))
+    try:
+        start = datetime.fromisoformat(after) if after else datetime.now(load_zone("UTC"))
+    except ValueError:
+        raise click.ClickException(f"after: {after!r} is not an ISO 8601 date and time") from None
     slots = next_fire_times(expression, tz, start, count)
     if as_json:
         print_json(slots)

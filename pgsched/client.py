@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import logging
 import re
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -71,13 +72,15 @@ class App:
     """
 
     def __init__(
-        self, dsn: str | None = None, *, settings: Settings | None = None, pool_size: int = 10, name: str = "default"
+        self, dsn: str | None = None, *, settings: Settings | None = None, pool_size: int = 10, name: str | None = None
     ) -> None:
         self.settings = settings or load_settings({"dsn": dsn})
         self.pool_size = check_int(pool_size, "pool_size", 1)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodics: dict[str, schedules.Schedule] = {}
-        self.name = name
+        # Which code owns the schedules this app defines: another app's are never disabled by
+        # this one's start-up. By default, the module that creates the App.
+        self.name = name or sys._getframe(1).f_globals.get("__name__", "__main__")
         self._catalog: dict[str, TaskDefaults] = {}
         self._dsn: str | None = None
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None

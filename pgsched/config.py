@@ -90,9 +90,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         bool, msgspec.Meta(description="Also run the maintenance services (promote, rescue, prune, schedules)")
     ] = False
 
-    def __post_init__(self) -> None:
+    def check_worker(self) -> None:
+        """The checks that concern a worker only (ConfigError)."""
         if self.heartbeat_seconds >= self.lease_seconds:
-            raise msgspec.ValidationError("must be shorter than lease_seconds - at `$.heartbeat_seconds`")
+            raise ConfigError(
+                f"--heartbeat-seconds / PGSCHED_HEARTBEAT_SECONDS: {self.heartbeat_seconds:g} must be shorter "
+                f"than --lease-seconds ({self.lease_seconds:g}), or every lease would lapse between heartbeats"
+            )
 
     @property
     def queue_list(self) -> tuple[str, ...]:

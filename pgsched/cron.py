@@ -35,6 +35,7 @@ same on every host and container image, and newer than the distribution's copy
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib.resources
@@ -224,7 +225,7 @@ def next_fire_times(cron: str, timezone: str, after: datetime, n: int = 1) -> li
     zone = load_zone(timezone)
     after = _check_aware(after, "after")
     check_int(n, "n", 1, MAX_FIRE_TIMES)
-    walls = croniter(spec.fields, _first_wall(after, zone), ret_type=datetime, second_at_beginning=spec.seconds)
+    walls = _walker(spec, _first_wall(after, zone))
     slots: list[datetime] = []
     last = after
     # Every candidate yields a new slot (gaps are jumped over, a repeated hour is
@@ -243,6 +244,19 @@ def next_fire_times(cron: str, timezone: str, after: datetime, n: int = 1) -> li
         if resume is not None:
             walls.set_current(resume, force=True)
     raise AssertionError(f"next_fire_times did not converge for {cron!r} in {timezone} after {after}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(spec: CronSpec) -> croniter:
+    return croniter(spec.fields, datetime(2000, 1, 1), ret_type=datetime, second_at_beginning=spec.seconds)
+
+
+def _walker(spec: CronSpec, start: datetime) -> croniter:
+    """A croniter at ``start``: a copy of a cached one, because building one expands every field
+    again (most of the materializer's time with thousands of schedules)."""
+    walker = copy.copy(_template(spec))
+    walker.set_current(start, force=True)
+    return walker
 
 
 def _first_wall(after: datetime, zone: zoneinfo.ZoneInfo) -> datetime:

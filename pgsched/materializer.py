@@ -87,11 +87,12 @@ def slots_between(
     due: list[datetime] = []
     after = first - timedelta(microseconds=1)
     while len(due) < MAX_SLOTS_PER_PASS:
-        (slot,) = _next(schedule, after, created_at, 1)
-        if slot > now:
-            return due, slot
-        due.append(slot)
-        after = slot
+        # Two at a time: a schedule on time has one due slot and needs the one after it.
+        for slot in _next(schedule, after, created_at, 2):
+            if slot > now:
+                return due, slot
+            due.append(slot)
+            after = slot
     # Too far behind to enumerate: keep the most recent window and move on from now.
     return due, _next(schedule, now, created_at, 1)[0]
 

@@ -30,8 +30,6 @@ SAMPLE = "tests.apps.sample:app"
 SCHED_APP = "tests.apps.sched_app:app"
 # Short leases so a crash is noticed in seconds; the heartbeat keeps a live worker's jobs.
 FAST_WORKER = ("--lease-seconds", "2", "--heartbeat-seconds", "0.5", "--poll-seconds", "0.2")
-# `pgsched scheduler --lease-seconds 2` alone refuses to start (the default heartbeat, 5 s, must be shorter
-# than the lease, and the scheduler has no --heartbeat-seconds flag): see the xfail test below.
 SHORT_HEARTBEAT = {"PGSCHED_HEARTBEAT_SECONDS": "0.5"}
 
 
@@ -224,12 +222,6 @@ def test_promotion_survives_the_leaders_kill_9(conn: psycopg.Connection[Any], sp
     assert third.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgsched/cli.py scheduler + config.Settings.__post_init__: `pgsched scheduler --lease-seconds 2` exits "
-    "at once with '--heartbeat-seconds / PGSCHED_HEARTBEAT_SECONDS: must be shorter than lease_seconds (got None)': "
-    "the default heartbeat (5 s) is checked against the lease, and the scheduler has no --heartbeat-seconds flag",
-)
 def test_a_scheduler_with_a_short_lease_starts(conn: psycopg.Connection[Any], spawn: Callable[..., Process]) -> None:
     scheduler = spawn("scheduler", "--lease-seconds", "2")
     job_id = insert_due_scheduled(conn)
@@ -307,12 +299,6 @@ def test_a_schedule_defined_in_code_fires_from_the_worker(
     assert worker.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgsched/schedules.py DISABLE_REMOVED with client.App(name='default'): an App that connects with tasks "
-    "disables the code schedules of every other App of the same name, so the worker of a second app (both App() "
-    "by default) switches off the first app's schedules until the first app reconnects",
-)
 def test_a_worker_of_another_app_leaves_the_schedules_of_this_one_alone(
     conn: psycopg.Connection[Any], spawn: Callable[..., Process]
 ) -> None:

@@ -98,6 +98,7 @@ class Worker:
     def __init__(self, app: App, settings: Settings | None = None) -> None:
         self.app = app
         self.options = settings or app.settings
+        self.options.check_worker()
         self.id = uuid.uuid4()
         self.stats = Stats()
         kinds = [k for k, on in (("shell", self.options.allow_shell), ("http", True)) if on]
