@@ -9,6 +9,7 @@ environment, then the default. ``PGSCHED_DSN`` falls back to ``DATABASE_URL``.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import warnings
@@ -122,14 +123,16 @@ def flag_name(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
-def option_help(option: str) -> str:
-    """The description declared on the option's field."""
+@functools.cache
+def _descriptions() -> dict[str, str]:
     info = msgspec.inspect.type_info(Settings)
     assert isinstance(info, msgspec.inspect.StructType)
-    for field in info.fields:
-        if field.name == option:
-            return _description(field.type)
-    raise KeyError(option)
+    return {field.name: _description(field.type) for field in info.fields}
+
+
+def option_help(option: str) -> str:
+    """The description declared on the option's field."""
+    return _descriptions()[option]
 
 
 def _description(type_info: Any) -> str:

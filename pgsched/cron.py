@@ -221,6 +221,22 @@ def next_fire_times(cron: str, timezone: str, after: datetime, n: int = 1) -> li
 
     Slots strictly increase; the daylight-saving rule is in the module docstring.
     """
+    after = _check_aware(after, "after")
+    if not isinstance(cron, str) or not isinstance(timezone, str) or type(n) is not int:
+        parse_cron(cron)  # raises ValidationError for cron, then the others for their fields
+        load_zone(timezone)
+        check_int(n, "n", 1, MAX_FIRE_TIMES)
+    return list(_next_fire_times(cron, timezone, after, n))
+
+
+# A pure function, and many schedules share a timetable and a due slot (thousands due in the
+# same minute): remembering recent answers spares most of croniter's slow walk.
+@functools.lru_cache(maxsize=4096)
+def _next_fire_times(cron: str, timezone: str, after: datetime, n: int) -> tuple[datetime, ...]:
+    return tuple(_compute_fire_times(cron, timezone, after, n))
+
+
+def _compute_fire_times(cron: str, timezone: str, after: datetime, n: int) -> list[datetime]:
     spec = parse_cron(cron)
     zone = load_zone(timezone)
     after = _check_aware(after, "after")

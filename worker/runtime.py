@@ -122,6 +122,7 @@ class Worker:
         self._released_ids: set[int] = set()
         self._lost: set[int] = set()
         self._cancel_before_start: set[int] = set()
+        self._busy = False  # the last claim got all it asked for: the queues have more
         self._pool: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -206,15 +207,14 @@ class Worker:
         # While the queues have more than we can take, claim in batches of at least half
         # the capacity rather than one job per freed slot.
         batch = max(1, self.capacity // 2)
-        busy = False
         while not self._stopping.is_set():
             free = self.capacity - self.active
-            if free > 0 and (free >= batch or not busy):
+            if free > 0 and (free >= batch or not self._busy):
                 got = await self._claim(free)
-                busy = got == free
+                self._busy = got == free
                 if self.options.burst and got == 0 and not self.held:
                     return
-                if busy and self.capacity - self.active >= batch:
+                if self._busy and self.capacity - self.active >= batch:
                     continue
             self._wake.clear()
             poll = self.options.poll_seconds * random.uniform(0.8, 1.2)
@@ -285,7 +285,11 @@ class Worker:
             current_job.set(None)
             self.logs.finish(job)
             self.active -= 1
-            self._wake.set()
+            if self._busy or self.options.burst:
+                # More jobs were waiting at the last claim: claim again now that a slot is free.
+                # (Otherwise new work announces itself by NOTIFY or the poll; waking here would
+                # only send an empty claim after every job.)
+                self._wake.set()
         if outcome is not None:
             self.pending.append(outcome)
             self._flush_now.set()
