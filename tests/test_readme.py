@@ -42,6 +42,7 @@ from psycopg import sql
 
 import pgsched
 from pgsched import embedded
+from pgsched.config import OPTION_NAMES, env_name, flag_name
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PGSCHED = Path(sys.executable).parent / "pgsched"
@@ -194,6 +195,25 @@ def test_readme_opens_with_the_two_setup_commands_and_every_block_is_known(block
         assert block.flags <= {"no-run"}, f"{block.where()}: unknown fence flags {sorted(block.flags)}"
     langs = {b.lang for b in blocks if b.runs}
     assert langs == RUNNABLE, f"the README should show runnable examples of each kind, found {sorted(langs)}"
+
+
+@pytest.mark.unit
+def test_readme_documents_every_option() -> None:
+    """Every field of ``pgsched.Settings`` has its variable and its flag in the Configuration table,
+    so an option added without docs fails here."""
+    text = README.read_text(encoding="utf-8")
+    assert "\n## Configuration\n" in text, "the README has a Configuration section"
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    missing = [
+        name
+        for name in OPTION_NAMES
+        if not any(f"`{env_name(name)}`" in row and f"`{flag_name(name)}`" in row for row in rows)
+    ]
+    assert not missing, (
+        f"README.md, Configuration: no table row gives the variable and flag of {missing} "
+        "(add a row per option: | `name` - meaning | `PGSCHED_NAME` | `--name` (commands) | default |)"
+    )
 
 
 @pytest.mark.db
