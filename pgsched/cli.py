@@ -66,6 +66,9 @@ def load_app(settings: Settings) -> App:
     if not settings.app:
         return App(settings=settings)
     module_name, _, attribute = settings.app.partition(":")
+    # Like `python -m`, find modules in the current directory (a console script would not).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
         app = getattr(module, attribute or "app")
@@ -250,17 +253,9 @@ def worker(settings: Settings) -> None:
 
 
 async def _run_worker(app: App, settings: Settings, already_stopped: threading.Event | None = None) -> Any:
-    from pgsched.worker.runtime import Worker, install_signal_handlers
+    from pgsched.worker.runtime import serve
 
-    runtime = Worker(app, settings)
-    services = [Maintenance(app.dsn, default_services(settings.lease_seconds))] if settings.with_scheduler else []
-    install_signal_handlers(runtime, *services)
-    if already_stopped is not None and already_stopped.is_set():
-        runtime.stop()
-        for service in services:
-            service.stop()
-    stats, *_ = await asyncio.gather(runtime.run(), *(s.run() for s in services))
-    return stats
+    return await serve(app, settings, stopped=already_stopped)
 
 
 @main.command()

@@ -438,15 +438,20 @@ class App:
     def run_worker(self, **options: Any) -> Any:
         """Run a worker for this app in this process until it is stopped (or, with ``burst=True``,
         until the queues are empty); options are the worker settings (``queues="a,b"``,
-        ``concurrency=4``, ...). Returns the worker's stats."""
-        return asyncio.run(self.run_worker_async(**options))
+        ``concurrency=4``, ``with_scheduler=True``, ...). In the main thread, SIGTERM and Ctrl-C
+        stop it gracefully (as ``pgsched worker``). Returns the worker's stats."""
+        signals = threading.current_thread() is threading.main_thread()
+        return asyncio.run(self._serve(options, signals=signals))
 
     async def run_worker_async(self, **options: Any) -> Any:
-        """``run_worker`` inside a running event loop."""
+        """``run_worker`` inside a running event loop (signal handling is the caller's)."""
+        return await self._serve(options, signals=False)
+
+    async def _serve(self, options: dict[str, Any], *, signals: bool) -> Any:
         # Imported by name at call time: the worker depends on the core, never the other way
         # round (import-linter checks static imports), and an app that only enqueues never loads it.
         worker = importlib.import_module("pgsched.worker.runtime")
-        return await worker.Worker(self, replace_settings(self.settings, **options)).run()
+        return await worker.serve(self, replace_settings(self.settings, **options), signals=signals)
 
     # -- public client API -----------------------------------------------------------------
 

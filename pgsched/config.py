@@ -62,7 +62,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         str | None,
         msgspec.Meta(description="Your tasks, as module:attribute of a pgsched.App (e.g. myproject.tasks:app)"),
     ] = None
-    log_level: Annotated[LogLevel, msgspec.Meta(description="Log level: debug, info, warning, error")] = "info"
+    log_level: Annotated[LogLevel, msgspec.Meta(description="Log level: debug, info, warning, error, critical")] = (
+        "info"
+    )
     # Worker
     queues: Annotated[
         str, msgspec.Meta(pattern=QUEUE_LIST, description="Queues the worker claims from, comma-separated")

@@ -27,6 +27,7 @@ class Context:
         self.dependency_results = dependency_results or {}
         self._sink = sink
         self._cancelled = False
+        self._thread_busy = False  # a sync task's code is running in a worker thread
 
     @property
     def attempt(self) -> int:

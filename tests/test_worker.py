@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -442,3 +443,36 @@ def test_a_prefetched_job_cancelled_before_it_starts_never_runs(
     row = job_row(conn, waiting_id)
     assert (row["result"], row["error"]) == (None, "not needed")
     assert [r[1] for r in runs_of(conn, waiting_id)] == ["cancelled"]
+
+
+def test_burst_with_the_scheduler_returns(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    job = tasks.enqueue("echo", {"value": 1})
+    done = threading.Event()
+    runner = threading.Thread(
+        target=lambda: (tasks.run_worker(burst=True, with_scheduler=True, poll_seconds=0.1), done.set())
+    )
+    runner.start()
+    runner.join(timeout=30)
+    assert done.is_set(), "run_worker(burst=True, with_scheduler=True) did not return"
+    assert tasks.get(job.id).state == "succeeded"
+
+
+def test_a_timed_out_sync_task_sees_cancelled_and_its_late_logs_are_dropped(
+    app: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
+    import logging
+
+    finished = threading.Event()
+
+    @app.task(timeout=0.2, max_attempts=1)
+    def stubborn(ctx: Context) -> None:
+        while not ctx.cancelled:
+            time.sleep(0.01)
+        logging.getLogger("user.code").warning("too late to be recorded")
+        finished.set()
+
+    job = app.enqueue("stubborn")
+    app.run_worker(burst=True, poll_seconds=0.1)
+    assert finished.wait(5)  # it noticed the timeout through ctx.cancelled
+    assert app.get(job.id).state == "failed"
+    assert conn.execute("SELECT count(*) FROM pgsched.run_logs WHERE job_id = %s", (job.id,)).fetchone()[0] == 0

@@ -52,8 +52,18 @@ async def run_python(task: Task[Any, Any], ctx: Context, threads: ThreadPoolExec
         return await task.fn(*leading, **ctx.job.args)
     # Sync functions run in the thread pool, with this coroutine's context
     # variables, so logging inside them is attributed to the job.
-    call = functools.partial(contextvars.copy_context().run, task.fn, *leading, **ctx.job.args)
+    call = functools.partial(contextvars.copy_context().run, _in_thread, ctx, task.fn, leading, ctx.job.args)
     return await asyncio.get_running_loop().run_in_executor(threads, call)
+
+
+def _in_thread(ctx: Context, fn: Any, leading: tuple[Any, ...], args: dict[str, Any]) -> Any:
+    # While this is true the job's code is still executing in a thread that Python cannot
+    # stop: the worker must not hand the job to anyone else (see the worker's shutdown).
+    ctx._thread_busy = True
+    try:
+        return fn(*leading, **args)
+    finally:
+        ctx._thread_busy = False
 
 
 async def run_shell(args: dict[str, Any], output: OutputSink) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pgsched.jobs import Job
 MAX_LINES_PER_RUN = 1000
 MAX_BYTES_PER_RUN = 256 * 1024
 MAX_LINE_BYTES = 16 * 1024
+MAX_CLOSED_RUNS = 10_000
 
 # The job whose task is executing in this context (set by the runtime, copied
 # into the threads of sync tasks), so log records can be attributed to it.
@@ -36,6 +37,8 @@ class RunLogBuffer:
     budgets: dict[tuple[int, int], _Budget] = field(default_factory=dict)
     # Sync tasks log from their threads while the event loop takes the rows.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Runs that ended recently, oldest first: lines for them are dropped.
+    closed: dict[tuple[int, int], None] = field(default_factory=dict)
 
     def add(self, job: Job, stream: str, level: str | None, message: str) -> None:
         with self.lock:
@@ -43,10 +46,13 @@ class RunLogBuffer:
 
     def _add(self, job: Job, stream: str, level: str | None, message: str) -> None:
         key = (job.id, job.attempts)
+        if key in self.closed:
+            return  # the run ended (an abandoned thread may still write): its log is closed
         budget = self.budgets.setdefault(key, _Budget())
         encoded = message.encode()
         if len(encoded) > MAX_LINE_BYTES:
-            message = encoded[:MAX_LINE_BYTES].decode(errors="ignore") + " [line truncated]"
+            encoded = encoded[:MAX_LINE_BYTES]
+            message = encoded.decode(errors="ignore") + " [line truncated]"
         if budget.lines >= MAX_LINES_PER_RUN or budget.bytes + len(encoded) > MAX_BYTES_PER_RUN:
             budget.dropped += 1
             return
@@ -58,6 +64,9 @@ class RunLogBuffer:
         """The run ended: write the truncation marker if lines were dropped, and forget its budget."""
         with self.lock:
             budget = self.budgets.pop((job.id, job.attempts), None)
+            self.closed[(job.id, job.attempts)] = None
+            if len(self.closed) > MAX_CLOSED_RUNS:
+                del self.closed[next(iter(self.closed))]
         if budget and budget.dropped:
             self.rows.append(
                 (

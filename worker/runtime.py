@@ -191,12 +191,21 @@ class Worker:
         if self.running:
             ids = list(self.running)
             self._released_ids.update(ids)
+            contexts = {job_id: ctx for job_id, (_, ctx) in self.running.items()}
             for task, ctx in list(self.running.values()):
                 ctx._cancel()
                 task.cancel()
             while self.running:
                 await asyncio.sleep(0.01)
-            await self._release(ids, interrupted=True)
+            # A sync task whose thread still runs cannot be stopped: putting its job back now
+            # could run it twice at once. It keeps its lease (no more heartbeats): the rescuer
+            # takes it back after the lease, when this process is long gone.
+            stuck = [i for i in ids if contexts[i]._thread_busy]
+            if stuck:
+                log.warning("jobs %s are still running in threads; they will be rescued after their lease", stuck)
+            await self._release([i for i in ids if i not in stuck], interrupted=True)
+            for job_id in stuck:
+                self.held.pop(job_id, None)
         for slot in slots:
             slot.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
@@ -327,6 +336,7 @@ class Worker:
             async with asyncio.timeout(timeout):
                 value = await self._invoke(job, ctx)
         except TimeoutError:
+            ctx._cancel()  # a sync task's thread runs on: it can see ctx.cancelled and stop
             return self._failure(job, started, "timeout", f"timed out after {timeout:g} s")
         except asyncio.CancelledError:
             if not ctx.cancelled:
@@ -352,10 +362,14 @@ class Worker:
             check_json_value(value, "result")
             encoded = msgspec.json.encode(value)
         except (ValueError, TypeError) as exc:
-            return self._failure(job, started, "failed", f"the task's return value is not JSON: {exc}")
+            return self._failure(job, started, "failed", f"the task's return value is not JSON: {exc}", final=True)
         if len(encoded) > ARGS_MAX_BYTES:
             return self._failure(
-                job, started, "failed", f"result is {len(encoded):,} bytes encoded; the limit is {ARGS_MAX_BYTES:,}"
+                job,
+                started,
+                "failed",
+                f"result is {len(encoded):,} bytes encoded; the limit is {ARGS_MAX_BYTES:,}",
+                final=True,  # the same code would return the same value again
             )
         return self._ended(job, started, "succeeded", "succeeded", result=encoded.decode())
 
@@ -494,6 +508,7 @@ class Worker:
             )
             rows = await cur.fetchall()
         alive = {job_id for job_id, _ in rows}
+        self._cancel_before_start &= set(self.held)  # forget notices about jobs that are not ours
         for job_id, cancel in rows:
             if cancel:
                 self._cancel_running(job_id)
@@ -520,7 +535,9 @@ class Worker:
             if not ctx.cancelled:
                 ctx._cancel()
                 task.cancel()
-        elif job_id in self.held:  # still in the local queue
+        else:
+            # Still in the local queue, or not recorded yet (the notice can arrive between the
+            # claim's commit and its rows): checked when a slot takes the job.
             self._cancel_before_start.add(job_id)
 
     async def _listen(self) -> None:
@@ -566,6 +583,27 @@ def _claimed_row(cursor: Any) -> Any:
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     configure_adapters(conn.adapters)
+
+
+async def serve(app: App, settings: Settings, *, signals: bool = True, stopped: Any = None) -> Stats:
+    """Run a worker (and, with ``with_scheduler``, the maintenance services) until stopped; with
+    ``burst``, until the queues are empty. ``signals``: SIGTERM/SIGINT stop it gracefully.
+    ``stopped``: an event that, already set, means stop at once (a signal came during start-up)."""
+    from pgsched.maintenance import Maintenance, default_services
+
+    worker = Worker(app, settings)
+    services = [Maintenance(app.dsn, default_services(settings.lease_seconds))] if settings.with_scheduler else []
+    if signals:
+        install_signal_handlers(worker, *services)
+    if stopped is not None and stopped.is_set():
+        worker.stop()
+    running = [asyncio.create_task(s.run()) for s in services]
+    try:
+        return await worker.run()
+    finally:
+        for service in services:  # the worker is done (stopped, or --burst found nothing left)
+            service.stop()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def install_signal_handlers(worker: Worker, *others: Any) -> None:
