@@ -30,6 +30,7 @@ from pgsched.tasks import Task
 HTTP_BODY_MAX_BYTES = 64 * 1024
 HTTP_MAX_REDIRECTS = 5
 HTTP_DEFAULT_TIMEOUT = 30.0
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 # The environment a shell task starts from: the worker's own variables (its
 # DSN, credentials) are not passed on; the job's `env` is added to this.
 SHELL_BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8"}
@@ -175,7 +176,11 @@ def http_request(args: dict[str, Any], *, allow_private: bool, timeout: float) -
         finally:
             connection.close()
         if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-            url = urljoin(url, response.getheader("Location", ""))
+            target = urljoin(url, response.getheader("Location", ""))
+            if urlsplit(target).netloc != parts.netloc:
+                # Credentials meant for one host are not handed to the host a redirect names.
+                headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+            url = target
             if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                 method, payload = "GET", None
             continue
