@@ -253,7 +253,7 @@ def worker(settings: Settings) -> None:
 
 
 async def _run_worker(app: App, settings: Settings, already_stopped: threading.Event | None = None) -> Any:
-    from pgsched.worker.runtime import serve
+    from pgsched.worker.serve import serve
 
     return await serve(app, settings, stopped=already_stopped)
 

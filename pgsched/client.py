@@ -450,7 +450,7 @@ class App:
     async def _serve(self, options: dict[str, Any], *, signals: bool) -> Any:
         # Imported by name at call time: the worker depends on the core, never the other way
         # round (import-linter checks static imports), and an app that only enqueues never loads it.
-        worker = importlib.import_module("pgsched.worker.runtime")
+        worker = importlib.import_module("pgsched.worker.serve")
         return await worker.serve(self, replace_settings(self.settings, **options), signals=signals)
 
     # -- public client API -----------------------------------------------------------------

@@ -26,31 +26,29 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import socket
 import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import msgspec
 import psycopg
 
 from pgsched import __version__
-from pgsched.backoff import DEFAULT_BACKOFF, Backoff
+from pgsched.backoff import DEFAULT_BACKOFF
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
 from pgsched.db import configure_adapters
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
-from pgsched.validation import ARGS_MAX_BYTES, EXECUTOR_KINDS, check_json_value
+from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
 from .executors import NotRetryable, run_http, run_python, run_shell
+from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
 from .runlog import RunLogBuffer, TaskLogHandler, current_job
 
 log = logging.getLogger("pgsched.worker")
@@ -59,34 +57,6 @@ TRACEBACK_MAX_CHARS = 16_000
 FLUSH_BATCH = 1000
 # How long the first outcome of a batch waits for others before the batch is written.
 FLUSH_SECONDS = 0.002
-
-
-@dataclass
-class Outcome:
-    """What an attempt ended as, waiting to be flushed."""
-
-    job: Job
-    state: str
-    outcome: str
-    started_at: datetime
-    finished_at: datetime
-    result: str | None = None
-    error: str | None = None
-    delay: float | None = None
-
-
-@dataclass
-class Stats:
-    """What a worker did (returned by ``run``; ``--burst`` prints it)."""
-
-    claimed: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    retried: int = 0
-    cancelled: int = 0
-    fenced: int = 0
-    released: int = 0
-    by_outcome: dict[str, int] = field(default_factory=dict)
 
 
 class Worker:
@@ -346,48 +316,23 @@ class Worker:
             slot.uncancel()
             if job.id in self._lost or job.id in self._released_ids:
                 return None  # lease lost (someone else owns it now) or released at shutdown
-            return self._ended(job, started, "cancelled", "cancelled")  # keeps the reason given to cancel
+            return ended(job, started, "cancelled", "cancelled")  # keeps the reason given to cancel
         except Retry as exc:
             return self._failure(job, started, "failed", exc.reason, delay=exc.after)
         except Snooze as exc:
-            return self._ended(job, started, "scheduled", "snoozed", delay=exc.seconds)
+            return ended(job, started, "scheduled", "snoozed", delay=exc.seconds)
         except Cancel as exc:
-            return self._ended(job, started, "cancelled", "cancelled", error=exc.reason)
+            return ended(job, started, "cancelled", "cancelled", error=exc.reason)
         except NotRetryable as exc:
             return self._failure(job, started, "failed", str(exc), final=True)
         except Exception as exc:
             text = "".join(traceback.format_exception(exc))[-TRACEBACK_MAX_CHARS:]
             return self._failure(job, started, "failed", text)
-        try:
-            check_json_value(value, "result")
-            encoded = msgspec.json.encode(value)
-        except (ValueError, TypeError) as exc:
-            return self._failure(job, started, "failed", f"the task's return value is not JSON: {exc}", final=True)
-        if len(encoded) > ARGS_MAX_BYTES:
-            return self._failure(
-                job,
-                started,
-                "failed",
-                f"result is {len(encoded):,} bytes encoded; the limit is {ARGS_MAX_BYTES:,}",
-                final=True,  # the same code would return the same value again
-            )
-        return self._ended(job, started, "succeeded", "succeeded", result=encoded.decode())
+        return result_outcome(job, started, value)
 
-    def _ended(self, job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:
-        return Outcome(job, state, outcome, started, datetime.now(timezone.utc), **extra)
-
-    def _failure(
-        self, job: Job, started: datetime, outcome: str, error: str, *, delay: float | None = None, final: bool = False
-    ) -> Outcome:
-        if final or job.attempts >= job.max_attempts:
-            return self._ended(job, started, "failed", outcome, error=error)
-        if delay is None:
-            delay = self._backoff(job).delay(job.attempts)
-        return self._ended(job, started, "scheduled", outcome, error=error, delay=delay)
-
-    def _backoff(self, job: Job) -> Backoff:
+    def _failure(self, job: Job, started: datetime, outcome: str, error: str, **options: Any) -> Outcome:
         task = self.app.tasks.get(job.task)
-        return task.backoff if task is not None else DEFAULT_BACKOFF
+        return failure(job, started, outcome, error, task.backoff if task else DEFAULT_BACKOFF, **options)
 
     # -- RunSink (what a Context reports) ------------------------------------------------------
 
@@ -424,9 +369,9 @@ class Worker:
                 if logs:
                     await conn.execute(queries.INSERT_LOGS, logs)
                 if batch:
-                    cur = await conn.execute(queries.COMPLETE, _complete_params(batch, self.id))
+                    cur = await conn.execute(queries.COMPLETE, complete_params(batch, self.id))
                     written = {row[0] for row in await cur.fetchall()}
-                    self._count(batch, written)
+                    self.stats.count(batch, written)
         except psycopg.Error as exc:
             # Keep what was not written; the next flush tries again (leases keep them ours meanwhile).
             log.warning("writing outcomes failed, will retry: %s", exc)
@@ -443,21 +388,6 @@ class Worker:
         if self.options.burst:
             self._wake.set()  # the claim loop decides whether everything is done
 
-    def _count(self, batch: list[Outcome], written: set[int]) -> None:
-        for outcome in batch:
-            if outcome.job.id not in written:
-                self.stats.fenced += 1
-                continue
-            self.stats.by_outcome[outcome.outcome] = self.stats.by_outcome.get(outcome.outcome, 0) + 1
-            if outcome.state == "succeeded":
-                self.stats.succeeded += 1
-            elif outcome.state == "failed":
-                self.stats.failed += 1
-            elif outcome.state == "cancelled":
-                self.stats.cancelled += 1
-            else:
-                self.stats.retried += 1
-
     async def _release(self, ids: list[int], *, interrupted: bool) -> None:
         if not ids:
             return
@@ -470,7 +400,7 @@ class Worker:
                     for i in ids
                     if i in self.held
                 ]
-                await conn.execute(queries.INSERT_INTERRUPTED, _complete_params(batch, self.id))
+                await conn.execute(queries.INSERT_INTERRUPTED, complete_params(batch, self.id))
             cur = await conn.execute(queries.RELEASE, {"ids": ids, "worker": self.id})
             queues = sorted({row[1] for row in await cur.fetchall()})
             if queues:
@@ -558,24 +488,6 @@ class Worker:
                 await asyncio.sleep(random.uniform(0.5, 1.5))
 
 
-def _complete_params(batch: list[Outcome], worker: uuid.UUID) -> dict[str, Any]:
-    return {
-        "worker": worker,
-        "ids": [o.job.id for o in batch],
-        "attempts": [o.job.attempts for o in batch],
-        "queues": [o.job.queue for o in batch],
-        "tasks": [o.job.task for o in batch],
-        "owners": [o.job.owner for o in batch],
-        "states": [o.state for o in batch],
-        "outcomes": [o.outcome for o in batch],
-        "results": [o.result for o in batch],
-        "errors": [o.error for o in batch],
-        "delays": [o.delay for o in batch],
-        "started": [o.started_at for o in batch],
-        "finished": [o.finished_at for o in batch],
-    }
-
-
 def _claimed_row(cursor: Any) -> Any:
     """CLAIM rows: the job (JOB_COLUMNS, positionally) and its dependencies' results."""
     return lambda values: (Job(*values[:-1]), values[-1])
@@ -583,41 +495,3 @@ def _claimed_row(cursor: Any) -> Any:
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     configure_adapters(conn.adapters)
-
-
-async def serve(app: App, settings: Settings, *, signals: bool = True, stopped: Any = None) -> Stats:
-    """Run a worker (and, with ``with_scheduler``, the maintenance services) until stopped; with
-    ``burst``, until the queues are empty. ``signals``: SIGTERM/SIGINT stop it gracefully.
-    ``stopped``: an event that, already set, means stop at once (a signal came during start-up)."""
-    from pgsched.maintenance import Maintenance, default_services
-
-    worker = Worker(app, settings)
-    services = [Maintenance(app.dsn, default_services(settings.lease_seconds))] if settings.with_scheduler else []
-    if signals:
-        install_signal_handlers(worker, *services)
-    if stopped is not None and stopped.is_set():
-        worker.stop()
-    running = [asyncio.create_task(s.run()) for s in services]
-    try:
-        return await worker.run()
-    finally:
-        for service in services:  # the worker is done (stopped, or --burst found nothing left)
-            service.stop()
-        await asyncio.gather(*running, return_exceptions=True)
-
-
-def install_signal_handlers(worker: Worker, *others: Any) -> None:
-    """SIGTERM/SIGINT: graceful stop (of the worker and of ``others``, which have ``stop()``);
-    a second one: exit at once."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if worker._stopping.is_set():
-            os._exit(130)
-        log.info("stopping: finishing running jobs (up to %g s)", worker.options.grace_seconds)
-        worker.stop()
-        for other in others:
-            other.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)

@@ -1,0 +1,114 @@
+"""What an attempt ended as: the classification of a task's return or exception, and the
+batch parameters that write outcomes (worker/queries.py COMPLETE)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+
+from pgsched.backoff import DEFAULT_BACKOFF, Backoff
+from pgsched.jobs import Job
+from pgsched.validation import ARGS_MAX_BYTES, check_json_value
+
+
+@dataclass
+class Outcome:
+    """What an attempt ended as, waiting to be flushed."""
+
+    job: Job
+    state: str
+    outcome: str
+    started_at: datetime
+    finished_at: datetime
+    result: str | None = None
+    error: str | None = None
+    delay: float | None = None
+
+
+@dataclass
+class Stats:
+    """What a worker did (returned by ``run``; ``--burst`` prints it)."""
+
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    fenced: int = 0
+    released: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+    def count(self, batch: list[Outcome], written: set[int]) -> None:
+        """Count a flushed batch; ``written`` holds the ids the fence let through."""
+        for outcome in batch:
+            if outcome.job.id not in written:
+                self.fenced += 1
+                continue
+            self.by_outcome[outcome.outcome] = self.by_outcome.get(outcome.outcome, 0) + 1
+            if outcome.state == "succeeded":
+                self.succeeded += 1
+            elif outcome.state == "failed":
+                self.failed += 1
+            elif outcome.state == "cancelled":
+                self.cancelled += 1
+            else:
+                self.retried += 1
+
+
+def ended(job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:
+    return Outcome(job, state, outcome, started, datetime.now(timezone.utc), **extra)
+
+
+def failure(
+    job: Job,
+    started: datetime,
+    outcome: str,
+    error: str,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    *,
+    delay: float | None = None,
+    final: bool = False,
+) -> Outcome:
+    """A failed attempt: retried after ``delay`` (or the backoff) while attempts are left, else failed."""
+    if final or job.attempts >= job.max_attempts:
+        return ended(job, started, "failed", outcome, error=error)
+    if delay is None:
+        delay = backoff.delay(job.attempts)
+    return ended(job, started, "scheduled", outcome, error=error, delay=delay)
+
+
+def result_outcome(job: Job, started: datetime, value: Any) -> Outcome:
+    """Success, unless the return value cannot be stored (not JSON, or over the cap): then a
+    failure that is not retried, since the same code would return the same value again."""
+    try:
+        check_json_value(value, "result")
+        encoded = msgspec.json.encode(value)
+    except (ValueError, TypeError) as exc:
+        return failure(job, started, "failed", f"the task's return value is not JSON: {exc}", final=True)
+    if len(encoded) > ARGS_MAX_BYTES:
+        error = f"result is {len(encoded):,} bytes encoded; the limit is {ARGS_MAX_BYTES:,}"
+        return failure(job, started, "failed", error, final=True)
+    return ended(job, started, "succeeded", "succeeded", result=encoded.decode())
+
+
+def complete_params(batch: list[Outcome], worker: uuid.UUID) -> dict[str, Any]:
+    """COMPLETE (and INSERT_INTERRUPTED) parameters: one array per column."""
+    return {
+        "worker": worker,
+        "ids": [o.job.id for o in batch],
+        "attempts": [o.job.attempts for o in batch],
+        "queues": [o.job.queue for o in batch],
+        "tasks": [o.job.task for o in batch],
+        "owners": [o.job.owner for o in batch],
+        "states": [o.state for o in batch],
+        "outcomes": [o.outcome for o in batch],
+        "results": [o.result for o in batch],
+        "errors": [o.error for o in batch],
+        "delays": [o.delay for o in batch],
+        "started": [o.started_at for o in batch],
+        "finished": [o.finished_at for o in batch],
+    }
