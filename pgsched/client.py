@@ -9,57 +9,32 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import re
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar, overload
 
 import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import migrations, queries, schedules
+from . import bulk, migrations, queries, schedules, workflows
 from .backoff import Backoff
 from .config import Settings, load_settings, replace_settings
 from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_async
-from .errors import DuplicateJobError, JobNotFound, PermissionDenied, ValidationError
+from .errors import JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .tasks import Task, make_task
-from .validation import (
-    EXECUTOR_KINDS,
-    MAX_BIGINT,
-    NewJob,
-    TaskDefaults,
-    check_dependencies,
-    check_int,
-    new_job,
-)
+from .validation import EXECUTOR_KINDS, MAX_BIGINT, TaskDefaults, check_int, check_options, known_task, new_job
 from .workflows import Workflow
 
 log = logging.getLogger("pgsched")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-ENQUEUE_OPTIONS = frozenset(
-    {
-        "queue",
-        "priority",
-        "run_at",
-        "delay",
-        "max_attempts",
-        "timeout",
-        "dedupe_key",
-        "depends_on",
-        "owner",
-        "concurrency_key",
-        "run_on_upstream_failure",
-    }
-)
 
 
 class App:
@@ -161,20 +136,7 @@ class App:
 
         def register(func: Callable[P, R]) -> Task[P, R]:
             task = self.task(name=name, **task_options)(func)
-            schedule = schedules.build(
-                name=task.name,
-                task=task.name,
-                args=dict(args or {}),
-                cron=cron,
-                every=every,
-                timezone=timezone,
-                queue=task.defaults.queue,
-                priority=task.defaults.priority,
-                max_attempts=task.defaults.max_attempts,
-                timeout=task.defaults.timeout,
-                source="code",
-                **options,
-            )
+            schedule = schedules.for_task(task, cron=cron, every=every, timezone=timezone, args=args, **options)
             self.periodics[schedule.name] = schedule
             return task
 
@@ -349,78 +311,20 @@ class App:
         if not isinstance(task, str) or not task:
             raise ValidationError("task", "must be a non-empty task name")
         defaults = yield from self._op_defaults([task])
-        job = new_job(task, args, _known(defaults, task), **options)
+        job = new_job(task, args, known_task(defaults, task), **options)
         rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
         return rows[0]
 
     def _op_enqueue_many(self, specs: list[JobSpec]) -> Operation[list[int]]:
         for i, spec in enumerate(specs):
-            if not isinstance(spec.task, str) or not spec.task:
+            if not spec.task:
                 raise ValidationError(f"jobs[{i}].task", "must be a non-empty task name")
         defaults = yield from self._op_defaults(spec.task for spec in specs)
-        jobs = []
-        for i, spec in enumerate(specs):
-            try:
-                jobs.append(
-                    new_job(
-                        spec.task,
-                        spec.args,
-                        _known(defaults, spec.task),
-                        queue=spec.queue,
-                        priority=spec.priority,
-                        run_at=spec.run_at,
-                        delay=spec.delay,
-                        max_attempts=spec.max_attempts,
-                        timeout=spec.timeout,
-                        dedupe_key=spec.dedupe_key,
-                        depends_on=spec.depends_on,
-                        owner=spec.owner,
-                        concurrency_key=spec.concurrency_key,
-                        run_on_upstream_failure=spec.run_on_upstream_failure,
-                    )
-                )
-            except ValidationError as exc:
-                raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from None
-        ids: list[int | None] = [None] * len(jobs)
-        # Jobs without dependencies go in by COPY, with ids allocated ahead.
-        plain = [i for i, job in enumerate(jobs) if not job.depends_on]
-        if plain:
-            ((db_now, allocated),) = yield Query(queries.BULK_PREPARE, (len(plain),))
-            for i, job_id in zip(plain, allocated, strict=True):
-                ids[i] = job_id
-            yield Query(queries.BULK_COPY, copy=_copy_data([jobs[i] for i in plain], allocated, db_now))
-        # Jobs with dependencies need the SQL function's checks, one by one.
-        for i, job in enumerate(jobs):
-            if job.depends_on:
-                try:
-                    ids[i] = (yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job"))[0].id
-                except DuplicateJobError:
-                    raise
-                except ValidationError as exc:
-                    raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from exc
-        return ids  # type: ignore[return-value]
+        return (yield from bulk.op_enqueue_many(specs, defaults))
 
     def _op_workflow(self, workflow: Workflow) -> Operation[None]:
-        nodes = workflow.order()
-        defaults = yield from self._op_defaults(node.task for node in nodes)
-        planned = []
-        for node in nodes:
-            try:
-                _check_options(node.options)
-                job = new_job(node.task, node.args, _known(defaults, node.task), **node.options)
-                external = check_dependencies(node.external)
-            except ValidationError as exc:
-                raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from None
-            job.workflow_id = workflow.id
-            planned.append((node, job, external))
-        for node, job, external in planned:
-            job.depends_on = [*(up.job.id for up in node.upstream if up.job), *external]  # inserted before
-            try:
-                (node.job,) = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
-            except DuplicateJobError:
-                raise
-            except ValidationError as exc:
-                raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from exc
+        defaults = yield from self._op_defaults(node.task for node in workflow.jobs)
+        yield from workflows.op_commit(workflow, defaults)
 
     def _op_scalar(self, sql: str, *params: Any) -> Operation[Any]:
         rows = yield Query(sql, params)
@@ -472,7 +376,7 @@ class App:
         the job is inserted in the caller's transaction: if it rolls back, the
         job never existed.
         """
-        _check_options(options)
+        check_options(options)
         return self._execute(self._op_enqueue(task, args, options), connection)
 
     async def enqueue_async(
@@ -484,7 +388,7 @@ class App:
         **options: Any,
     ) -> Job:
         """``enqueue`` for async code."""
-        _check_options(options)
+        check_options(options)
         return await self._execute_async(self._op_enqueue(task, args, options), connection)
 
     def enqueue_many(
@@ -495,7 +399,7 @@ class App:
         Each item is a ``JobSpec`` or a mapping with the same keys. Either all
         are enqueued or, on the first bad one, none.
         """
-        return self._execute(self._op_enqueue_many(_specs(jobs)), connection, atomic=True)
+        return self._execute(self._op_enqueue_many(bulk.specs(jobs)), connection, atomic=True)
 
     async def enqueue_many_async(
         self,
@@ -504,7 +408,7 @@ class App:
         connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[int]:
         """``enqueue_many`` for async code."""
-        return await self._execute_async(self._op_enqueue_many(_specs(jobs)), connection, atomic=True)
+        return await self._execute_async(self._op_enqueue_many(bulk.specs(jobs)), connection, atomic=True)
 
     def workflow(self, *, connection: Any = None) -> Workflow:
         """A workflow to fill in a ``with`` (or ``async with``) block; committed in one transaction
@@ -539,7 +443,7 @@ class App:
         return self._execute(self._op_checked_schedule(schedule), None)
 
     def _op_checked_schedule(self, schedule: schedules.Schedule) -> Operation[schedules.Schedule]:
-        _known((yield from self._op_defaults([schedule.task])), schedule.task)
+        known_task((yield from self._op_defaults([schedule.task])), schedule.task)
         return (yield from schedules.op_upsert(schedule))
 
     def list_schedules(self) -> list[schedules.Schedule]:
@@ -594,76 +498,3 @@ def _configure_async(conn: psycopg.AsyncConnection[Any]) -> Any:
         configure_adapters(conn.adapters)
 
     return configure()
-
-
-def _known(defaults: dict[str, TaskDefaults], task: str) -> TaskDefaults:
-    if task not in defaults:
-        raise ValidationError(
-            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog"
-        )
-    return defaults[task]
-
-
-def _check_options(options: Mapping[str, Any]) -> None:
-    for key in options:
-        if key not in ENQUEUE_OPTIONS:
-            raise ValidationError(key, f"unknown enqueue option; valid options: {', '.join(sorted(ENQUEUE_OPTIONS))}")
-
-
-def _specs(jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobSpec]:
-    specs = []
-    for i, item in enumerate(jobs):
-        if isinstance(item, JobSpec):
-            specs.append(item)
-            continue
-        try:
-            specs.append(msgspec.convert(item, JobSpec))
-        except msgspec.ValidationError as exc:
-            # msgspec says "... - at `$.priority`" or "unknown field `colour`"; keep the field name.
-            found = re.search(r"at `\$\.(\w+)", str(exc)) or re.search(r"unknown field `(\w+)`", str(exc))
-            field = f"jobs[{i}].{found.group(1)}" if found else f"jobs[{i}]"
-            raise ValidationError(field, str(exc).split(" - at ")[0]) from None
-    return specs
-
-
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_COPY_NULL = "\\N"
-
-
-def _copy_text(value: str | None) -> str:
-    if value is None:
-        return _COPY_NULL
-    # Most values need no escape; four C-level scans are cheaper than translating every one.
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        return value.translate(_COPY_ESCAPES)
-    return value
-
-
-def _copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime, chunk: int = 2000) -> Iterator[str]:
-    """COPY text-format rows for queries.BULK_COPY_COLUMNS, in chunks: the server inserts one
-    chunk while the next is formatted."""
-    now_text = db_now.isoformat()
-    # Task and queue names repeat across a batch: escape each distinct one once.
-    names: dict[str, str] = {}
-    lines = []
-    for job_id, job in zip(ids, jobs, strict=True):
-        if job.run_at is not None:
-            run_at = job.run_at.isoformat()
-        elif job.delay_seconds:
-            run_at = (db_now + timedelta(seconds=job.delay_seconds)).isoformat()
-        else:
-            run_at = now_text
-        task = names.get(job.task) or names.setdefault(job.task, _copy_text(job.task))
-        queue = names.get(job.queue) or names.setdefault(job.queue, _copy_text(job.queue))
-        timeout = _COPY_NULL if job.timeout is None else repr(job.timeout)
-        flag = "t" if job.run_on_upstream_failure else "f"
-        lines.append(
-            f"{job_id}\t{task}\t{_copy_text(job.args_json)}\t{queue}\t{job.priority}\t{run_at}\t"
-            f"{job.max_attempts}\t{timeout}\t{_copy_text(job.dedupe_key)}\t{_copy_text(job.owner)}\t"
-            f"{_copy_text(job.concurrency_key)}\t{flag}\n"
-        )
-        if len(lines) == chunk:
-            yield "".join(lines)
-            lines.clear()
-    if lines:
-        yield "".join(lines)

@@ -110,6 +110,21 @@ def build(**fields: Any) -> Schedule:
     return validate(schedule)
 
 
+def for_task(task: Any, *, args: Any = None, **fields: Any) -> Schedule:
+    """The schedule of an ``@app.periodic`` task: its jobs take the task's defaults."""
+    return build(
+        name=task.name,
+        task=task.name,
+        args=dict(args or {}),
+        queue=task.defaults.queue,
+        priority=task.defaults.priority,
+        max_attempts=task.defaults.max_attempts,
+        timeout=task.defaults.timeout,
+        source="code",
+        **fields,
+    )
+
+
 # -- statements ---------------------------------------------------------------------------------
 
 _COLUMNS = (

@@ -32,6 +32,21 @@ MAX_DEPENDENCIES = 1000
 EARLIEST_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_RUN_AT_AHEAD = timedelta(days=366 * 100)
 EXECUTOR_KINDS = frozenset({"shell", "http"})
+ENQUEUE_OPTIONS = frozenset(
+    {
+        "queue",
+        "priority",
+        "run_at",
+        "delay",
+        "max_attempts",
+        "timeout",
+        "dedupe_key",
+        "depends_on",
+        "owner",
+        "concurrency_key",
+        "run_on_upstream_failure",
+    }
+)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _encoder = msgspec.json.Encoder()
@@ -244,6 +259,21 @@ def new_job(
         concurrency_key=check_name(concurrency_key, "concurrency_key", optional=True),
         run_on_upstream_failure=run_on_upstream_failure,
     )
+
+
+def known_task(defaults: dict[str, TaskDefaults], task: str) -> TaskDefaults:
+    """The defaults of ``task``; ValidationError(task) when nobody registered it."""
+    if task not in defaults:
+        raise ValidationError(
+            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog"
+        )
+    return defaults[task]
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    for key in options:
+        if key not in ENQUEUE_OPTIONS:
+            raise ValidationError(key, f"unknown enqueue option; valid options: {', '.join(sorted(ENQUEUE_OPTIONS))}")
 
 
 # Named constraints of sql/ and the input field each one guards.

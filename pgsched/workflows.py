@@ -19,8 +19,13 @@ import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .errors import ValidationError
+import msgspec
+
+from . import queries
+from .db import Operation, Query
+from .errors import DuplicateJobError, ValidationError
 from .jobs import Job
+from .validation import TaskDefaults, check_dependencies, check_options, known_task, new_job
 
 if TYPE_CHECKING:
     from .client import App
@@ -112,3 +117,26 @@ class Workflow:
     async def __aexit__(self, exc_type: object, *_: object) -> None:
         if exc_type is None:
             await self.app._commit_workflow_async(self)
+
+
+def op_commit(workflow: Workflow, defaults: dict[str, TaskDefaults]) -> Operation[None]:
+    """Insert the workflow's jobs, each after its dependencies, under one workflow_id."""
+    nodes = workflow.order()
+    planned = []
+    for node in nodes:
+        try:
+            check_options(node.options)
+            job = new_job(node.task, node.args, known_task(defaults, node.task), **node.options)
+            external = check_dependencies(node.external)
+        except ValidationError as exc:
+            raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from None
+        job.workflow_id = workflow.id
+        planned.append((node, job, external))
+    for node, job, external in planned:
+        job.depends_on = [*(up.job.id for up in node.upstream if up.job), *external]  # inserted before
+        try:
+            (node.job,) = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
+        except DuplicateJobError:
+            raise
+        except ValidationError as exc:
+            raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from exc

@@ -1,0 +1,128 @@
+"""Bulk enqueue: ``App.enqueue_many`` writes jobs with one ``COPY``.
+
+Ids are allocated ahead with ``nextval`` in the same statement that reads the
+transaction's ``pgsched.now()`` (which is what the ``run_at`` default would
+be), so COPY can write explicit ids and ``run_at`` values and the caller gets
+the ids back in order. Jobs with dependencies need ``pgsched.enqueue``'s
+checks and go through it, in the same transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from . import queries
+from .db import Operation, Query
+from .errors import DuplicateJobError, ValidationError
+from .jobs import JobSpec
+from .validation import NewJob, TaskDefaults, known_task, new_job
+
+
+def specs(jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobSpec]:
+    """``enqueue_many``'s items as JobSpecs (a mapping takes the same keys); ValidationError(jobs[i].field)."""
+    out = []
+    for i, item in enumerate(jobs):
+        if isinstance(item, JobSpec):
+            out.append(item)
+            continue
+        try:
+            out.append(msgspec.convert(item, JobSpec))
+        except msgspec.ValidationError as exc:
+            # msgspec says "... - at `$.priority`" or "unknown field `colour`"; keep the field name.
+            found = re.search(r"at `\$\.(\w+)", str(exc)) or re.search(r"unknown field `(\w+)`", str(exc))
+            field = f"jobs[{i}].{found.group(1)}" if found else f"jobs[{i}]"
+            raise ValidationError(field, str(exc).split(" - at ")[0]) from None
+    return out
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_NULL = "\\N"
+
+
+def _copy_text(value: str | None) -> str:
+    if value is None:
+        return _COPY_NULL
+    # Most values need no escape; four C-level scans are cheaper than translating every one.
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+def copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime, chunk: int = 2000) -> Iterator[str]:
+    """COPY text-format rows for queries.BULK_COPY_COLUMNS, in chunks: the server inserts one
+    chunk while the next is formatted."""
+    now_text = db_now.isoformat()
+    # Task and queue names repeat across a batch: escape each distinct one once.
+    names: dict[str, str] = {}
+    lines = []
+    for job_id, job in zip(ids, jobs, strict=True):
+        if job.run_at is not None:
+            run_at = job.run_at.isoformat()
+        elif job.delay_seconds:
+            run_at = (db_now + timedelta(seconds=job.delay_seconds)).isoformat()
+        else:
+            run_at = now_text
+        task = names.get(job.task) or names.setdefault(job.task, _copy_text(job.task))
+        queue = names.get(job.queue) or names.setdefault(job.queue, _copy_text(job.queue))
+        timeout = _COPY_NULL if job.timeout is None else repr(job.timeout)
+        flag = "t" if job.run_on_upstream_failure else "f"
+        lines.append(
+            f"{job_id}\t{task}\t{_copy_text(job.args_json)}\t{queue}\t{job.priority}\t{run_at}\t"
+            f"{job.max_attempts}\t{timeout}\t{_copy_text(job.dedupe_key)}\t{_copy_text(job.owner)}\t"
+            f"{_copy_text(job.concurrency_key)}\t{flag}\n"
+        )
+        if len(lines) == chunk:
+            yield "".join(lines)
+            lines.clear()
+    if lines:
+        yield "".join(lines)
+
+
+def op_enqueue_many(specs: list[JobSpec], defaults: dict[str, TaskDefaults]) -> Operation[list[int]]:
+    """Validate every job, then COPY those without dependencies and enqueue the others one by one."""
+    jobs = []
+    for i, spec in enumerate(specs):
+        try:
+            jobs.append(
+                new_job(
+                    spec.task,
+                    spec.args,
+                    known_task(defaults, spec.task),
+                    queue=spec.queue,
+                    priority=spec.priority,
+                    run_at=spec.run_at,
+                    delay=spec.delay,
+                    max_attempts=spec.max_attempts,
+                    timeout=spec.timeout,
+                    dedupe_key=spec.dedupe_key,
+                    depends_on=spec.depends_on,
+                    owner=spec.owner,
+                    concurrency_key=spec.concurrency_key,
+                    run_on_upstream_failure=spec.run_on_upstream_failure,
+                )
+            )
+        except ValidationError as exc:
+            raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from None
+    ids: list[int | None] = [None] * len(jobs)
+    # Jobs without dependencies go in by COPY, with ids allocated ahead.
+    plain = [i for i, job in enumerate(jobs) if not job.depends_on]
+    if plain:
+        ((db_now, allocated),) = yield Query(queries.BULK_PREPARE, (len(plain),))
+        for i, job_id in zip(plain, allocated, strict=True):
+            ids[i] = job_id
+        yield Query(queries.BULK_COPY, copy=copy_data([jobs[i] for i in plain], allocated, db_now))
+    # Jobs with dependencies need the SQL function's checks, one by one.
+    for i, job in enumerate(jobs):
+        if job.depends_on:
+            try:
+                ids[i] = (yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job"))[0].id
+            except DuplicateJobError:
+                raise
+            except ValidationError as exc:
+                raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from exc
+    return ids  # type: ignore[return-value]
