@@ -1,0 +1,378 @@
+"""Real ``pgsched worker`` processes: burst, signals and graceful shutdown, crashes (kill -9), fencing of a
+zombie worker, and the ``--processes`` supervisor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgsched
+
+from .apps import extra, sample
+from .conftest import ROOT, wait_until
+from .test_executors import alive
+
+pytestmark = pytest.mark.process
+
+SAMPLE = "tests.apps.sample:app"
+EXTRA = "tests.apps.extra:app"
+
+
+class WorkerProcess:
+    """A ``pgsched worker`` subprocess in its own session (so a test can signal its whole process group,
+    as a terminal or systemd would), its output in files."""
+
+    def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
+        self.out = directory / "stdout"
+        self.err = directory / "stderr"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pgsched", "worker", *args],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.pid = self.process.pid
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; fails the test if the process is still running after ``timeout`` seconds."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {self.pid} still running after {timeout} s; stderr:\n{self.stderr()[-3000:]}"
+            ) from None
+
+    def children(self) -> list[int]:
+        return children(self.pid)
+
+    def kill_all(self) -> None:
+        """SIGKILL the process, its process group and its children (a supervisor's are in groups of their own)."""
+        leftovers = self.children()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def spawn(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``pgsched worker --app ... --poll-seconds 0.2 ARGS``; whatever is left is killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, app: str = SAMPLE) -> WorkerProcess:
+        directory = tmp_path / f"worker-{len(started)}"
+        directory.mkdir()
+        worker = WorkerProcess(["--app", app, "--poll-seconds", "0.2", *args], cli_env, directory)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process.poll() is None or worker.children():
+            worker.kill_all()
+
+
+@pytest.fixture
+def client(dsn: str) -> Iterator[pgsched.App]:
+    """An App on this test's database that knows the tasks of tests.apps.sample and tests.apps.extra."""
+    application = pgsched.App(dsn)
+    application.tasks.update(sample.app.tasks)
+    application.tasks.update(extra.app.tasks)
+    yield application
+    application.close()
+
+
+def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any]:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        row = cur.execute("SELECT * FROM pgsched.jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row is not None, f"job {job_id} is gone"
+    return row
+
+
+def runs(conn: psycopg.Connection[Any], job_id: int) -> list[tuple[int, str, uuid.UUID]]:
+    """(attempt, outcome, worker_id) of every runs row of the job, oldest first."""
+    return conn.execute(
+        "SELECT attempt, outcome, worker_id FROM pgsched.runs WHERE job_id = %s ORDER BY id", (job_id,)
+    ).fetchall()
+
+
+def worker_pids(conn: psycopg.Connection[Any]) -> dict[int, uuid.UUID]:
+    return dict(conn.execute("SELECT pid, id FROM pgsched.workers").fetchall())
+
+
+def registered(conn: psycopg.Connection[Any], n: int) -> set[int] | None:
+    """The pids of the registered workers once there are ``n`` of them."""
+    pids = set(worker_pids(conn))
+    return pids if len(pids) == n else None
+
+
+def running(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    row = job_row(conn, job_id)
+    return row if row["state"] == "running" else None
+
+
+# -- one process -------------------------------------------------------------------------------------
+
+
+def test_burst_drains_the_queues_and_exits_zero(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    echoes = {client.enqueue("echo", {"value": {"n": i}}).id: i for i in range(20)}
+    adds = [client.enqueue("add", {"a": i, "b": 1}).id for i in range(5)]
+    worker = spawn("--burst", "--concurrency", "4")
+    assert worker.wait(30) == 0, worker.stderr()
+    assert "done: 25 claimed, 25 succeeded, 0 failed" in worker.stdout()
+    for job_id, i in echoes.items():
+        row = job_row(conn, job_id)
+        assert (row["state"], row["result"], row["attempts"]) == ("succeeded", {"n": i}, 1)
+    assert [job_row(conn, job_id)["result"] for job_id in adds] == [1, 2, 3, 4, 5]
+    per_job = conn.execute("SELECT job_id, count(*), min(outcome) FROM pgsched.runs GROUP BY job_id").fetchall()
+    assert sorted(per_job) == sorted((job_id, 1, "succeeded") for job_id in [*echoes, *adds])
+    assert worker_pids(conn) == {}
+
+
+def test_sigterm_puts_a_running_job_back_and_exits(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    job = client.enqueue("sleep_async", {"seconds": 60})
+    worker = spawn("--grace-seconds", "0.5")
+    wait_until(lambda: running(conn, job.id), message="the job to run")
+    worker_id = worker_pids(conn)[worker.pid]
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0, worker.stderr()
+    row = job_row(conn, job.id)
+    assert (row["state"], row["attempts"], row["worker_id"], row["lease_expires_at"]) == ("queued", 0, None, None)
+    assert runs(conn, job.id) == [(1, "interrupted", worker_id)]
+    assert worker_pids(conn) == {}
+
+
+def test_sigterm_with_a_sync_job_in_flight_exits_and_leaves_the_job_to_its_lease(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    job = client.enqueue("sleep_sync", {"seconds": 60})
+    worker = spawn("--grace-seconds", "0.5", "--lease-seconds", "2", "--heartbeat-seconds", "0.5")
+    claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
+    worker.signal(signal.SIGTERM)
+    # A thread cannot be stopped: the process leaves without waiting for it...
+    assert worker.wait(15) == 0, worker.stderr()
+    assert worker_pids(conn) == {}
+    # ...and does not put the job back, which could run it twice at once: it keeps its lease, and
+    # once that lapses (the process is gone by then) the rescuer takes the job back.
+    row = job_row(conn, job.id)
+    assert (row["state"], row["worker_id"], row["attempts"]) == ("running", claimed["worker_id"], 1)
+    assert runs(conn, job.id) == []
+    wait_until(
+        lambda: conn.execute("SELECT pgsched.rescue()").fetchone()[0] == 1,
+        timeout=15,
+        message="the lease to lapse and the rescuer to take the job",
+    )
+    assert job_row(conn, job.id)["state"] == "queued"
+    assert runs(conn, job.id) == [(1, "lease_expired", claimed["worker_id"])]
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_exits_at_once(
+    second: int, client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    job = client.enqueue("sleep_async", {"seconds": 60})
+    worker = spawn("--grace-seconds", "300")
+    wait_until(lambda: running(conn, job.id), message="the job to run")
+    worker.signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in worker.stderr(), message="the worker to begin its graceful stop")
+    worker.signal(second)
+    assert worker.wait(15) == 130  # well before the 300 s grace
+    # Nothing was released: the job keeps its lease until it expires (then the rescuer takes it).
+    assert job_row(conn, job.id)["state"] == "running"
+
+
+def test_kill_9_mid_job_loses_nothing(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    job = client.enqueue("wait_for_file", {"path": str(gate)})
+    first = spawn("--lease-seconds", "2", "--heartbeat-seconds", "0.5", app=EXTRA)
+    claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
+    dead_worker = claimed["worker_id"]
+    assert worker_pids(conn)[first.pid] == dead_worker
+    # While the worker lives, its heartbeat keeps extending the lease.
+    wait_until(
+        lambda: job_row(conn, job.id)["lease_expires_at"] > claimed["lease_expires_at"],
+        message="a heartbeat to extend the lease",
+    )
+
+    first.signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    row = job_row(conn, job.id)
+    assert (row["state"], row["worker_id"], row["attempts"]) == ("running", dead_worker, 1)
+    # Nobody extends it any more: the lease runs out, and the job is still there, still running.
+    wait_until(
+        lambda: conn.execute(
+            "SELECT lease_expires_at < pgsched.now() FROM pgsched.jobs WHERE id = %s", (job.id,)
+        ).fetchone()[0],
+        timeout=15,
+        message="the dead worker's lease to expire",
+    )
+    row = job_row(conn, job.id)
+    assert (row["state"], row["worker_id"]) == ("running", dead_worker)
+
+    # The rescuer (the scheduler's maintenance pass) puts it back and records the lost attempt.
+    assert conn.execute("SELECT pgsched.rescue()").fetchone() == (1,)
+    row = job_row(conn, job.id)
+    assert (row["state"], row["worker_id"], row["attempts"]) == ("queued", None, 1)
+    gate.touch()
+    second = spawn("--burst", app=EXTRA)
+    assert second.wait(30) == 0, second.stderr()
+    row = job_row(conn, job.id)
+    assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 2, "released")
+    [lost, (attempt, outcome, by)] = runs(conn, job.id)
+    assert lost == (1, "lease_expired", dead_worker)
+    assert (attempt, outcome) == (2, "succeeded")
+    assert by != dead_worker
+
+
+def test_a_zombie_workers_late_completion_is_fenced(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    job = client.enqueue("wait_for_file", {"path": str(gate)})
+    # A long heartbeat interval: the worker does not notice that it lost the job before it finishes it.
+    zombie = spawn("--burst", "--lease-seconds", "120", "--heartbeat-seconds", "60", app=EXTRA)
+    claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
+    zombie_id = claimed["worker_id"]
+    # Meanwhile the job was rescued and claimed again by another worker (attempt 2).
+    taken = conn.execute(
+        """UPDATE pgsched.jobs
+           SET worker_id = %s, attempts = attempts + 1, started_at = pgsched.now(),
+               lease_expires_at = pgsched.now() + interval '1 hour'
+           WHERE id = %s AND worker_id = %s AND state = 'running' RETURNING id""",
+        (uuid.uuid4(), job.id, zombie_id),
+    ).fetchall()
+    assert taken == [(job.id,)]
+    before = job_row(conn, job.id)
+
+    gate.touch()  # the zombie's attempt now finishes and tries to complete
+    assert zombie.wait(30) == 0, zombie.stderr()
+    assert "1 fenced" in zombie.stdout()
+    assert job_row(conn, job.id) == before
+    assert runs(conn, job.id) == [(1, "fenced", zombie_id)]
+
+
+# -- the supervisor (--processes N) ----------------------------------------------------------------
+
+
+def test_four_processes_drain_ten_thousand_jobs_exactly_once(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    ids = client.enqueue_many({"task": "noop", "args": {"i": i}} for i in range(10_000))
+    supervisor = spawn("--processes", "4", "--burst")
+    assert supervisor.wait(60) == 0, supervisor.stderr()
+    states = dict(conn.execute("SELECT state, count(*) FROM pgsched.jobs GROUP BY state").fetchall())
+    assert states == {"succeeded": 10_000}
+    assert conn.execute("SELECT count(*), count(DISTINCT job_id) FROM pgsched.runs").fetchone() == (10_000, 10_000)
+    assert conn.execute(
+        "SELECT count(*) FROM pgsched.runs WHERE outcome <> 'succeeded' OR NOT (job_id = ANY(%s))", (ids,)
+    ).fetchone() == (0,)
+    assert conn.execute("SELECT count(DISTINCT worker_id) FROM pgsched.runs").fetchone() == (4,)
+    assert worker_pids(conn) == {}
+
+
+def test_supervisor_replaces_a_killed_child_and_stops_on_sigterm(
+    conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    supervisor = spawn("--processes", "2", "--heartbeat-seconds", "0.5")
+    first = wait_until(lambda: registered(conn, 2), timeout=20, message="two worker processes")
+    assert set(first) == set(supervisor.children())
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_until(
+        lambda: set(worker_pids(conn)) - set(first), timeout=20, message="a replacement worker process"
+    )
+    [newcomer] = replaced
+    assert set(supervisor.children()) == (set(first) - {victim}) | {newcomer}
+
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait(20) == 0, supervisor.stderr()
+    assert supervisor.children() == []
+    survivors = (set(first) - {victim}) | {newcomer}
+    assert not any(alive(pid) for pid in survivors)
+    # The live children unregistered; only the killed one's row is left (for the rescuer to expire).
+    assert set(worker_pids(conn)) == {victim}
+
+
+def test_ctrl_c_to_the_process_group_stops_the_children_gracefully(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    job = client.enqueue("sleep_async", {"seconds": 60})
+    supervisor = spawn("--processes", "2", "--grace-seconds", "0.5")
+    wait_until(lambda: registered(conn, 2) and running(conn, job.id), timeout=20, message="the job to run")
+    kids = supervisor.children()
+    group = os.getpgid(supervisor.pid)
+    # A terminal's Ctrl-C goes to the whole foreground process group, in no set order. Fix one order
+    # (the children react before the supervisor does) by holding the supervisor while the signal lands.
+    os.kill(supervisor.pid, signal.SIGSTOP)
+    try:
+        os.killpg(group, signal.SIGINT)
+        in_group = sum(1 for pid in kids if os.getpgid(pid) == group)
+        wait_until(
+            lambda: supervisor.stderr().count("stopping: ") >= in_group,
+            message="the children that got the Ctrl-C to begin stopping",
+        )
+    finally:
+        os.kill(supervisor.pid, signal.SIGCONT)
+    assert supervisor.wait(20) == 0, supervisor.stderr()
+    row = job_row(conn, job.id)
+    assert (row["state"], row["attempts"]) == ("queued", 0)
+    assert [outcome for _, outcome, _ in runs(conn, job.id)] == ["interrupted"]
+    assert worker_pids(conn) == {}
+
+
+def test_sigterm_while_a_child_is_being_restarted_still_stops(
+    conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+) -> None:
+    supervisor = spawn("--processes", "2")
+    first = wait_until(lambda: registered(conn, 2), timeout=20, message="two worker processes")
+    os.kill(min(first), signal.SIGKILL)  # dies young: the supervisor pauses before restarting it
+    wait_until(lambda: "restarting it" in supervisor.stderr(), message="the supervisor to notice")
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait(15) == 0
+    assert supervisor.children() == []
