@@ -268,18 +268,13 @@ def test_shell_cancel_kills_the_whole_process_group(
     assert [outcome for _, outcome, _ in runs(conn, job.id)] == ["cancelled"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/executors.py run_shell: a cancel or timeout that lands while asyncio.create_subprocess_exec is "
-    "still setting the process up (before run_shell's try) leaves the group alone: asyncio kills only the direct "
-    "child, its own children live on, and the attempt may wait for them to close the pipes",
-)
 def test_shell_cancelled_while_its_process_is_being_set_up_still_kills_the_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
 
     async def scenario() -> None:
         attempt = asyncio.create_task(run_shell({"cmd": background_child(pidfile)}, lambda stream, line: None))
-        await asyncio.sleep(0)  # the attempt forks the command, then waits for asyncio to connect its pipes
+        for _ in range(3):  # the attempt starts the spawn, which forks the command and then waits
+            await asyncio.sleep(0)  # for asyncio to connect its pipes
         # The event loop is busy elsewhere (sync code, other jobs) while the command starts its child...
         wait_until(lambda: read_pid(pidfile), message="the child's pid")
         attempt.cancel()  # ...and then the job's cancel (or timeout, or shutdown) arrives.

@@ -70,15 +70,27 @@ def _in_thread(ctx: Context, fn: Any, leading: tuple[Any, ...], args: dict[str, 
 async def run_shell(args: dict[str, Any], output: OutputSink) -> dict[str, Any]:
     """Run ``args.cmd`` (an argv list, no shell) in its own process group; stdout/stderr go to the run log."""
     env = {**SHELL_BASE_ENV, **{str(k): str(v) for k, v in (args.get("env") or {}).items()}}
-    process = await asyncio.create_subprocess_exec(
-        *args["cmd"],
-        cwd=args.get("cwd"),
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # its own process group, so a kill reaches its children too
+    spawn = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            *args["cmd"],
+            cwd=args.get("cwd"),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so a kill reaches its children too
+        )
     )
+    try:
+        process = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        # Cancelled (or timed out) while the process was being set up: it may already have
+        # children, which asyncio's own clean-up would leave running. Finish the start, then
+        # kill the whole group.
+        started = await spawn
+        _kill_group(started.pid)
+        await started.wait()
+        raise
 
     async def pump(stream: asyncio.StreamReader, name: str) -> None:
         async for line in stream:

@@ -285,7 +285,7 @@ class Worker:
                 job.args,
                 allow_private=self.options.allow_private_http,
                 threads=self.threads,
-                timeout=job.timeout_seconds,
+                timeout=_timeout(job),
             )
         task = self.app.tasks.get(job.task)
         if task is None:
@@ -299,9 +299,7 @@ class Worker:
 
     async def _outcome(self, job: Job, ctx: Context, started: datetime) -> Outcome | None:
         """Run the attempt and classify how it ended (None: not ours to record any more)."""
-        timeout = job.timeout_seconds
-        if timeout is None and job.task in EXECUTOR_KINDS:
-            timeout = job.args.get("timeout")  # shell and http take it in their args too (DESIGN §3)
+        timeout = _timeout(job)
         try:
             async with asyncio.timeout(timeout):
                 value = await self._invoke(job, ctx)
@@ -486,6 +484,13 @@ class Worker:
             except psycopg.Error as exc:
                 log.warning("listener connection lost, reconnecting: %s", exc)
                 await asyncio.sleep(random.uniform(0.5, 1.5))
+
+
+def _timeout(job: Job) -> float | None:
+    """The job's timeout; shell and http jobs may also give it in their args (DESIGN §3)."""
+    if job.timeout_seconds is None and job.task in EXECUTOR_KINDS:
+        return job.args.get("timeout")
+    return job.timeout_seconds
 
 
 def _claimed_row(cursor: Any) -> Any:
