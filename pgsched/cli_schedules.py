@@ -38,8 +38,8 @@ def _print_schedules(items: list[Any], as_json: bool) -> None:
 @click.option("--every", type=float, help="Interval in seconds (instead of --cron).")
 @click.option("--timezone", "tz", default="UTC", show_default=True, help="IANA time zone of the cron expression.")
 @click.option("--args", "args_json", default="{}", show_default=True, help="Job arguments as a JSON object.")
-@click.option("--queue", default="default", show_default=True)
-@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--queue", help="Queue of its jobs (default: the task's).")
+@click.option("--priority", type=int, help="Priority of its jobs (default: the task's).")
 @click.option("--misfire", type=click.Choice(["skip", "run_once", "catch_up"]), default="run_once", show_default=True)
 @click.option(
     "--overlap", type=click.Choice(["allow", "skip", "queue_one", "cancel_previous"]), default="skip", show_default=True

@@ -438,12 +438,15 @@ class App:
     # -- schedules (the CLI and the REST API call these too) ---------------------------------
 
     def add_schedule(self, name: str, task: str, **fields: Any) -> schedules.Schedule:
-        """Create or replace a schedule (``cron=`` + ``timezone=``, or ``every=``); see ``Schedule``."""
-        schedule = schedules.build(name=name, task=task, source=fields.pop("source", "api"), **fields)
-        return self._execute(self._op_checked_schedule(schedule), None)
+        """Create or replace a schedule (``cron=`` + ``timezone=``, or ``every=``); see ``Schedule``.
+        Job options not given (queue, priority, max_attempts, timeout) are the task's."""
+        return self._execute(self._op_add_schedule(name, task, fields), None)
 
-    def _op_checked_schedule(self, schedule: schedules.Schedule) -> Operation[schedules.Schedule]:
-        known_task((yield from self._op_defaults([schedule.task])), schedule.task)
+    def _op_add_schedule(self, name: str, task: str, fields: dict[str, Any]) -> Operation[schedules.Schedule]:
+        defaults = known_task((yield from self._op_defaults([task])), task)
+        for field in ("queue", "priority", "max_attempts", "timeout"):
+            fields.setdefault(field, getattr(defaults, field))
+        schedule = schedules.build(name=name, task=task, source=fields.pop("source", "api"), **fields)
         return (yield from schedules.op_upsert(schedule))
 
     def list_schedules(self) -> list[schedules.Schedule]:

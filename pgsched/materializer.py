@@ -7,9 +7,11 @@ due schedules locked with SKIP LOCKED:
   at its first slot after now (and not before ``start_at``); nothing fires;
 - the due slots are ``next_run_at`` up to now. A slot more than
   ``MISFIRE_GRACE`` old was missed (the scheduler was down or the schedule
-  paused). The misfire policy decides: ``skip`` drops missed slots (slots on
-  time still fire), ``run_once`` fires one run for the latest due slot,
-  ``catch_up`` fires every due slot within ``catch_up_window``;
+  paused). The misfire policy decides: ``skip`` fires the latest due slot
+  only if it is on time (earlier ones, and a late latest one, are dropped),
+  ``run_once`` fires one run for the latest due slot however late,
+  ``catch_up`` fires every due slot within ``catch_up_window`` (at most
+  ``MAX_SLOTS_PER_PASS``, the most recent);
 - the overlap policy looks at the schedule's live jobs from earlier passes:
   ``allow`` fires anyway, ``skip`` fires nothing while one is live,
   ``queue_one`` fires one run only if none is waiting to start (a running one
@@ -48,6 +50,9 @@ SELECT id, name, task, args, cron, every, timezone, queue, priority, max_attempt
 FROM pgsched.schedules
 WHERE enabled AND NOT paused
   AND (next_run_at IS NULL OR (next_run_at <= pgsched.now() AND (end_at IS NULL OR next_run_at <= end_at)))
+  -- Schedules of command jobs fire only where this role may create such jobs (the jobs table's
+  -- guard would refuse them, and with them the whole batch).
+  AND (task NOT IN ('shell', 'http') OR pgsched.may_create_command_jobs(current_user))
 ORDER BY next_run_at NULLS FIRST
 LIMIT %s
 FOR UPDATE SKIP LOCKED
@@ -86,15 +91,19 @@ def slots_between(
     """The slots from ``first`` (inclusive) up to ``now``, and the first slot after ``now``."""
     due: list[datetime] = []
     after = first - timedelta(microseconds=1)
-    while len(due) < MAX_SLOTS_PER_PASS:
+    restarted = False
+    while True:
         # Two at a time: a schedule on time has one due slot and needs the one after it.
         for slot in _next(schedule, after, created_at, 2):
             if slot > now:
                 return due, slot
             due.append(slot)
             after = slot
-    # Too far behind to enumerate: keep the most recent window and move on from now.
-    return due, _next(schedule, now, created_at, 1)[0]
+        if len(due) >= MAX_SLOTS_PER_PASS and not restarted:
+            # Too far behind to enumerate it all: keep the most recent slots (as many as
+            # fit, ending now), which are the ones every misfire policy looks at.
+            span = due[-1] - due[0]
+            due, after, restarted = [], now - span, True
 
 
 def _next(schedule: Any, after: datetime, created_at: datetime, n: int) -> list[datetime]:
@@ -116,9 +125,8 @@ def plan(
         due = [s for s in due if s >= start]
     if schedule.end_at:
         due = [s for s in due if s <= schedule.end_at]
-    on_time = [s for s in due if now - s <= MISFIRE_GRACE]
-    if schedule.misfire == "skip":
-        fire = on_time
+    if schedule.misfire == "skip":  # only the latest slot, and only if it is on time
+        fire = due[-1:] if due and now - due[-1] <= MISFIRE_GRACE else []
     elif schedule.misfire == "run_once":
         fire = due[-1:]
     else:  # catch_up

@@ -73,8 +73,10 @@ def validate(schedule: Schedule, *, now: datetime | None = None) -> Schedule:
         # Also proves that it fires at all (a never-firing cron is refused by the parser).
         cron.next_fire_times(schedule.cron, schedule.timezone, now or datetime.now(timezone.utc))
     else:
-        if not isinstance(schedule.every, timedelta) or schedule.every < cron.MIN_INTERVAL:
-            raise ValidationError("every", f"must be at least {cron.MIN_INTERVAL.total_seconds():g} s")
+        if not isinstance(schedule.every, timedelta) or not cron.MIN_INTERVAL <= schedule.every <= cron.MAX_INTERVAL:
+            raise ValidationError(
+                "every", f"must be at least {cron.MIN_INTERVAL.total_seconds():g} s and at most 100 years"
+            )
     check_name(schedule.queue, "queue", pattern=QUEUE_PATTERN)
     check_int(schedule.priority, "priority", *PRIORITY_RANGE)
     if schedule.max_attempts is not None:

@@ -413,3 +413,9 @@ COMMENT ON FUNCTION pgsched.retry_workflow(uuid) IS 'Runs the failed and cancell
 
 REVOKE EXECUTE ON FUNCTION pgsched.cancel_workflow(uuid, text), pgsched.retry_workflow(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgsched.cancel_workflow(uuid, text), pgsched.retry_workflow(uuid) TO pgsched_worker, pgsched_admin;
+
+-- Schedules of command jobs (shell, http) may only be written by roles that may create such jobs:
+-- otherwise a schedule would be a way around the jobs table's guard.
+CREATE TRIGGER schedules_guard_commands BEFORE INSERT OR UPDATE OF task ON pgsched.schedules
+    FOR EACH ROW WHEN (NEW.task IN ('shell', 'http'))
+    EXECUTE FUNCTION pgsched.guard_command_jobs();

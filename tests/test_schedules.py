@@ -323,3 +323,39 @@ def test_a_broken_sql_schedule_is_skipped_not_fatal(dsn: str, conn: psycopg.Conn
     now = conn.execute("SELECT now()").fetchone()[0]
     materialize(dsn, now)
     assert materialize(dsn, now + timedelta(minutes=1, seconds=1))["fired"] == 1  # the good one still fires
+
+
+@pytest.mark.parametrize(("misfire", "expected"), [("catch_up", 999), ("run_once", 1), ("skip", 1)])
+def test_far_behind_the_policies_see_the_latest_slots(misfire: str, expected: int) -> None:
+    from pgsched.materializer import plan
+    from pgsched.schedules import build
+
+    now = at("2026-12-01T12:00:00+00:00")
+    schedule = build(name="s", task="t", every=1, misfire=misfire, catch_up_window=timedelta(minutes=30))
+    schedule.next_run_at = now - timedelta(hours=1)  # 3,600 one-second slots behind
+    fire, following, _ = plan(schedule, now, now - timedelta(days=1), [])
+    # catch_up: its 30-minute window holds 1,800 slots, more than one pass fires: the most recent ones.
+    assert len(fire) == expected and fire[-1] == now and following == now + timedelta(seconds=1)
+
+
+def test_add_schedule_takes_the_tasks_defaults(app: pgsched.App) -> None:
+    @app.task(queue="reports", priority=4, max_attempts=2, timeout=30)
+    def report() -> None: ...
+
+    schedule = app.add_schedule("r", "report", cron="0 6 * * *")
+    assert (schedule.queue, schedule.priority, schedule.max_attempts, schedule.timeout) == ("reports", 4, 2, 30.0)
+    assert app.add_schedule("r", "report", cron="0 6 * * *", queue="other").queue == "other"
+
+
+def test_only_command_roles_may_schedule_shell_jobs(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE ROLE pgs_sched_worker_test LOGIN IN ROLE pgsched_worker")
+    try:
+        with psycopg.connect(dsn, user="pgs_sched_worker_test", autocommit=True) as worker:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                worker.execute(
+                    "INSERT INTO pgsched.schedules (name, task, cron, args) VALUES ('x', 'shell', '* * * * *', '{\"cmd\": [\"id\"]}')"
+                )
+            worker.execute("INSERT INTO pgsched.schedules (name, task, cron) VALUES ('fine', 'tick', '* * * * *')")
+    finally:
+        conn.execute("DROP OWNED BY pgs_sched_worker_test")
+        conn.execute("DROP ROLE pgs_sched_worker_test")
