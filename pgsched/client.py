@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import bulk, migrations, queries, schedules, workflows
 from .backoff import Backoff
 from .config import Settings, load_settings, replace_settings
-from .db import Operation, Query, configure_adapters, resolve_dsn, run, run_async
+from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async
 from .errors import JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .tasks import Task, make_task
@@ -187,7 +187,7 @@ class App:
                     configure_adapters(conn.adapters)
                     await run_async(conn, self._op_ready())
                 kwargs = self._pool_kwargs()
-                kwargs["configure"] = _configure_async
+                kwargs["configure"] = configure_async
                 pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(**kwargs)
                 await pool.open()
                 self._async_pool = pool
@@ -494,10 +494,3 @@ class App:
 
     async def retry_async(self, job_id: int, *, connection: psycopg.AsyncConnection[Any] | None = None) -> Job:
         return await self._execute_async(self._op_job(queries.RETRY_JOB, job_id), connection)
-
-
-def _configure_async(conn: psycopg.AsyncConnection[Any]) -> Any:
-    async def configure() -> None:
-        configure_adapters(conn.adapters)
-
-    return configure()

@@ -57,6 +57,11 @@ def configure_adapters(adapters: AdaptersMap) -> None:
     set_json_loads(msgspec.json.decode, adapters)
 
 
+async def configure_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    """``configure_adapters`` as an async pool's ``configure`` callback."""
+    configure_adapters(conn.adapters)
+
+
 def _mapped(exc: psycopg.Error) -> BaseException:
     """The pgsched error for ``exc``, thrown into the operation so it can add context (or let it pass)."""
     mapped = error_from_db(exc)

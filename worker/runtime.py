@@ -41,7 +41,7 @@ from pgsched.backoff import DEFAULT_BACKOFF
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.db import configure_adapters
+from pgsched.db import configure_async
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import EXECUTOR_KINDS
@@ -113,7 +113,7 @@ class Worker:
             min_size=2,
             max_size=3,
             kwargs={"autocommit": True},
-            configure=_configure,
+            configure=configure_async,
             open=False,
         )
         await self._pool.open(wait=True)
@@ -496,7 +496,3 @@ def _timeout(job: Job) -> float | None:
 def _claimed_row(cursor: Any) -> Any:
     """CLAIM rows: the job (JOB_COLUMNS, positionally) and its dependencies' results."""
     return lambda values: (Job(*values[:-1]), values[-1])
-
-
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    configure_adapters(conn.adapters)
