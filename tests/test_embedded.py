@@ -70,11 +70,7 @@ def alive(pid: int | None) -> bool:
 
 
 def wait_until(condition: Any, what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"gave up waiting for: {what}")
-        time.sleep(0.05)
+    value_when_ready(condition, timeout=deadline, interval=0.05, message=what)
 
 
 def check_connects(dsn: str) -> None:
