@@ -10,7 +10,17 @@ import msgspec
 
 from .backoff import DEFAULT_BACKOFF, Backoff
 from .errors import ValidationError
-from .validation import EXECUTOR_KINDS, NAME_MAX_LENGTH, TaskDefaults, check_int, check_name, check_seconds
+from .validation import (
+    EXECUTOR_KINDS,
+    MAX_INTEGER,
+    NAME_MAX_LENGTH,
+    PRIORITY_RANGE,
+    QUEUE_PATTERN,
+    TaskDefaults,
+    check_int,
+    check_name,
+    check_seconds,
+)
 
 if TYPE_CHECKING:
     from .client import App
@@ -102,16 +112,12 @@ class Task(Generic[P, R]):
 
     def parameters(self) -> list[dict[str, Any]]:
         """The function's parameters, as recorded in the tasks catalog."""
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         return [
             {
                 "name": p.name,
-                "annotation": p.annotation
-                if isinstance(p.annotation, str)
-                else getattr(p.annotation, "__name__", None)
-                if p.annotation is not inspect.Parameter.empty
-                else None,
-                "required": p.default is inspect.Parameter.empty
-                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD),
+                "annotation": _annotation_name(p.annotation),
+                "required": p.default is inspect.Parameter.empty and p.kind not in variadic,
             }
             for p in self.signature.parameters.values()
         ]
@@ -124,6 +130,12 @@ class Task(Generic[P, R]):
             "timeout": self.defaults.timeout,
             "backoff": msgspec.to_builtins(self.backoff),
         }
+
+
+def _annotation_name(annotation: Any) -> str | None:
+    if annotation is inspect.Parameter.empty:
+        return None
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
 
 
 class BoundTask(Generic[P, R]):
@@ -152,8 +164,6 @@ def make_task(
     timeout: float | None,
 ) -> Task[P, R]:
     """Validate ``@app.task`` options and build the Task."""
-    from .validation import MAX_INTEGER, PRIORITY_RANGE, QUEUE_PATTERN
-
     task_name = name if name is not None else getattr(fn, "__name__", "")
     if len(task_name) > NAME_MAX_LENGTH:
         raise ValidationError("name", f"must be at most {NAME_MAX_LENGTH} characters")
