@@ -8,9 +8,6 @@ a user would see in the database, with a deadline.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +19,8 @@ import pytest
 import pgsched
 
 from .apps import sample, sched_app
-from .conftest import ROOT, wait_until
+from .conftest import wait_until
+from .processes import PgschedProcess
 
 pytestmark = pytest.mark.process
 
@@ -33,45 +31,7 @@ FAST_WORKER = ("--lease-seconds", "2", "--heartbeat-seconds", "0.5", "--poll-sec
 SHORT_HEARTBEAT = {"PGSCHED_HEARTBEAT_SECONDS": "0.5"}
 
 
-class Process:
-    """A ``pgsched COMMAND ...`` subprocess in its own session, its output in files."""
-
-    def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
-        self.args = args
-        self.err = directory / "stderr"
-        with (directory / "stdout").open("wb") as out, self.err.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pgsched", *args],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        self.pid = self.process.pid
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """kill -9, and reap it."""
-        self.process.send_signal(signal.SIGKILL)
-        assert self.process.wait(10) == -signal.SIGKILL
-
-    def stop(self, timeout: float = 20) -> int:
-        """SIGTERM; the exit status (fails the test if it does not exit in time)."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.args[0]} {self.pid} ignored SIGTERM; stderr:\n{self.stderr()[-3000:]}"
-            ) from None
-
-    def check_alive(self) -> None:
-        code = self.process.poll()
-        assert code is None, f"{self.args[0]} {self.pid} exited with {code}; stderr:\n{self.stderr()[-3000:]}"
+Process = PgschedProcess
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,8 @@ import pytest
 import pgsched
 
 from .apps import extra, sample
-from .conftest import ROOT, wait_until
+from .conftest import wait_until
+from .processes import PgschedProcess
 from .test_executors import alive
 
 pytestmark = pytest.mark.process
@@ -28,42 +27,11 @@ SAMPLE = "tests.apps.sample:app"
 EXTRA = "tests.apps.extra:app"
 
 
-class WorkerProcess:
-    """A ``pgsched worker`` subprocess in its own session (so a test can signal its whole process group,
-    as a terminal or systemd would), its output in files."""
+class WorkerProcess(PgschedProcess):
+    """A ``pgsched worker ARGS`` subprocess."""
 
     def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
-        self.out = directory / "stdout"
-        self.err = directory / "stderr"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pgsched", "worker", *args],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        self.pid = self.process.pid
-
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """The exit status; fails the test if the process is still running after ``timeout`` seconds."""
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"worker {self.pid} still running after {timeout} s; stderr:\n{self.stderr()[-3000:]}"
-            ) from None
+        super().__init__(["worker", *args], env, directory)
 
     def children(self) -> list[int]:
         return children(self.pid)
