@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import psycopg
@@ -199,3 +200,20 @@ def machine() -> list[tuple[str, str]]:
         ("python", sys.version.split()[0]),
         ("pgsched", pgsched_version()),
     ]
+
+
+def stop_process(proc: subprocess.Popen[bytes], log: IO[bytes], name: str) -> str:
+    """SIGTERM, wait, and the process's output (raises if it had died or does not stop)."""
+    died = proc.poll()
+    if died is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    output = log.read().decode(errors="replace")
+    if died is not None or proc.returncode not in (0, -signal.SIGTERM):
+        raise RuntimeError(f"{name} exited with {proc.returncode}: {output[-3000:]}")
+    return output

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO
 
 import psycopg
 
@@ -124,23 +122,6 @@ def wait_all_queued(listener: psycopg.Connection, conn: psycopg.Connection, slot
             raise RuntimeError(f"only {count} of {SCHEDULES} schedule jobs queued {W5_DEADLINE:.0f} s after the slot")
 
 
-def stop(proc: subprocess.Popen[bytes], log: IO[bytes], name: str) -> str:
-    """SIGTERM, wait, and the process's output (raises if it had died or does not stop)."""
-    died = proc.poll()
-    if died is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log.seek(0)
-    output = log.read().decode(errors="replace")
-    if died is not None or proc.returncode not in (0, -signal.SIGTERM):
-        raise RuntimeError(f"{name} exited with {proc.returncode}: {output[-3000:]}")
-    return output
-
-
 def cron_once(dsn: str, conn: psycopg.Connection, listener: psycopg.Connection) -> Cron:
     slot = reset_schedules(conn)
     with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
@@ -153,7 +134,8 @@ def cron_once(dsn: str, conn: psycopg.Connection, listener: psycopg.Connection) 
             seen = wait_all_queued(listener, conn, slot)
         finally:
             outputs = [
-                stop(proc, log, f"scheduler {i + 1}") for i, (proc, log) in enumerate(zip(procs, logs, strict=True))
+                env.stop_process(proc, log, f"scheduler {i + 1}")
+                for i, (proc, log) in enumerate(zip(procs, logs, strict=True))
             ]
     (first, duplicates, total) = conn.execute(  # type: ignore[misc]
         """SELECT min(created_at), count(*) - count(DISTINCT (schedule_id, slot)), count(*)

@@ -39,7 +39,6 @@ import itertools
 import os
 import pstats
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -420,15 +419,7 @@ def latency_once(app: pgsched.App, conn: psycopg.Connection) -> list[tuple[float
                 sent[job_id] = (t, time.time())
             _wait_done(conn, list(sent), 60)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.returncode not in (0, -signal.SIGTERM):
-            log.seek(0)
-            raise RuntimeError(f"worker exited with {proc.returncode}: {log.read().decode(errors='replace')[-3000:]}")
+            env.stop_process(proc, log, "worker")
     rows = conn.execute(
         "SELECT id, result, extract(epoch FROM created_at), extract(epoch FROM started_at)"
         " FROM pgsched.jobs WHERE id = ANY(%s)",
