@@ -17,6 +17,7 @@ from .errors import (
 )
 from .jobs import Job, JobSpec
 from .outcomes import Cancel, Retry, Snooze
+from .queues import QueueSettings
 from .tasks import Task
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "JobSpec",
     "PermissionDenied",
     "PgschedError",
+    "QueueSettings",
     "Retry",
     "SchemaError",
     "Settings",

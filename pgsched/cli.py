@@ -371,31 +371,6 @@ _job_command(
 _job_command("retry", "Run a failed, cancelled or scheduled job again now.", App.retry)
 
 
-@main.command()
-@JSON_FLAG
-@with_settings()
-def queues(settings: Settings, as_json: bool) -> None:
-    """Queue depths by state (the pgsched.queue_stats view)."""
-    with connect(settings) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        cur.execute(queries.QUEUE_STATS)
-        rows = cur.fetchall()
-    if as_json:
-        print_json(rows)
-        return
-    headers = (
-        "queue",
-        "paused",
-        "waiting",
-        "scheduled",
-        "queued",
-        "running",
-        "unroutable",
-        "oldest_queued_age_seconds",
-        "failed_last_hour",
-    )
-    print_table([[row[h] for h in headers] for row in rows], [h.replace("_seconds", "_s") for h in headers])
-
-
 @main.group()
 def db() -> None:
     """The database pgsched uses."""
@@ -420,7 +395,9 @@ def stop_db(settings: Settings) -> None:
     click.echo("stopped" if stopped else "not running")
 
 
-# The schedules commands live in their own module; registered here, after everything they use.
+# The queues and schedules commands live in their own modules; registered here, after everything they use.
+from .cli_queues import queues_group  # noqa: E402
 from .cli_schedules import schedules_group  # noqa: E402
 
+main.add_command(queues_group)
 main.add_command(schedules_group)

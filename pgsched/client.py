@@ -21,12 +21,13 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import bulk, migrations, queries, schedules, workflows
+from . import bulk, migrations, queries, queues, schedules, workflows
 from .backoff import Backoff
 from .config import Settings, load_settings, replace_settings
 from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async
 from .errors import JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
+from .queues import QueueSettings
 from .tasks import Task, make_task
 from .validation import EXECUTOR_KINDS, MAX_BIGINT, TaskDefaults, check_int, check_options, known_task, new_job
 from .workflows import Workflow
@@ -79,6 +80,7 @@ class App:
         max_attempts: int = 5,
         backoff: Backoff | None = None,
         timeout: float | timedelta | None = None,
+        max_per_key: int | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(  # type: ignore[misc]
@@ -92,8 +94,12 @@ class App:
         max_attempts: int = 5,
         backoff: Backoff | None = None,
         timeout: float | timedelta | None = None,
+        max_per_key: int | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
+        """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
+
+        ``max_per_key``: at most this many of its jobs sharing a ``concurrency_key`` run at once
+        in a queue (across all workers); it overrides the queue's ``max_per_key``."""
 
         def register(func: Callable[P, R]) -> Task[P, R]:
             task = make_task(
@@ -105,6 +111,7 @@ class App:
                 max_attempts=max_attempts,
                 backoff=backoff,
                 timeout=timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
+                max_per_key=max_per_key,
             )
             if task.name in self.tasks:
                 raise ValidationError("name", f"a task named {task.name!r} is already registered")
@@ -469,6 +476,41 @@ class App:
 
     def delete_schedule(self, name: str) -> None:
         self._execute(schedules.op_delete(name), None)
+
+    # -- queue controls (the CLI and the REST API call these too) ----------------------------
+
+    def queue_settings(self, name: str) -> QueueSettings:
+        """A queue's settings (the defaults when it has no row in ``pgsched.queues``)."""
+        return self._execute(queues.op_get(name), None)
+
+    async def queue_settings_async(self, name: str) -> QueueSettings:
+        return await self._execute_async(queues.op_get(name), None)
+
+    def list_queue_settings(self) -> list[QueueSettings]:
+        """Every queue that has settings (a row in ``pgsched.queues``), by name."""
+        return self._execute(queues.op_list(), None)
+
+    def configure_queue(self, name: str, *, create: bool = False, **settings: Any) -> QueueSettings:
+        """Change a queue's ``max_running``, ``rate`` (``"100/minute"``), ``max_per_key`` or ``fair``;
+        ``None`` clears one, settings not given stay. An unknown queue is refused unless ``create``."""
+        return self._execute(queues.op_configure(name, settings, create=create), None)
+
+    async def configure_queue_async(self, name: str, *, create: bool = False, **settings: Any) -> QueueSettings:
+        return await self._execute_async(queues.op_configure(name, settings, create=create), None)
+
+    def pause_queue(self, name: str, *, create: bool = False) -> QueueSettings:
+        """Stop every worker claiming from the queue (within a second); running jobs finish, enqueue works."""
+        return self.configure_queue(name, create=create, paused=True)
+
+    async def pause_queue_async(self, name: str, *, create: bool = False) -> QueueSettings:
+        return await self.configure_queue_async(name, create=create, paused=True)
+
+    def resume_queue(self, name: str) -> QueueSettings:
+        """Let workers claim from the queue again (they are woken at once)."""
+        return self.configure_queue(name, paused=False)
+
+    async def resume_queue_async(self, name: str) -> QueueSettings:
+        return await self.configure_queue_async(name, paused=False)
 
     def get(self, job_id: int, *, connection: psycopg.Connection[Any] | None = None) -> Job:
         """The job with this id; raises JobNotFound."""

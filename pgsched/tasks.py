@@ -54,6 +54,7 @@ class Task(Generic[P, R]):
         max_attempts: int,
         backoff: Backoff,
         timeout: float | None,
+        max_per_key: int | None = None,
     ) -> None:
         if name in EXECUTOR_KINDS:
             raise ValidationError("name", f"{name!r} is a built-in executor kind; choose another task name")
@@ -61,6 +62,7 @@ class Task(Generic[P, R]):
         self.fn = fn
         self.name = check_name(name, "name")
         self.backoff = backoff
+        self.max_per_key = max_per_key
         self.defaults = TaskDefaults(
             queue=queue,
             priority=priority,
@@ -123,13 +125,16 @@ class Task(Generic[P, R]):
         ]
 
     def catalog_options(self) -> dict[str, Any]:
-        """The task's defaults as stored in ``pgsched.tasks.options``."""
-        return {
+        """The task's defaults as stored in ``pgsched.tasks.options`` (the claim reads ``max_per_key``)."""
+        options = {
             "priority": self.defaults.priority,
             "max_attempts": self.defaults.max_attempts,
             "timeout": self.defaults.timeout,
             "backoff": msgspec.to_builtins(self.backoff),
         }
+        if self.max_per_key is not None:
+            options["max_per_key"] = self.max_per_key
+        return options
 
 
 def _annotation_name(annotation: Any) -> str | None:
@@ -162,6 +167,7 @@ def make_task(
     max_attempts: int,
     backoff: Backoff | None,
     timeout: float | None,
+    max_per_key: int | None = None,
 ) -> Task[P, R]:
     """Validate ``@app.task`` options and build the Task."""
     task_name = name if name is not None else getattr(fn, "__name__", "")
@@ -178,4 +184,5 @@ def make_task(
         max_attempts=check_int(max_attempts, "max_attempts", 1, MAX_INTEGER),
         backoff=backoff or DEFAULT_BACKOFF,
         timeout=None if timeout is None else check_seconds(timeout, "timeout", allow_zero=False),
+        max_per_key=None if max_per_key is None else check_int(max_per_key, "max_per_key", 1, MAX_INTEGER),
     )

@@ -40,6 +40,7 @@ class Stats:
     cancelled: int = 0
     fenced: int = 0
     released: int = 0
+    claims: int = 0  # claim statements run (caps and rate limits show here as waits, not as polling)
     by_outcome: dict[str, int] = field(default_factory=dict)
 
     def count(self, batch: list[Outcome], written: set[int]) -> None:

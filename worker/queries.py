@@ -6,8 +6,11 @@ from pgsched.jobs import JOB_COLUMNS
 
 _J_COLUMNS = ", ".join(f"j.{c}" for c in JOB_COLUMNS.split(", "))
 
-# Claim up to %(limit)s queued jobs, one queue after the other in the order
-# given (the worker rotates it on every claim, so no queue starves).
+# Claim up to %(limit)s queued jobs of plain queues (no controls set), one
+# queue after the other in the order given (the worker rotates it on every
+# claim, so no queue starves). A queue that has become controlled (paused,
+# capped, ...) since the worker last read the settings is skipped here: an
+# anti-join on the few rows of pgsched.queues, outside the jobs scan.
 # Why not DESIGN's single `queue = ANY(...)` scan: with several queues the
 # planner cannot read jobs_claim_idx in (priority, run_at, id) order across
 # queues, so it sorts every queued row of those queues on every claim. The
@@ -26,6 +29,7 @@ WITH picked AS MATERIALIZED (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) AS p
+    WHERE NOT EXISTS (SELECT 1 FROM pgsched.queues s WHERE s.name = q.name AND pgsched.queue_is_controlled(s))
     LIMIT %(limit)s
 )
 UPDATE pgsched.jobs j
@@ -39,6 +43,28 @@ RETURNING {_J_COLUMNS},
     (SELECT jsonb_object_agg(e.depends_on::text, d.result)
      FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
      WHERE e.job_id = j.id) AS dependency_results
+"""
+
+# Claim from controlled queues (and jobs of tasks with max_per_key in any
+# queue): sql/0003_queue_controls.sql. A row without a job says when the next
+# start of a rate-limited queue is allowed.
+CLAIM_CONTROLLED = f"""
+SELECT {", ".join(f"(c.job).{col}" for col in JOB_COLUMNS.split(", "))},
+    (SELECT jsonb_object_agg(e.depends_on::text, d.result)
+     FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
+     WHERE e.job_id = (c.job).id) AS dependency_results,
+    c.next_claim_in
+FROM pgsched.claim_controlled(%(queues)s, %(tasks)s, %(limit)s, %(worker)s, %(lease)s) AS c
+"""
+
+# Which of the worker's queues are controlled or paused, and which of its tasks
+# have a max_per_key (read at start, on pgsched_queue_settings, and every heartbeat).
+CONTROLS = """
+SELECT 'queue', q.name, q.paused, pgsched.queue_is_controlled(q)
+FROM pgsched.queues q WHERE q.name = ANY(%(queues)s)
+UNION ALL
+SELECT 'task', t.name, false, true
+FROM pgsched.tasks t WHERE t.name = ANY(%(tasks)s) AND t.options ? 'max_per_key'
 """
 
 # Complete a batch of attempts in one round trip. Every row is fenced on

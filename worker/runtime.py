@@ -31,7 +31,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -93,6 +93,13 @@ class Worker:
         self._lost: set[int] = set()
         self._cancel_before_start: set[int] = set()
         self._busy = False  # the last claim got all it asked for: the queues have more
+        # Queue controls (pgsched.queues, tasks' max_per_key), as last read: they only route
+        # claims; the claim statements enforce them, so a stale view is never unsafe.
+        self._paused: set[str] = set()
+        self._controlled: set[str] = set()
+        self._keyed_tasks: set[str] = {t.name for t in app.tasks.values() if t.max_per_key is not None}
+        self._controlled_first = False
+        self._arrived: dict[int, float] = {}  # job id -> monotonic time its claim returned
         self._pool: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -121,6 +128,7 @@ class Worker:
         logging.getLogger().addHandler(handler)
         try:
             await self._heartbeat_once()
+            await self._read_controls()
             log.info(
                 "worker %s started: queues %s, concurrency %d",
                 self.id,
@@ -175,7 +183,7 @@ class Worker:
                 log.warning("jobs %s are still running in threads; they will be rescued after their lease", stuck)
             await self._release([i for i in ids if i not in stuck], interrupted=True)
             for job_id in stuck:
-                self.held.pop(job_id, None)
+                self._forget(job_id)
         for slot in slots:
             slot.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
@@ -200,33 +208,93 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll)
 
-    async def _claim(self, limit: int) -> int:
+    def _claims(self) -> list[tuple[str, list[str], list[str]]]:
+        """The claim statements to run, with their queues and tasks: the plain claim for queues
+        without controls (and tasks without max_per_key), claim_controlled for the rest."""
         self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
+        plain = [q for q in self._queues if q not in self._controlled]
+        controlled = [q for q in self._queues if q in self._controlled and q not in self._paused]
+        keyed = [t for t in self.runnable if t in self._keyed_tasks]
+        claims = [(queries.CLAIM, plain, [t for t in self.runnable if t not in self._keyed_tasks])]
+        if keyed and plain:
+            claims.append((queries.CLAIM_CONTROLLED, plain, keyed))
+        if controlled:
+            # Alternate which kind goes first, so that neither starves the other.
+            self._controlled_first = not self._controlled_first
+            claims.insert(
+                0 if self._controlled_first else len(claims), (queries.CLAIM_CONTROLLED, controlled, self.runnable)
+            )
+        return [c for c in claims if c[1] and c[2]]
+
+    async def _claim(self, limit: int) -> int:
+        got = 0
+        for sql, queues, tasks in self._claims():
+            if got >= limit:
+                break
+            got += await self._claim_from(sql, queues, tasks, limit - got)
+        return got
+
+    async def _claim_from(self, sql: str, queues: list[str], tasks: list[str], limit: int) -> int:
+        params = {
+            "queues": queues,
+            "tasks": tasks,
+            "limit": limit,
+            "worker": self.id,
+            "lease": self.options.lease_seconds,
+        }
         try:
             async with self._pool.connection() as conn, conn.cursor(row_factory=_claimed_row) as cur:
-                await cur.execute(
-                    queries.CLAIM,
-                    {
-                        "queues": self._queues,
-                        "tasks": self.runnable,
-                        "limit": limit,
-                        "worker": self.id,
-                        "lease": self.options.lease_seconds,
-                    },
-                )
+                await cur.execute(sql, params)
                 claimed = await cur.fetchall()
         except psycopg.Error as exc:
             log.warning("claim failed, will retry: %s", exc)
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
-        for job, dependency_results in claimed:
+        arrived = time.monotonic()
+        count = 0
+        for job, dependency_results, next_claim_in in claimed:
+            if job is None:  # a rate-limited queue is full: claim again when its next start is allowed
+                self._loop.call_later(max(next_claim_in, 0.001), self._wake.set)
+                continue
             if dependency_results:
                 self._dependency_results[job.id] = {int(k): v for k, v in dependency_results.items()}
             self.held[job.id] = job
+            self._arrived[job.id] = arrived
             self.local.put_nowait(job)
-        self.active += len(claimed)
-        self.stats.claimed += len(claimed)
-        return len(claimed)
+            count += 1
+        self.active += count
+        self.stats.claimed += count
+        return count
+
+    def _db_now(self, job: Job) -> datetime:
+        """Now on the database clock, for this job's history: its claim's time plus what has elapsed
+        here since (host clocks are never trusted, DESIGN §8 "Time")."""
+        assert job.started_at is not None
+        return job.started_at + timedelta(seconds=time.monotonic() - self._arrived.get(job.id, time.monotonic()))
+
+    async def _read_controls(self) -> None:
+        """Re-read which queues are paused or controlled and which tasks have a max_per_key."""
+        params = {"queues": list(self.options.queue_list), "tasks": self.runnable}
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(queries.CONTROLS, params)).fetchall()
+        paused = {name for kind, name, is_paused, _ in rows if kind == "queue" and is_paused}
+        self._controlled = {name for kind, name, _, on in rows if kind == "queue" and on}
+        self._keyed_tasks = {t.name for t in self.app.tasks.values() if t.max_per_key is not None}
+        self._keyed_tasks |= {name for kind, name, _, _ in rows if kind == "task"}
+        newly_paused, self._paused = paused - self._paused, paused
+        if newly_paused:
+            await self._release_waiting(newly_paused)
+        self._wake.set()  # resumed or newly limited queues: claim with the new view at once
+
+    async def _release_waiting(self, queues: set[str]) -> None:
+        """Give back the claimed-but-not-started jobs of these (just paused) queues."""
+        waiting = [self.local.get_nowait() for _ in range(self.local.qsize())]
+        keep = [job for job in waiting if job.queue not in queues]
+        for job in keep:
+            self.local.put_nowait(job)
+        back = [job.id for job in waiting if job.queue in queues]
+        self.active -= len(back)
+        await self._release(back, interrupted=False)
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -241,7 +309,7 @@ class Worker:
                 continue
             if job.id in self._cancel_before_start:  # cancelled while it waited: never started
                 self._cancel_before_start.discard(job.id)
-                now = datetime.now(timezone.utc)
+                now = self._db_now(job)
                 self.pending.append(Outcome(job, "cancelled", "cancelled", now, now))
                 self.active -= 1
                 self._flush_now.set()
@@ -250,7 +318,9 @@ class Worker:
 
     async def _execute(self, job: Job) -> None:
         ctx = Context(job, self, self._dependency_results.pop(job.id, None))
-        started = datetime.now(timezone.utc)
+        # The attempt started when it was claimed (attempts are counted there, and the rate
+        # limit counts claims): history records that instant, on the database clock.
+        started = job.started_at or datetime.now(timezone.utc)
         current_job.set(job)
         # The job runs in this slot's own task: stopping it means cancelling this task
         # after setting ctx.cancelled (see _outcome), which costs no task per job.
@@ -270,6 +340,7 @@ class Worker:
                 # only send an empty claim after every job.)
                 self._wake.set()
         if outcome is not None:
+            outcome.finished_at = self._db_now(job)
             self.pending.append(outcome)
             self._flush_now.set()
 
@@ -379,8 +450,10 @@ class Worker:
             await asyncio.sleep(0.5)
             return
         for outcome in batch:
-            self.held.pop(outcome.job.id, None)
+            self._forget(outcome.job.id)
             self._cancel_before_start.discard(outcome.job.id)
+            if outcome.job.queue in self._controlled or outcome.job.task in self._keyed_tasks:
+                self._wake.set()  # a capped slot is free now that the outcome is written
         if self.pending:
             self._flush_now.set()
         if self.options.burst:
@@ -389,14 +462,12 @@ class Worker:
     async def _release(self, ids: list[int], *, interrupted: bool) -> None:
         if not ids:
             return
-        now = datetime.now(timezone.utc)
         async with self._pool.connection() as conn:
             if interrupted:
                 # Record the interrupted attempts before the jobs go back.
                 batch = [
-                    Outcome(self.held[i], "running", "interrupted", self.held[i].started_at or now, now)
-                    for i in ids
-                    if i in self.held
+                    Outcome(job, "running", "interrupted", job.started_at or self._db_now(job), self._db_now(job))
+                    for job in (self.held[i] for i in ids if i in self.held)
                 ]
                 await conn.execute(queries.INSERT_INTERRUPTED, complete_params(batch, self.id))
             cur = await conn.execute(queries.RELEASE, {"ids": ids, "worker": self.id})
@@ -404,8 +475,12 @@ class Worker:
             if queues:
                 await conn.execute(queries.WAKE, (queues,))
         for job_id in ids:
-            self.held.pop(job_id, None)
+            self._forget(job_id)
         self.stats.released += len(ids)
+
+    def _forget(self, job_id: int) -> None:
+        self.held.pop(job_id, None)
+        self._arrived.pop(job_id, None)
 
     # -- heartbeat and listening ---------------------------------------------------------------
 
@@ -414,6 +489,7 @@ class Worker:
             await asyncio.sleep(self.options.heartbeat_seconds)
             try:
                 await self._heartbeat_once()
+                await self._read_controls()
             except psycopg.Error as exc:
                 log.warning("heartbeat failed, will retry: %s", exc)
 
@@ -451,7 +527,7 @@ class Worker:
             return  # finished; the flush will find it fenced and count it
         log.warning("lease of job %d lost; stopping it", job_id)
         self._lost.add(job_id)
-        self.held.pop(job_id, None)
+        self._forget(job_id)
         if job_id in self.running:
             task, ctx = self.running[job_id]
             ctx._cancel()
@@ -475,11 +551,16 @@ class Worker:
                 async with await psycopg.AsyncConnection.connect(self.app.dsn, autocommit=True) as conn:
                     await conn.execute("LISTEN pgsched_wakeup")
                     await conn.execute("LISTEN pgsched_cancel")
+                    await conn.execute("LISTEN pgsched_queue_settings")
                     self._wake.set()  # anything enqueued while we were not listening
                     async for note in conn.notifies():
                         if note.channel == "pgsched_cancel":
                             self._cancel_running(int(note.payload))
-                        elif note.payload in self._queues:
+                        elif note.payload not in self._queues:
+                            continue
+                        elif note.channel == "pgsched_queue_settings":
+                            await self._read_controls()
+                        else:
                             self._wake.set()
             except psycopg.Error as exc:
                 log.warning("listener connection lost, reconnecting: %s", exc)
@@ -494,5 +575,8 @@ def _timeout(job: Job) -> float | None:
 
 
 def _claimed_row(cursor: Any) -> Any:
-    """CLAIM rows: the job (JOB_COLUMNS, positionally) and its dependencies' results."""
-    return lambda values: (Job(*values[:-1]), values[-1])
+    """CLAIM rows: the job (JOB_COLUMNS, positionally) and its dependencies' results; CLAIM_CONTROLLED
+    rows add next_claim_in, and its row without a job (id NULL) carries only that."""
+    if cursor.pgresult.nfields == len(Job.__struct_fields__) + 1:
+        return lambda values: (Job(*values[:-1]), values[-1], None)
+    return lambda values: (None if values[0] is None else Job(*values[:-2]), values[-2], values[-1])

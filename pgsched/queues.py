@@ -1,0 +1,141 @@
+"""Queue controls: pause, a global cap, a rate limit, per-key caps and fair sharing.
+
+The settings live in ``pgsched.queues`` (one row per queue that has any; a
+queue needs no row to be used). The Python API, the CLI (and later the REST
+API) change them through these operations; workers read them in the claim
+(``pgsched.claim_controlled``), so a change holds everywhere as soon as it
+commits.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+
+from .db import Operation, Query
+from .errors import ValidationError
+from .validation import MAX_INTEGER, QUEUE_PATTERN, check_int, check_name
+
+RATE_UNITS = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+?)s?\s*$")
+# Fields of configure_queue; each None clears the setting (fair: False).
+SETTINGS = ("max_running", "rate", "max_per_key", "fair")
+
+
+class QueueSettings(msgspec.Struct, kw_only=True):
+    """A queue's row of ``pgsched.queues`` (the defaults when it has none)."""
+
+    name: str
+    paused: bool = False
+    max_running: int | None = None
+    rate: str | None = None  # "100/minute"
+    max_per_key: int | None = None
+    fair: bool = False
+    encrypt: bool = False
+
+
+def parse_rate(value: Any, field: str = "rate") -> tuple[int, timedelta]:
+    """``"100/minute"`` (also ``/second``, ``/hour``, plural units) as (starts, period)."""
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None or match.group(2) not in RATE_UNITS:
+        raise ValidationError(field, f"must look like '100/minute' (per second, minute or hour), not {value!r}")
+    starts = int(match.group(1))
+    if not 1 <= starts <= MAX_INTEGER:
+        raise ValidationError(field, f"must allow at least 1 start per period, not {starts}")
+    return starts, RATE_UNITS[match.group(2)]
+
+
+def format_rate(limit: int | None, period: timedelta | None) -> str | None:
+    if limit is None or period is None:
+        return None
+    unit = next((u for u, p in RATE_UNITS.items() if p == period), None)
+    return f"{limit}/{unit}" if unit else f"{limit}/{period.total_seconds():g}s"
+
+
+SELECT = "SELECT name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt FROM pgsched.queues"
+
+# Every queue pgsched has heard of: a row, jobs, a task's default queue, a live worker.
+KNOWN = """
+SELECT name FROM pgsched.queues
+UNION SELECT queue FROM pgsched.queue_stats
+UNION SELECT queue FROM pgsched.tasks
+UNION SELECT unnest(queues) FROM pgsched.workers
+"""
+
+UPSERT = """
+INSERT INTO pgsched.queues AS q (name, paused, max_running, rate_limit, rate_period, max_per_key, fair)
+VALUES (%(name)s, COALESCE(%(paused)s, false), %(max_running)s, %(rate_limit)s, %(rate_period)s,
+        %(max_per_key)s, COALESCE(%(fair)s, false))
+ON CONFLICT (name) DO UPDATE SET
+    paused = COALESCE(%(paused)s, q.paused),
+    max_running = CASE WHEN %(set_max_running)s THEN excluded.max_running ELSE q.max_running END,
+    rate_limit = CASE WHEN %(set_rate)s THEN excluded.rate_limit ELSE q.rate_limit END,
+    rate_period = CASE WHEN %(set_rate)s THEN excluded.rate_period ELSE q.rate_period END,
+    max_per_key = CASE WHEN %(set_max_per_key)s THEN excluded.max_per_key ELSE q.max_per_key END,
+    fair = COALESCE(%(fair)s, q.fair),
+    updated_at = pgsched.now()
+RETURNING name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt
+"""
+
+
+def _from_row(row: Any) -> QueueSettings:
+    name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt = row
+    return QueueSettings(
+        name=name,
+        paused=paused,
+        max_running=max_running,
+        rate=format_rate(rate_limit, rate_period),
+        max_per_key=max_per_key,
+        fair=fair,
+        encrypt=encrypt,
+    )
+
+
+def _check_known(name: str, known: list[str]) -> None:
+    if name not in known:
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else " (pass create=True / --create to add it)"
+        raise ValidationError("name", f"unknown queue {name!r}{hint}")
+
+
+def op_get(name: str) -> Operation[QueueSettings]:
+    check_name(name, "name", pattern=QUEUE_PATTERN)
+    rows = yield Query(SELECT + " WHERE name = %s", (name,))
+    return _from_row(rows[0]) if rows else QueueSettings(name=name)
+
+
+def op_list() -> Operation[list[QueueSettings]]:
+    return [_from_row(r) for r in (yield Query(SELECT + " ORDER BY name"))]
+
+
+def op_configure(name: str, changes: dict[str, Any], *, create: bool) -> Operation[QueueSettings]:
+    """Change some settings of a queue (None clears one); the others stay as they are.
+
+    Every value is checked before anything is written. An unknown queue name
+    is refused unless ``create``.
+    """
+    check_name(name, "name", pattern=QUEUE_PATTERN)
+    unknown = set(changes) - {"paused", *SETTINGS}
+    if unknown:
+        raise ValidationError(sorted(unknown)[0], f"is not a queue setting (settings: paused, {', '.join(SETTINGS)})")
+    params: dict[str, Any] = {"name": name, "paused": None, "fair": None, "rate_limit": None, "rate_period": None}
+    for flag in ("paused", "fair"):
+        if flag in changes:
+            value = False if flag == "fair" and changes[flag] is None else changes[flag]
+            if not isinstance(value, bool):
+                raise ValidationError(flag, f"must be true or false, not {value!r}")
+            params[flag] = value
+    for cap in ("max_running", "max_per_key"):
+        value = changes.get(cap)
+        params[cap] = None if value is None else check_int(value, cap, 1, MAX_INTEGER)
+        params[f"set_{cap}"] = cap in changes
+    if changes.get("rate") is not None:
+        params["rate_limit"], params["rate_period"] = parse_rate(changes["rate"])
+    params["set_rate"] = "rate" in changes
+    if not create:
+        _check_known(name, [r[0] for r in (yield Query(KNOWN))])
+    return _from_row((yield Query(UPSERT, params))[0])
