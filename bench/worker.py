@@ -15,7 +15,11 @@ burst worker on an empty queue gives the fixed cost of a worker process.
 
 Rows: the defaults (concurrency 10, prefetch 0), and the best of prefetch
 100 / 500 / 1000, measured in rotating order in every run; the sync ``def``
-no-op at the best prefetch.
+no-op at the best prefetch. Queue controls, at the defaults: the queue with a
+global cap (``max_running`` 1000, which never binds here) and with per-key caps
+(``max_per_key`` 1000, the jobs spread over 100 concurrency keys), so that
+the claim goes through ``pgsched.claim_controlled``; their ceiling column is
+the uncapped defaults of the same runs (target: ≥ 0.7 ×).
 
 W2: an idle worker (concurrency 10, default settings); 5 warm-up jobs, then
 200 jobs enqueued one every 20 ms with ``app.enqueue``; latency is from
@@ -123,7 +127,7 @@ class Drain:
 
 
 def reset(conn: psycopg.Connection) -> None:
-    conn.execute("TRUNCATE pgsched.jobs, pgsched.runs, pgsched.run_logs CASCADE")
+    conn.execute("TRUNCATE pgsched.jobs, pgsched.runs, pgsched.run_logs, pgsched.queues, pgsched.queue_starts CASCADE")
     with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
         conn.execute("CHECKPOINT")
 
@@ -159,12 +163,26 @@ def time_worker(conn: psycopg.Connection, dsn: str, cmd: list[str]) -> Process:
     return Process(wall_start, seconds, usage.ru_utime + usage.ru_stime, server)
 
 
+# Queue controls that route the claim through pgsched.claim_controlled without binding.
+CONTROLS = {"cap": {"max_running": 1000}, "keys": {"max_per_key": 1000}}
+KEYS = 100
+
+
 def drain_once(
-    app: pgsched.App, conn: psycopg.Connection, *, task: str, prefetch: int, wrap: list[str] | None = None
+    app: pgsched.App,
+    conn: psycopg.Connection,
+    *,
+    task: str,
+    prefetch: int,
+    wrap: list[str] | None = None,
+    controls: str | None = None,
 ) -> Drain:
     """Queue 20,000 jobs of ``task``, then time one burst worker draining them."""
     reset(conn)
-    app.enqueue_many([pgsched.JobSpec(task=task, args={"i": i}) for i in range(DRAIN_JOBS)])
+    key = (lambda i: f"k{i % KEYS}") if controls == "keys" else (lambda i: None)
+    app.enqueue_many([pgsched.JobSpec(task=task, args={"i": i}, concurrency_key=key(i)) for i in range(DRAIN_JOBS)])
+    if controls:
+        app.configure_queue("default", create=True, **CONTROLS[controls])
     conn.execute("VACUUM ANALYZE pgsched.jobs")
     with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
         conn.execute("CHECKPOINT")
@@ -256,6 +274,13 @@ def w1c(dsn: str, runs: int) -> list[Row]:
                     file=sys.stderr,
                     flush=True,
                 )
+        controlled: dict[str, list[Drain]] = {name: [] for name in CONTROLS}
+        for run in range(runs):
+            for name in CONTROLS:
+                controlled[name].append(drain_once(app, conn, task="noop", prefetch=DEFAULT_PREFETCH, controls=name))
+                print(
+                    f"  W1c run {run + 1} {name}: {controlled[name][-1].jobs_per_second:,.0f} jobs/s", file=sys.stderr
+                )
         best = max(TUNED_PREFETCHES, key=lambda p: _median([r.jobs_per_second for r in results[p]]))
         sync = []
         for run in range(runs):
@@ -273,6 +298,11 @@ def w1c(dsn: str, runs: int) -> list[Row]:
         TARGET,
         DEFAULT_PREFETCH,
     )
+    uncapped = Stats([r.jobs_per_second for r in results[DEFAULT_PREFETCH]])
+    for name, what in (("cap", "max_running 1000"), ("keys", f"max_per_key 1000, {KEYS} keys")):
+        figure = Stats([r.jobs_per_second for r in controlled[name]])
+        what = f"drain, defaults, queue controls: {what} (ceiling: uncapped defaults)"
+        rows.append(Row("W1c", what, figure, "jobs/s", "≥ 0.7 × uncapped", ceiling=uncapped))
     rows += _drain_rows(
         "tuned",
         f"drain, tuned: --prefetch {best} (prefetch {tried}: {sweep} jobs/s), async no-op",

@@ -101,8 +101,11 @@ BEGIN
         IF room > 0 THEN
             keyed := settings.max_per_key IS NOT NULL OR EXISTS (
                 SELECT 1 FROM pgsched.tasks t WHERE t.name = ANY (tasks) AND t.options ? 'max_per_key');
-            IF settings.fair IS TRUE OR keyed THEN
-                picked := pgsched.pick_grouped(q, tasks, room, settings.fair IS TRUE, settings.max_per_key);
+            IF settings.fair IS TRUE THEN
+                picked := pgsched.pick_jobs(q, tasks, room, true, settings.max_per_key, NULL);
+            ELSIF keyed THEN
+                picked := COALESCE(pgsched.pick_jobs(q, tasks, room, false, settings.max_per_key, 4 * room),
+                                   pgsched.pick_jobs(q, tasks, room, false, settings.max_per_key, NULL));
             ELSE
                 picked := ARRAY(
                     SELECT j.id FROM pgsched.jobs j
@@ -144,14 +147,22 @@ $$;
 COMMENT ON FUNCTION pgsched.claim_controlled(text[], text[], integer, uuid, double precision) IS
     'Claims jobs of paused, capped, rate-limited, keyed or fair queues, holding every limit across all workers';
 
--- The ids of up to room queued jobs of queue q, taken group by group: the
--- groups are found by a loose scan of jobs_group_idx (one probe per group),
--- and each gives at most room of its first jobs, so the cost grows with the
--- number of groups that have queued jobs, not with the backlog. A job whose
--- key is at its cap (running jobs of the key, plus those picked before it)
--- is passed over.
-CREATE FUNCTION pgsched.pick_grouped(q text, tasks text[], room integer, fair boolean, queue_max_per_key integer)
-RETURNS bigint[]
+-- The ids of up to room queued jobs of queue q, in claim order (see
+-- claim_controlled), passing over jobs whose key is at its cap (its running
+-- jobs plus those picked before it). Two ways to find the candidates:
+--
+-- * lookahead given (a queue that is not fair): the first lookahead jobs of
+--   the claim index. While caps rarely bind that is all it takes, at the cost
+--   of the plain claim. If fewer than room of them may run and there are
+--   more behind them, the answer is NULL: ask again without lookahead.
+-- * lookahead NULL: group by group. The groups, one per (owner,
+--   concurrency_key), are found by a loose scan of jobs_group_idx (one probe
+--   per group), and each gives at most room of its first jobs; so the cost
+--   grows with the number of groups that have queued jobs, not with the
+--   backlog (a key with 10,000 queued jobs at its cap costs one probe).
+CREATE FUNCTION pgsched.pick_jobs(
+    q text, tasks text[], room integer, fair boolean, queue_max_per_key integer, lookahead integer
+) RETURNS bigint[]
 LANGUAGE sql STABLE AS $$
     WITH RECURSIVE grp(o, k) AS (
         (SELECT COALESCE(j.owner, ''), COALESCE(j.concurrency_key, '') FROM pgsched.jobs j
@@ -163,7 +174,14 @@ LANGUAGE sql STABLE AS $$
             WHERE j.state = 'queued' AND j.queue = q AND (j.owner IS NOT NULL OR j.concurrency_key IS NOT NULL)
               AND (COALESCE(j.owner, ''), COALESCE(j.concurrency_key, '')) > (g.o, g.k)
             ORDER BY 1, 2 LIMIT 1) AS n
-    ), candidates AS (
+    ), candidates AS MATERIALIZED (
+        (SELECT COALESCE(j.owner, '') AS o, COALESCE(j.concurrency_key, '') AS k,
+                j.id, j.task, j.priority, j.run_at, j.concurrency_key
+         FROM pgsched.jobs j
+         WHERE lookahead IS NOT NULL AND j.state = 'queued' AND j.queue = q AND j.task = ANY (tasks)
+         ORDER BY j.priority DESC, j.run_at, j.id
+         LIMIT lookahead)
+        UNION ALL
         SELECT grp.o, grp.k, c.* FROM grp CROSS JOIN LATERAL (
             SELECT j.id, j.task, j.priority, j.run_at, j.concurrency_key FROM pgsched.jobs j
             WHERE j.state = 'queued' AND j.queue = q AND (j.owner IS NOT NULL OR j.concurrency_key IS NOT NULL)
@@ -171,10 +189,11 @@ LANGUAGE sql STABLE AS $$
               AND j.task = ANY (tasks)
             ORDER BY j.priority DESC, j.run_at, j.id
             LIMIT room) AS c
+        WHERE lookahead IS NULL
         UNION ALL
         (SELECT '', '', j.id, j.task, j.priority, j.run_at, j.concurrency_key FROM pgsched.jobs j
-         WHERE j.state = 'queued' AND j.queue = q AND j.owner IS NULL AND j.concurrency_key IS NULL
-           AND j.task = ANY (tasks)
+         WHERE lookahead IS NULL AND j.state = 'queued' AND j.queue = q
+           AND j.owner IS NULL AND j.concurrency_key IS NULL AND j.task = ANY (tasks)
          ORDER BY j.priority DESC, j.run_at, j.id
          LIMIT room)
     ), ranked AS (
@@ -189,21 +208,26 @@ LANGUAGE sql STABLE AS $$
         WHERE j.state = 'running' AND j.queue = q AND j.concurrency_key IS NOT NULL
         GROUP BY j.concurrency_key
     ), allowed AS (
-        SELECT r.*, COALESCE(running.n, 0)
-                    + row_number() OVER (PARTITION BY r.concurrency_key
-                                         ORDER BY r.priority DESC, r.fair_rank, r.run_at, r.id) AS key_load
-        FROM ranked r LEFT JOIN running ON running.concurrency_key = r.concurrency_key
+        SELECT r.* FROM (
+            SELECT r.*, COALESCE(running.n, 0)
+                        + row_number() OVER (PARTITION BY r.concurrency_key
+                                             ORDER BY r.priority DESC, r.fair_rank, r.run_at, r.id) AS key_load
+            FROM ranked r LEFT JOIN running ON running.concurrency_key = r.concurrency_key
+        ) AS r
+        WHERE r.concurrency_key IS NULL OR r.key_cap IS NULL OR r.key_load <= r.key_cap
+        ORDER BY r.priority DESC, r.fair_rank, r.run_at, r.id
+        LIMIT room
     )
-    SELECT ARRAY(
-        SELECT id FROM allowed
-        WHERE concurrency_key IS NULL OR key_cap IS NULL OR key_load <= key_cap
-        ORDER BY priority DESC, fair_rank, run_at, id
-        LIMIT room)
+    SELECT CASE
+        WHEN lookahead IS NOT NULL AND (SELECT count(*) FROM allowed) < room
+             AND (SELECT count(*) FROM candidates) >= lookahead THEN NULL
+        ELSE ARRAY(SELECT id FROM allowed ORDER BY priority DESC, fair_rank, run_at, id)
+    END
 $$;
 
 GRANT SELECT, INSERT, DELETE ON pgsched.queue_starts TO pgsched_worker;
 GRANT ALL ON pgsched.queue_starts TO pgsched_admin;
 GRANT EXECUTE ON FUNCTION pgsched.claim_controlled(text[], text[], integer, uuid, double precision),
-                          pgsched.pick_grouped(text, text[], integer, boolean, integer),
+                          pgsched.pick_jobs(text, text[], integer, boolean, integer, integer),
                           pgsched.queue_is_controlled(pgsched.queues)
     TO pgsched_worker, pgsched_admin;

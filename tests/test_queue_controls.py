@@ -252,10 +252,25 @@ def test_fair_order_is_priority_then_rank_in_group_then_run_at(conn: psycopg.Con
     anon1, anon2 = add(None), add(None)
     k1 = add("a", key="k")
     urgent = add("c", priority=5)
-    order = conn.execute("SELECT pgsched.pick_grouped('q', ARRAY['t'], 20, true, NULL)").fetchone()[0]
-    assert order == [urgent, a1, b1, anon1, k1, a2, anon2, a3]
-    unfair = conn.execute("SELECT pgsched.pick_grouped('q', ARRAY['t'], 20, false, NULL)").fetchone()[0]
-    assert unfair == [urgent, a1, a2, a3, b1, anon1, anon2, k1]
+    pick = "SELECT pgsched.pick_jobs('q', ARRAY['t'], 20, %s, NULL, %s)"
+    assert conn.execute(pick, (True, None)).fetchone()[0] == [urgent, a1, b1, anon1, k1, a2, anon2, a3]
+    unfair = [urgent, a1, a2, a3, b1, anon1, anon2, k1]
+    assert conn.execute(pick, (False, None)).fetchone()[0] == unfair  # group by group
+    assert conn.execute(pick, (False, 80)).fetchone()[0] == unfair  # from the front of the claim index
+
+
+def test_the_front_scan_defers_to_the_group_scan_when_caps_bind(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "INSERT INTO pgsched.jobs (task, queue, concurrency_key) SELECT 't', 'q', 'big' FROM generate_series(1, 50)"
+    )
+    small = conn.execute(
+        "INSERT INTO pgsched.jobs (task, queue, concurrency_key) VALUES ('t', 'q', 'small') RETURNING id"
+    ).fetchone()[0]
+    pick = "SELECT pgsched.pick_jobs('q', ARRAY['t'], 3, false, 1, %s)"
+    first = conn.execute("SELECT min(id) FROM pgsched.jobs").fetchone()[0]
+    assert conn.execute(pick, (12,)).fetchone()[0] is None  # one of the first 12 may run; more are behind
+    assert conn.execute(pick, (100,)).fetchone()[0] == [first, small]  # all 51 seen: exact, even if short
+    assert conn.execute(pick, (None,)).fetchone()[0] == [first, small]
 
 
 def test_a_key_at_its_cap_is_passed_over(conn: psycopg.Connection[Any]) -> None:

@@ -99,6 +99,7 @@ class Worker:
         self._controlled: set[str] = set()
         self._keyed_tasks: set[str] = {t.name for t in app.tasks.values() if t.max_per_key is not None}
         self._controlled_first = False
+        self._flush_urgent = False
         self._arrived: dict[int, float] = {}  # job id -> monotonic time its claim returned
         self._pool: Any = None
 
@@ -266,6 +267,9 @@ class Worker:
         self.stats.claimed += count
         return count
 
+    def _is_limited(self, job: Job) -> bool:
+        return job.queue in self._controlled or job.task in self._keyed_tasks
+
     def _db_now(self, job: Job) -> datetime:
         """Now on the database clock, for this job's history: its claim's time plus what has elapsed
         here since (host clocks are never trusted, DESIGN §8 "Time")."""
@@ -342,6 +346,8 @@ class Worker:
         if outcome is not None:
             outcome.finished_at = self._db_now(job)
             self.pending.append(outcome)
+            # A capped job's slot frees only when its outcome is written: no gathering delay.
+            self._flush_urgent = self._flush_urgent or self._is_limited(job)
             self._flush_now.set()
 
     async def _invoke(self, job: Job, ctx: Context) -> Any:
@@ -419,7 +425,9 @@ class Worker:
         while True:
             await self._flush_now.wait()
             self._flush_now.clear()
-            await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
+            if not self._flush_urgent:
+                await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
+            self._flush_urgent = False
             await self._flush()
 
     async def _flush(self) -> None:
@@ -452,7 +460,7 @@ class Worker:
         for outcome in batch:
             self._forget(outcome.job.id)
             self._cancel_before_start.discard(outcome.job.id)
-            if outcome.job.queue in self._controlled or outcome.job.task in self._keyed_tasks:
+            if self._is_limited(outcome.job):
                 self._wake.set()  # a capped slot is free now that the outcome is written
         if self.pending:
             self._flush_now.set()
