@@ -16,7 +16,8 @@ def test_sign_up_sends_a_welcome(pgsched_app, drain, assert_enqueued, refute_enq
     assert (welcome.task, welcome.result) == ("send_welcome", "welcome, user 7")
 
 
-def test_every_test_starts_with_no_jobs(refute_enqueued):
+def test_every_test_starts_with_no_jobs(enqueued_jobs, refute_enqueued):
+    assert enqueued_jobs(state="succeeded") == []  # the two jobs of the test above are gone
     refute_enqueued()
 
 
