@@ -126,7 +126,9 @@ def test_assert_and_refute_enqueued_match_given_fields_and_args_as_a_subset(kit:
         "expected a job (waiting/scheduled/queued) with task='flaky', priority=9; found 1 job(s) instead:\n"
         "  job 1: task='flaky' queue='mail' priority=5 state='queued' args={'fail': True, 'extra': {'a': 1, 'b': 2}}"
     )
-    with pytest.raises(AssertionError, match=r"^expected no job \(waiting/scheduled/queued\) with task='flaky'; found 1"):
+    with pytest.raises(
+        AssertionError, match=r"^expected no job \(waiting/scheduled/queued\) with task='flaky'; found 1"
+    ):
         kit.refute_enqueued(task="flaky")
     assert kit.drain() == Drained(failed=1)
     with pytest.raises(AssertionError, match="found no enqueued job at all"):
