@@ -428,55 +428,34 @@ def pgsched_kit(pgsched_user_app: App, pgsched_dsn: str) -> Iterator[Kit]:
     kit.close()
 
 
-@pytest.fixture
-def pgsched_app(pgsched_kit: Kit) -> App:
-    """Your App, on the test database, whose pgsched tables were emptied for this test."""
-    return pgsched_kit.app
+def _kit_fixture(name: str, attribute: str, doc: str) -> Any:
+    """A fixture that gives one attribute of the test's ``pgsched_kit``."""
+
+    def fixture(pgsched_kit: Kit) -> Any:
+        return getattr(pgsched_kit, attribute)
+
+    fixture.__doc__ = doc
+    return pytest.fixture(name=name)(fixture)
 
 
-@pytest.fixture
-def pgsched_clock(pgsched_kit: Kit) -> Clock:
-    """The test clock (``advance``, ``set``, ``now``, ``reset``); back to the real time after the test."""
-    return pgsched_kit.clock
-
-
-@pytest.fixture
-def drain(pgsched_kit: Kit) -> Any:
-    """``drain(queues=None, until_empty=True, concurrency=1)``: run the due jobs here (``Kit.drain``)."""
-    return pgsched_kit.drain
-
-
-@pytest.fixture
-def drain_async(pgsched_kit: Kit) -> Any:
-    """``await drain_async(...)``: ``drain`` in an async test."""
-    return pgsched_kit.drain_async
-
-
-@pytest.fixture
-def run_scheduler(pgsched_kit: Kit) -> Any:
-    """``run_scheduler()``: one materializer and promoter pass on the test clock."""
-    return pgsched_kit.run_scheduler
-
-
-@pytest.fixture
-def run_scheduler_async(pgsched_kit: Kit) -> Any:
-    """``await run_scheduler_async()``: ``run_scheduler`` in an async test."""
-    return pgsched_kit.run_scheduler_async
-
-
-@pytest.fixture
-def enqueued_jobs(pgsched_kit: Kit) -> Any:
-    """``enqueued_jobs(**fields)``: the matching jobs not started yet (``Kit.enqueued_jobs``)."""
-    return pgsched_kit.enqueued_jobs
-
-
-@pytest.fixture
-def assert_enqueued(pgsched_kit: Kit) -> Any:
-    """``assert_enqueued(**fields)``: fails, listing what was found, unless a matching job is enqueued."""
-    return pgsched_kit.assert_enqueued
-
-
-@pytest.fixture
-def refute_enqueued(pgsched_kit: Kit) -> Any:
-    """``refute_enqueued(**fields)``: fails, listing the matches, if a matching job is enqueued."""
-    return pgsched_kit.refute_enqueued
+pgsched_app = _kit_fixture("pgsched_app", "app", "Your App, on the emptied test database, opened.")
+pgsched_clock = _kit_fixture(
+    "pgsched_clock", "clock", "The test clock (``advance``, ``set``, ``now``, ``reset``); real time after the test."
+)
+drain = _kit_fixture("drain", "drain", "``drain(queues=None, until_empty=True, concurrency=1)``: see ``Kit.drain``.")
+drain_async = _kit_fixture("drain_async", "drain_async", "``await drain_async(...)``: ``drain`` in an async test.")
+run_scheduler = _kit_fixture(
+    "run_scheduler", "run_scheduler", "``run_scheduler()``: one materializer and promoter pass on the test clock."
+)
+run_scheduler_async = _kit_fixture(
+    "run_scheduler_async", "run_scheduler_async", "``await run_scheduler_async()``: in an async test."
+)
+enqueued_jobs = _kit_fixture(
+    "enqueued_jobs", "enqueued_jobs", "``enqueued_jobs(**fields)``: see ``Kit.enqueued_jobs``."
+)
+assert_enqueued = _kit_fixture(
+    "assert_enqueued", "assert_enqueued", "``assert_enqueued(**fields)``: see ``Kit.assert_enqueued``."
+)
+refute_enqueued = _kit_fixture(
+    "refute_enqueued", "refute_enqueued", "``refute_enqueued(**fields)``: see ``Kit.refute_enqueued``."
+)

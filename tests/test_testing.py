@@ -219,3 +219,18 @@ def test_the_plugin_refuses_a_database_without_test_in_its_name(pytester: pytest
     pytester.makepyfile("def test_it(pgsched_dsn):\n    pass\n")
     result = pytester.runpytest_subprocess(f"--pgsched-dsn={server.dsn('postgres')}", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*empties the pgsched tables*has no 'test' in its name*"])
+
+
+def test_under_xdist_each_worker_gets_a_database_of_its_own(
+    pytester: pytest.Pytester, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    name = conn.execute("SELECT current_database()").fetchone()[0]
+    try:
+        run_example(pytester, dsn, "-n", "2").assert_outcomes(passed=6)
+        created = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (f"{name}_gw%",))
+        assert [row[0] for row in created.fetchall()] == [f"{name}_gw0", f"{name}_gw1"]
+    finally:
+        for worker in ("gw0", "gw1"):
+            conn.execute(
+                psycopg.sql.SQL("DROP DATABASE IF EXISTS {}").format(psycopg.sql.Identifier(f"{name}_{worker}"))
+            )
