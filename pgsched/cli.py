@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import json
 import logging
 import os
@@ -26,10 +25,10 @@ import msgspec
 import psycopg
 
 from . import migrations, queries
-from .client import App
+from .client import App, import_app
 from .config import Settings, env_name, flag_name, load_settings, option_help
 from .db import configure_adapters, job_row, resolve_dsn
-from .errors import ConfigError, PgschedError
+from .errors import PgschedError
 from .jobs import STATES, Job
 from .maintenance import Maintenance, default_services
 
@@ -67,17 +66,10 @@ def load_app(settings: Settings) -> App:
     """The user's App named by --app / PGSCHED_APP (module:attribute), or a bare App."""
     if not settings.app:
         return App(settings=settings)
-    module_name, _, attribute = settings.app.partition(":")
     # Like `python -m`, find modules in the current directory (a console script would not).
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-        app = getattr(module, attribute or "app")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--app / PGSCHED_APP: cannot load {settings.app!r}: {exc}") from None
-    if not isinstance(app, App):
-        raise ConfigError(f"--app / PGSCHED_APP: {settings.app!r} is not a pgsched.App")
+    app = import_app(settings.app, "--app / PGSCHED_APP")
     # The command line's settings win; an app built with its own DSN keeps it when none is given here.
     app.settings = msgspec.structs.replace(settings, dsn=settings.dsn or app.settings.dsn)
     return app

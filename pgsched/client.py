@@ -25,7 +25,7 @@ from . import bulk, migrations, queries, queues, schedules, workflows
 from .backoff import Backoff
 from .config import Settings, load_settings, replace_settings
 from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async
-from .errors import JobNotFound, PermissionDenied, ValidationError
+from .errors import ConfigError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .queues import QueueSettings
 from .tasks import Task, make_task
@@ -36,6 +36,19 @@ log = logging.getLogger("pgsched")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def import_app(spec: str, option: str) -> App:
+    """The ``App`` that ``spec`` names (``module:attribute``, the attribute ``app`` by default);
+    a ConfigError naming ``option`` (where the spec came from) if it cannot be loaded."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        app = getattr(importlib.import_module(module_name), attribute or "app")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{option}: cannot load {spec!r}: {exc}") from None
+    if not isinstance(app, App):
+        raise ConfigError(f"{option}: {spec!r} is not a pgsched.App")
+    return app
 
 
 class App:
@@ -205,6 +218,20 @@ class App:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+    def reconnect(self, dsn: str | None = None) -> None:
+        """Close the sync pool, so that the next call connects afresh (to ``dsn``, when given) and
+        checks the schema and registers the tasks again. New connections pick up database-level
+        settings, such as the test clock of ``pgsched.testing``. The async pool belongs to the
+        event loop that opened it, so it must be closed first (``close_async``): ConfigError."""
+        if self._async_pool is not None:
+            raise ConfigError("the app's async pool is open: close it first (await app.close_async())")
+        self.close()
+        if dsn is not None:
+            self.settings = replace_settings(self.settings, dsn=dsn)
+            self._dsn = None
+            self._catalog.clear()  # the defaults read from another database's catalog
+        self._schema_checked = False
 
     async def close_async(self) -> None:
         if self._async_pool is not None:

@@ -29,6 +29,11 @@ from pgsched import migrations
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+pytest_plugins = ["pytester"]
+# The README's user example is a test suite of its own, run by tests/test_testing.py against this
+# suite's database; collected here, it would have no app to test.
+collect_ignore = ["user_example"]
+
 
 class Server:
     """Where the test server is, and how to reach a database on it."""

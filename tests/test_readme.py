@@ -13,7 +13,7 @@ Conventions for the fenced blocks of README.md (the README states them too):
   whitespace. A command followed by no lines has its output unchecked.
 - ```` ```<lang> no-run ````: not executed (``make`` targets, long-running
   ``pgsched up``, commands that need the embedded server or another machine).
-- ```` ```text ````: never executed (diagrams).
+- ```` ```text ```` and ```` ```toml ````: never executed (diagrams, configuration files).
 
 Any other fence is an error, so a typo cannot silently turn an example off.
 Blocks of all kinds run in one pass in document order: a block may rely on
@@ -47,7 +47,7 @@ from pgsched.config import OPTION_NAMES, env_name, flag_name
 README = Path(__file__).resolve().parent.parent / "README.md"
 PGSCHED = Path(sys.executable).parent / "pgsched"
 RUNNABLE = frozenset({"python", "sql", "console"})
-NEVER_RUN = frozenset({"text"})
+NEVER_RUN = frozenset({"text", "toml"})
 
 _FENCE = re.compile(r"^```(?P<lang>[\w-]*)(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 
