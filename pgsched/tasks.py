@@ -54,6 +54,7 @@ class Task(Generic[P, R]):
         max_attempts: int,
         backoff: Backoff,
         timeout: float | None,
+        encrypt: bool = False,
     ) -> None:
         if name in EXECUTOR_KINDS:
             raise ValidationError("name", f"{name!r} is a built-in executor kind; choose another task name")
@@ -66,6 +67,7 @@ class Task(Generic[P, R]):
             priority=priority,
             max_attempts=max_attempts,
             timeout=timeout,
+            encrypt=encrypt,
         )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.takes_context = _takes_context(fn)
@@ -129,6 +131,8 @@ class Task(Generic[P, R]):
             "max_attempts": self.defaults.max_attempts,
             "timeout": self.defaults.timeout,
             "backoff": msgspec.to_builtins(self.backoff),
+            # So that an app enqueueing this task by name encrypts its args too.
+            "encrypt": self.defaults.encrypt,
         }
 
 
@@ -162,6 +166,7 @@ def make_task(
     max_attempts: int,
     backoff: Backoff | None,
     timeout: float | None,
+    encrypt: bool = False,
 ) -> Task[P, R]:
     """Validate ``@app.task`` options and build the Task."""
     task_name = name if name is not None else getattr(fn, "__name__", "")
@@ -169,6 +174,8 @@ def make_task(
         raise ValidationError("name", f"must be at most {NAME_MAX_LENGTH} characters")
     if backoff is not None and not isinstance(backoff, Backoff):
         raise ValidationError("backoff", "must be a pgsched.Backoff (Backoff.exponential, .fixed or .linear)")
+    if not isinstance(encrypt, bool):
+        raise ValidationError("encrypt", "must be true or false")
     return Task(
         app,
         fn,
@@ -178,4 +185,5 @@ def make_task(
         max_attempts=check_int(max_attempts, "max_attempts", 1, MAX_INTEGER),
         backoff=backoff or DEFAULT_BACKOFF,
         timeout=None if timeout is None else check_seconds(timeout, "timeout", allow_zero=False),
+        encrypt=encrypt,
     )
