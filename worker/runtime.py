@@ -343,11 +343,11 @@ class Worker:
         if not (declared or is_envelope(job.args)):
             return None
         keyring = self.app.keyring
-        if keyring is None:
-            if is_envelope(job.args):
-                raise EncryptionError(f"encryption key {kid_of(job.args)!r} is not configured on this worker")
+        if keyring is None and not is_envelope(job.args):
             raise EncryptionError("this job is stored encrypted, but no encryption key is configured on this worker")
         try:
+            if keyring is None:
+                raise MissingKeyError(str(kid_of(job.args)))
             job.args = keyring.decrypt(job.args, "args")
             job.progress = keyring.decrypt(job.progress, "progress")
         except MissingKeyError as exc:
