@@ -10,7 +10,7 @@ checks and go through it, in the same transaction.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -83,29 +83,33 @@ def copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime, chunk: int =
         yield "".join(lines)
 
 
-def op_enqueue_many(specs: list[JobSpec], defaults: dict[str, TaskDefaults]) -> Operation[list[int]]:
-    """Validate every job, then COPY those without dependencies and enqueue the others one by one."""
+def op_enqueue_many(
+    specs: list[JobSpec],
+    defaults: dict[str, TaskDefaults],
+    seal: Callable[[NewJob, TaskDefaults], NewJob],
+) -> Operation[list[int]]:
+    """Validate every job (``seal`` encrypts the args of those that store them encrypted), then COPY
+    those without dependencies and enqueue the others one by one."""
     jobs = []
     for i, spec in enumerate(specs):
         try:
-            jobs.append(
-                new_job(
-                    spec.task,
-                    spec.args,
-                    known_task(defaults, spec.task),
-                    queue=spec.queue,
-                    priority=spec.priority,
-                    run_at=spec.run_at,
-                    delay=spec.delay,
-                    max_attempts=spec.max_attempts,
-                    timeout=spec.timeout,
-                    dedupe_key=spec.dedupe_key,
-                    depends_on=spec.depends_on,
-                    owner=spec.owner,
-                    concurrency_key=spec.concurrency_key,
-                    run_on_upstream_failure=spec.run_on_upstream_failure,
-                )
+            job = new_job(
+                spec.task,
+                spec.args,
+                known_task(defaults, spec.task),
+                queue=spec.queue,
+                priority=spec.priority,
+                run_at=spec.run_at,
+                delay=spec.delay,
+                max_attempts=spec.max_attempts,
+                timeout=spec.timeout,
+                dedupe_key=spec.dedupe_key,
+                depends_on=spec.depends_on,
+                owner=spec.owner,
+                concurrency_key=spec.concurrency_key,
+                run_on_upstream_failure=spec.run_on_upstream_failure,
             )
+            jobs.append(seal(job, defaults[spec.task]))
         except ValidationError as exc:
             raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from None
     ids: list[int | None] = [None] * len(jobs)

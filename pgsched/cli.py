@@ -24,7 +24,7 @@ import click
 import msgspec
 import psycopg
 
-from . import migrations, queries
+from . import crypto, migrations, queries, rotation
 from .client import App, import_app
 from .config import Settings, env_name, flag_name, load_settings, option_help
 from .db import configure_adapters, job_row, resolve_dsn
@@ -170,7 +170,9 @@ def migrate(settings: Settings) -> None:
 
 
 @main.command()
-@with_settings("app", "queues", "concurrency", "prefetch", "lease_seconds", "allow_shell", "allow_private_http")
+@with_settings(
+    "app", "queues", "concurrency", "prefetch", "lease_seconds", "allow_shell", "allow_private_http", "encryption_keys"
+)
 def up(settings: Settings) -> None:
     """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set), migrations and a worker.
 
@@ -218,6 +220,7 @@ WORKER_OPTIONS = (
     "allow_private_http",
     "burst",
     "with_scheduler",
+    "encryption_keys",
 )
 
 
@@ -296,7 +299,7 @@ def configure_logging(settings: Settings) -> None:
 @click.option("--timeout", type=float, help="Seconds an attempt may run (default: the task's).")
 @click.option("--concurrency-key", "concurrency_key", help="Jobs sharing a key are capped together.")
 @JSON_FLAG
-@with_settings("app")
+@with_settings("app", "encryption_keys")
 def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:
     """Enqueue one job of TASK."""
     try:
@@ -385,6 +388,36 @@ def stop_db(settings: Settings) -> None:
         raise click.ClickException("a DSN is configured: pgsched does not stop servers it did not start")
     stopped = embedded.stop(settings.embedded_data_dir)
     click.echo("stopped" if stopped else "not running")
+
+
+@main.group()
+def keys() -> None:
+    """Keys of encrypted payloads (PGSCHED_ENCRYPTION_KEYS)."""
+
+
+@keys.command()
+@click.option("--kid", default="k1", show_default=True, help="The new key's id.")
+def generate(kid: str) -> None:
+    """Print a fresh kid:base64 key. Put it first in PGSCHED_ENCRYPTION_KEYS, keep the old ones after it."""
+    click.echo(crypto.generate_key(kid))
+
+
+@keys.command()
+@click.option("--batch", type=click.IntRange(1, 10_000), default=100, show_default=True, help="Jobs per transaction.")
+@JSON_FLAG
+@with_settings("encryption_keys")
+def rotate(settings: Settings, batch: int, as_json: bool) -> None:
+    """Re-encrypt live jobs and schedules with the first key (safe while workers run)."""
+    if not settings.encryption_keys:
+        raise click.ClickException("--encryption-keys / PGSCHED_ENCRYPTION_KEYS: not set; nothing to rotate to")
+    with connect(settings) as conn:
+        done = rotation.rotate(conn, crypto.load_keyring(settings.encryption_keys), batch)
+    if as_json:
+        print_json(done)
+        return
+    click.echo(f"re-encrypted with key {done.kid!r}: {done.jobs} job(s), {done.schedules} schedule(s)")
+    for kid, count in sorted(done.missing.items()):
+        click.echo(f"left as they are: {count} row(s) under key {kid!r}, which is not configured", err=True)
 
 
 # The queues and schedules commands live in their own modules; registered here, after everything they use.

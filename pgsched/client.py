@@ -7,6 +7,7 @@ sync method and its ``_async`` twin only choose the connection and the driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import sys
@@ -21,15 +22,26 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import bulk, migrations, queries, queues, schedules, workflows
+from . import bulk, crypto, migrations, queries, queues, schedules, workflows
 from .backoff import Backoff
 from .config import Settings, load_settings, replace_settings
+from .crypto import Keyring, is_envelope
 from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async
-from .errors import ConfigError, JobNotFound, PermissionDenied, ValidationError
+from .errors import ConfigError, JobNotFound, MissingKeyError, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
 from .queues import QueueSettings
 from .tasks import Task, make_task
-from .validation import EXECUTOR_KINDS, MAX_BIGINT, TaskDefaults, check_int, check_options, known_task, new_job
+from .validation import (
+    ARGS_MAX_BYTES,
+    EXECUTOR_KINDS,
+    MAX_BIGINT,
+    NewJob,
+    TaskDefaults,
+    check_int,
+    check_options,
+    known_task,
+    new_job,
+)
 from .workflows import Workflow
 
 log = logging.getLogger("pgsched")
@@ -71,6 +83,9 @@ class App:
         # this one's start-up. By default, the module that creates the App.
         self.name = name or sys._getframe(1).f_globals.get("__name__", "__main__")
         self._catalog: dict[str, TaskDefaults] = {}
+        # Queues whose pgsched.queues row says encrypt, read when the app connects (see
+        # docs/architecture.md, "Encrypted payloads": the database refuses plaintext there too).
+        self.encrypted_queues: frozenset[str] = frozenset()
         self._dsn: str | None = None
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._async_pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
@@ -94,6 +109,7 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | timedelta | None = None,
         max_per_key: int | None = None,
+        encrypt: bool = False,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(  # type: ignore[misc]
@@ -108,11 +124,14 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | timedelta | None = None,
         max_per_key: int | None = None,
+        encrypt: bool = False,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
 
         ``max_per_key``: at most this many of its jobs sharing a ``concurrency_key`` run at once
-        in a queue (across all workers); it overrides the queue's ``max_per_key``."""
+        in a queue (across all workers); it overrides the queue's ``max_per_key``.
+        ``encrypt=True`` stores its jobs' args, result, progress, error and run logs
+        encrypted with the keys of ``PGSCHED_ENCRYPTION_KEYS`` (see ``pgsched.crypto``)."""
 
         def register(func: Callable[P, R]) -> Task[P, R]:
             task = make_task(
@@ -125,6 +144,7 @@ class App:
                 backoff=backoff,
                 timeout=timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
                 max_per_key=max_per_key,
+                encrypt=encrypt,
             )
             if task.name in self.tasks:
                 raise ValidationError("name", f"a task named {task.name!r} is already registered")
@@ -151,7 +171,9 @@ class App:
         task options of ``@app.task`` (``queue``, ``priority``, ``max_attempts``, ``timeout``, ...).
         """
         task_options = {
-            k: options.pop(k) for k in ("queue", "priority", "max_attempts", "backoff", "timeout") if k in options
+            k: options.pop(k)
+            for k in ("queue", "priority", "max_attempts", "backoff", "timeout", "encrypt")
+            if k in options
         }
 
         def register(func: Callable[P, R]) -> Task[P, R]:
@@ -161,6 +183,12 @@ class App:
             return task
 
         return register
+
+    @property
+    def keyring(self) -> Keyring | None:
+        """The keys of ``PGSCHED_ENCRYPTION_KEYS`` (None when unset)."""
+        keys = self.settings.encryption_keys
+        return crypto.load_keyring(keys) if keys else None
 
     # -- connections -----------------------------------------------------------------------
 
@@ -289,6 +317,7 @@ class App:
         present = yield Query(queries.SCHEMA_PRESENT)
         applied = (yield Query(queries.APPLIED_MIGRATIONS)) if present[0][0] else []
         migrations.check_applied({version: (name, checksum) for version, name, checksum in applied})
+        self.encrypted_queues = frozenset(name for (name,) in (yield Query(queries.ENCRYPTED_QUEUES)))
         self._schema_checked = True
 
     def _op_ready(self) -> Operation[None]:
@@ -302,7 +331,8 @@ class App:
                 # the app still knows its own tasks, and workers register them.
                 log.info("this database role may not write pgsched.tasks; tasks were not registered")
                 return
-            yield from schedules.op_sync(list(self.periodics.values()), self.name)
+            periodics = [self._seal_schedule(s, self.tasks[s.task].defaults) for s in self.periodics.values()]
+            yield from schedules.op_sync(periodics, self.name)
 
     def _op_register(self, tasks: list[Task[Any, Any]]) -> Operation[None]:
         """Write the app's tasks to the catalog (one statement)."""
@@ -338,6 +368,7 @@ class App:
                     priority=options.get("priority", 0),
                     max_attempts=options.get("max_attempts", 5),
                     timeout=options.get("timeout"),
+                    encrypt=options.get("encrypt", False),
                 )
         return found
 
@@ -345,20 +376,20 @@ class App:
         if not isinstance(task, str) or not task:
             raise ValidationError("task", "must be a non-empty task name")
         defaults = yield from self._op_defaults([task])
-        job = new_job(task, args, known_task(defaults, task), **options)
+        job = self._seal(new_job(task, args, known_task(defaults, task), **options), defaults[task])
         rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
-        return rows[0]
+        return self._readable(rows[0])
 
     def _op_enqueue_many(self, specs: list[JobSpec]) -> Operation[list[int]]:
         for i, spec in enumerate(specs):
             if not spec.task:
                 raise ValidationError(f"jobs[{i}].task", "must be a non-empty task name")
         defaults = yield from self._op_defaults(spec.task for spec in specs)
-        return (yield from bulk.op_enqueue_many(specs, defaults))
+        return (yield from bulk.op_enqueue_many(specs, defaults, self._seal))
 
     def _op_workflow(self, workflow: Workflow) -> Operation[None]:
         defaults = yield from self._op_defaults(node.task for node in workflow.jobs)
-        yield from workflows.op_commit(workflow, defaults)
+        yield from workflows.op_commit(workflow, defaults, self._seal)
 
     def _op_scalar(self, sql: str, *params: Any) -> Operation[Any]:
         rows = yield Query(sql, params)
@@ -369,7 +400,51 @@ class App:
         rows = yield Query(sql, params, rows="job")
         if not rows:
             raise JobNotFound(params[0])
-        return rows[0]
+        return self._readable(rows[0])
+
+    # -- encrypted payloads ----------------------------------------------------------------
+
+    def _payload_keyring(self, task: str, queue: str, encrypt: bool) -> Keyring | None:
+        """The keyring that encrypts args of ``task`` in ``queue``; None when they are stored in clear."""
+        if not (encrypt or queue in self.encrypted_queues):
+            return None
+        if self.keyring is None:
+            where = f"task {task!r}" if encrypt else f"queue {queue!r}"
+            raise ValidationError(
+                "args", f"{where} stores encrypted payloads, but no key is configured (set PGSCHED_ENCRYPTION_KEYS)"
+            )
+        return self.keyring
+
+    def _seal(self, job: NewJob, defaults: TaskDefaults) -> NewJob:
+        """Encrypt a validated job's args when its task or its queue asks for it."""
+        keyring = self._payload_keyring(job.task, job.queue, defaults.encrypt)
+        if keyring is not None:
+            job.args_json = keyring.encrypt_encoded(job.args_json, "args")
+            if len(job.args_json) > ARGS_MAX_BYTES:
+                raise ValidationError(
+                    "args", f"is {len(job.args_json):,} bytes encrypted; the limit is {ARGS_MAX_BYTES:,}"
+                )
+        return job
+
+    def _seal_schedule(self, schedule: schedules.Schedule, defaults: TaskDefaults) -> schedules.Schedule:
+        """A schedule whose args template is encrypted when its jobs' would be: the materializer then
+        copies the envelope into each job and needs no key."""
+        keyring = self._payload_keyring(schedule.task, schedule.queue, defaults.encrypt)
+        if keyring is None:
+            return schedule
+        return msgspec.structs.replace(schedule, args=keyring.encrypt_json(schedule.args, "args"))
+
+    def _readable(self, job: Job) -> Job:
+        """The job with its payloads decrypted where this app has the key (else left as envelopes)."""
+        keyring = self.keyring
+        if keyring is None:
+            return job
+        for field in ("args", "result", "progress", "error"):
+            value = getattr(job, field)
+            if is_envelope(value):
+                with contextlib.suppress(MissingKeyError):
+                    setattr(job, field, keyring.decrypt(value, field))
+        return job
 
     # -- running a worker in this process --------------------------------------------------
 
@@ -481,7 +556,7 @@ class App:
         for field in ("queue", "priority", "max_attempts", "timeout"):
             fields.setdefault(field, getattr(defaults, field))
         schedule = schedules.build(name=name, task=task, source=fields.pop("source", "api"), **fields)
-        return (yield from schedules.op_upsert(schedule))
+        return (yield from schedules.op_upsert(self._seal_schedule(schedule, defaults)))
 
     def list_schedules(self) -> list[schedules.Schedule]:
         return self._execute(schedules.op_list(), None)

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from .crypto import Keyring
 from .errors import ConfigError
 
 ENV_PREFIX = "PGSCHED_"
@@ -62,6 +63,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         str | None,
         msgspec.Meta(description="Your tasks, as module:attribute of a pgsched.App (e.g. myproject.tasks:app)"),
     ] = None
+    encryption_keys: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Keys of encrypted payloads, kid:base64-32-bytes, comma-separated; the first encrypts"
+        ),
+    ] = None
     log_level: Annotated[LogLevel, msgspec.Meta(description="Log level: debug, info, warning, error, critical")] = (
         "info"
     )
@@ -92,6 +99,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     with_scheduler: Annotated[
         bool, msgspec.Meta(description="Also run the maintenance services (promote, rescue, prune, schedules)")
     ] = False
+
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug output: never show the key material.
+        fields = msgspec.structs.asdict(self)
+        if fields["encryption_keys"]:
+            fields["encryption_keys"] = "<hidden>"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def check_worker(self) -> None:
         """The checks that concern a worker only (ConfigError)."""
@@ -187,11 +201,15 @@ def replace_settings(settings: Settings, **changes: Any) -> Settings:
 
 def _convert(raw: dict[str, Any]) -> Settings:
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         match = re.search(r"at `\$\.(\w+)`", str(exc))
         if not match:
             raise ConfigError(str(exc)) from None
         name = match.group(1)
         reason = str(exc).split(" - at ")[0]
-        raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {reason} (got {raw.get(name)!r})") from None
+        shown = "" if name == "encryption_keys" else f" (got {raw.get(name)!r})"
+        raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {reason}{shown}") from None
+    if settings.encryption_keys is not None:
+        Keyring.parse(settings.encryption_keys)  # a malformed value fails here, at start-up
+    return settings

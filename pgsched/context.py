@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .crypto import Keyring
 from .jobs import Job
 from .validation import encode_json_object
 
 PROGRESS_MAX_BYTES = 256 * 1024
+# An encrypted checkpoint grows by a third (base64) and must still fit the column's limit.
+ENCRYPTED_PROGRESS_MAX_BYTES = PROGRESS_MAX_BYTES * 3 // 4 - 1024
 
 
 class RunSink(Protocol):
     """Where a context sends what the task reports (the worker implements it)."""
 
-    def log(self, job: Job, level: str, message: str) -> None: ...
+    def log(self, run: Context, level: str, message: str) -> None: ...
 
     def progress(self, job: Job, encoded: str) -> None: ...
 
@@ -28,6 +31,9 @@ class Context:
         self._sink = sink
         self._cancelled = False
         self._thread_busy = False  # a sync task's code is running in a worker thread
+        # Set by the worker for a job whose payloads are stored encrypted: what this run
+        # writes (checkpoints, log lines, result, error) is encrypted with it first.
+        self._keyring: Keyring | None = None
 
     @property
     def attempt(self) -> int:
@@ -40,20 +46,29 @@ class Context:
         return self.job.progress
 
     @property
+    def encrypted(self) -> bool:
+        """True when this job's payloads are stored encrypted (its args arrived decrypted)."""
+        return self._keyring is not None
+
+    @property
     def cancelled(self) -> bool:
         """True once the job should stop: cancelled, its lease lost, or the worker shutting down."""
         return self._cancelled
 
     def log(self, message: str, level: str = "info") -> None:
         """Write a line into this run's log (``pgsched.run_logs``)."""
-        self._sink.log(self.job, level, str(message))
+        self._sink.log(self, level, str(message))
 
     def set_progress(self, progress: dict[str, Any]) -> None:
         """Save a checkpoint (a JSON object, at most 256 KiB); a retried attempt reads it from ``ctx.progress``.
 
         It is written within milliseconds and always before the attempt's outcome.
         """
-        encoded = encode_json_object(progress, "progress", PROGRESS_MAX_BYTES)
+        if self._keyring is None:
+            encoded = encode_json_object(progress, "progress", PROGRESS_MAX_BYTES)
+        else:
+            plain = encode_json_object(progress, "progress", ENCRYPTED_PROGRESS_MAX_BYTES)
+            encoded = self._keyring.encrypt_encoded(plain, "progress")
         self.job.progress = progress
         self._sink.progress(self.job, encoded)
 

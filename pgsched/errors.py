@@ -48,3 +48,25 @@ class ConfigError(PgschedError):
 
 class SchemaError(PgschedError):
     """The database schema is missing, outdated, newer than this code, or was edited."""
+
+
+class EncryptionError(PgschedError):
+    """An encrypted payload cannot be read."""
+
+
+class MissingKeyError(EncryptionError):
+    """The envelope names a key id this process has no key for (PGSCHED_ENCRYPTION_KEYS)."""
+
+    def __init__(self, kid: str) -> None:
+        super().__init__(f"encryption key {kid!r} is not configured")
+        self.kid = kid
+
+
+class DecryptionError(EncryptionError):
+    """The envelope fails authentication: tampered with, moved from another field, or a wrong key."""
+
+    def __init__(self, field: str, kid: str | None) -> None:
+        key = f" with key {kid!r}" if kid else ""
+        super().__init__(f"{field}: the encrypted value cannot be decrypted{key} (tampered with, or moved)")
+        self.field = field
+        self.kid = kid

@@ -53,6 +53,10 @@ WHERE enabled AND NOT paused
   -- Schedules of command jobs fire only where this role may create such jobs (the jobs table's
   -- guard would refuse them, and with them the whole batch).
   AND (task NOT IN ('shell', 'http') OR pgsched.may_create_command_jobs(current_user))
+  -- A template stored in clear for a queue that now encrypts would be refused by the jobs insert
+  -- trigger, and with it the batch: it waits until its app writes it again, encrypted.
+  AND (args @> '{"pgsched_encrypted": 1}'
+       OR NOT EXISTS (SELECT 1 FROM pgsched.queues q WHERE q.name = pgsched.schedules.queue AND q.encrypt))
 ORDER BY next_run_at NULLS FIRST
 LIMIT %s
 FOR UPDATE SKIP LOCKED

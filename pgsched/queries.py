@@ -64,6 +64,9 @@ LIMIT %(limit)s
 
 QUEUE_STATS = "SELECT * FROM pgsched.queue_stats ORDER BY queue"
 
+# Queues that store encrypted payloads, read when an app connects (a handful of rows).
+ENCRYPTED_QUEUES = "SELECT name FROM pgsched.queues WHERE encrypt"
+
 # Task catalog: defaults of names the app does not define itself (primary key).
 CATALOG_DEFAULTS = "SELECT name, queue, options FROM pgsched.tasks WHERE name = ANY(%s)"
 

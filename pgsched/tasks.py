@@ -55,6 +55,7 @@ class Task(Generic[P, R]):
         backoff: Backoff,
         timeout: float | None,
         max_per_key: int | None = None,
+        encrypt: bool = False,
     ) -> None:
         if name in EXECUTOR_KINDS:
             raise ValidationError("name", f"{name!r} is a built-in executor kind; choose another task name")
@@ -68,6 +69,7 @@ class Task(Generic[P, R]):
             priority=priority,
             max_attempts=max_attempts,
             timeout=timeout,
+            encrypt=encrypt,
         )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.takes_context = _takes_context(fn)
@@ -131,6 +133,8 @@ class Task(Generic[P, R]):
             "max_attempts": self.defaults.max_attempts,
             "timeout": self.defaults.timeout,
             "backoff": msgspec.to_builtins(self.backoff),
+            # So that an app enqueueing this task by name encrypts its args too.
+            "encrypt": self.defaults.encrypt,
         }
         if self.max_per_key is not None:
             options["max_per_key"] = self.max_per_key
@@ -168,6 +172,7 @@ def make_task(
     backoff: Backoff | None,
     timeout: float | None,
     max_per_key: int | None = None,
+    encrypt: bool = False,
 ) -> Task[P, R]:
     """Validate ``@app.task`` options and build the Task."""
     task_name = name if name is not None else getattr(fn, "__name__", "")
@@ -175,6 +180,8 @@ def make_task(
         raise ValidationError("name", f"must be at most {NAME_MAX_LENGTH} characters")
     if backoff is not None and not isinstance(backoff, Backoff):
         raise ValidationError("backoff", "must be a pgsched.Backoff (Backoff.exponential, .fixed or .linear)")
+    if not isinstance(encrypt, bool):
+        raise ValidationError("encrypt", "must be true or false")
     return Task(
         app,
         fn,
@@ -185,4 +192,5 @@ def make_task(
         backoff=backoff or DEFAULT_BACKOFF,
         timeout=None if timeout is None else check_seconds(timeout, "timeout", allow_zero=False),
         max_per_key=None if max_per_key is None else check_int(max_per_key, "max_per_key", 1, MAX_INTEGER),
+        encrypt=encrypt,
     )

@@ -59,6 +59,7 @@ class TaskDefaults(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     max_attempts: int = 5
     timeout: float | None = None
+    encrypt: bool = False  # its jobs' payloads are stored encrypted (pgsched.crypto)
 
 
 class NewJob(msgspec.Struct, kw_only=True):
@@ -286,6 +287,7 @@ CONSTRAINT_FIELDS = {
     "jobs_queue_format": "queue",
     "jobs_args_object": "args",
     "jobs_args_size": "args",
+    "jobs_args_encrypted": "args",
     "jobs_result_size": "result",
     "jobs_progress_size": "progress",
     "jobs_error_size": "error",

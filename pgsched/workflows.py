@@ -16,7 +16,7 @@ anything is written. Nothing is inserted if the block raises.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -25,7 +25,7 @@ from . import queries
 from .db import Operation, Query
 from .errors import DuplicateJobError, ValidationError
 from .jobs import Job
-from .validation import TaskDefaults, check_dependencies, check_options, known_task, new_job
+from .validation import NewJob, TaskDefaults, check_dependencies, check_options, known_task, new_job
 
 if TYPE_CHECKING:
     from .client import App
@@ -119,14 +119,19 @@ class Workflow:
             await self.app._commit_workflow_async(self)
 
 
-def op_commit(workflow: Workflow, defaults: dict[str, TaskDefaults]) -> Operation[None]:
-    """Insert the workflow's jobs, each after its dependencies, under one workflow_id."""
+def op_commit(
+    workflow: Workflow, defaults: dict[str, TaskDefaults], seal: Callable[[NewJob, TaskDefaults], NewJob]
+) -> Operation[None]:
+    """Insert the workflow's jobs, each after its dependencies, under one workflow_id (``seal``
+    encrypts the args of those that store them encrypted)."""
     nodes = workflow.order()
     planned = []
     for node in nodes:
         try:
             check_options(node.options)
-            job = new_job(node.task, node.args, known_task(defaults, node.task), **node.options)
+            job = seal(
+                new_job(node.task, node.args, known_task(defaults, node.task), **node.options), defaults[node.task]
+            )
             external = check_dependencies(node.external)
         except ValidationError as exc:
             raise ValidationError(f"jobs[{node.index}].{exc.field}", exc.message) from None
@@ -136,6 +141,7 @@ def op_commit(workflow: Workflow, defaults: dict[str, TaskDefaults]) -> Operatio
         job.depends_on = [*(up.job.id for up in node.upstream if up.job), *external]  # inserted before
         try:
             (node.job,) = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
+            node.job = workflow.app._readable(node.job)
         except DuplicateJobError:
             raise
         except ValidationError as exc:

@@ -291,10 +291,23 @@ def test_a_key_at_its_cap_is_passed_over(conn: psycopg.Connection[Any]) -> None:
 # -- pause and resume with a running worker ----------------------------------------------------------
 
 
-def test_pause_stops_claims_and_resume_wakes_the_worker_at_once(controls_app: pgsched.App) -> None:
+def listening(conn: psycopg.Connection[Any]) -> bool:
+    """The worker's listener has subscribed to every channel (its last statement is the last LISTEN)."""
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query = 'LISTEN pgsched_queue_settings'"
+        ).fetchone()
+    )
+
+
+def test_pause_stops_claims_and_resume_wakes_the_worker_at_once(
+    controls_app: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
     async def scenario() -> None:
-        # Polling every two minutes: only the settings notice can make resume this quick.
-        worker, task = await _start(controls_app, queues="capped", poll_seconds=120)
+        # Polling and heartbeats every two minutes: only the settings notices can make this quick.
+        worker, task = await _start(controls_app, queues="capped", poll_seconds=120, heartbeat_seconds=20)
+        await wait_until_async(lambda: listening(conn), timeout=5, message="the worker listening")
         await controls_app.pause_queue_async("capped")
         await wait_until_async(lambda: "capped" in worker._paused, timeout=2, message="the worker heard the pause")
         job = await controls_app.enqueue_async("work")

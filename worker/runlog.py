@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pgsched.context import Context
+from pgsched.crypto import Keyring
 from pgsched.jobs import Job
 
 MAX_LINES_PER_RUN = 1000
@@ -17,9 +19,9 @@ MAX_BYTES_PER_RUN = 256 * 1024
 MAX_LINE_BYTES = 16 * 1024
 MAX_CLOSED_RUNS = 10_000
 
-# The job whose task is executing in this context (set by the runtime, copied
-# into the threads of sync tasks), so log records can be attributed to it.
-current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar("pgsched_current_job", default=None)
+# The run whose task is executing in this context (set by the runtime, copied
+# into the threads of sync tasks), so log records can be attributed to its job.
+current_run: contextvars.ContextVar[Context | None] = contextvars.ContextVar("pgsched_current_run", default=None)
 
 
 @dataclass
@@ -40,11 +42,12 @@ class RunLogBuffer:
     # Runs that ended recently, oldest first: lines for them are dropped.
     closed: dict[tuple[int, int], None] = field(default_factory=dict)
 
-    def add(self, job: Job, stream: str, level: str | None, message: str) -> None:
+    def add(self, job: Job, stream: str, level: str | None, message: str, keyring: Keyring | None = None) -> None:
+        """Buffer one line; with ``keyring`` (an encrypted job's) it is stored encrypted."""
         with self.lock:
-            self._add(job, stream, level, message)
+            self._add(job, stream, level, message, keyring)
 
-    def _add(self, job: Job, stream: str, level: str | None, message: str) -> None:
+    def _add(self, job: Job, stream: str, level: str | None, message: str, keyring: Keyring | None) -> None:
         key = (job.id, job.attempts)
         if key in self.closed:
             return  # the run ended (an abandoned thread may still write): its log is closed
@@ -58,9 +61,11 @@ class RunLogBuffer:
             return
         budget.lines += 1
         budget.bytes += len(encoded)
+        if keyring is not None:
+            message = keyring.encrypt_text(message, "message")
         self.rows.append((job.id, job.attempts, datetime.now(timezone.utc), stream, level, message))
 
-    def finish(self, job: Job) -> None:
+    def finish(self, job: Job, keyring: Keyring | None = None) -> None:
         """The run ended: write the truncation marker if lines were dropped, and forget its budget."""
         with self.lock:
             budget = self.budgets.pop((job.id, job.attempts), None)
@@ -68,17 +73,13 @@ class RunLogBuffer:
             if len(self.closed) > MAX_CLOSED_RUNS:
                 del self.closed[next(iter(self.closed))]
         if budget and budget.dropped:
-            self.rows.append(
-                (
-                    job.id,
-                    job.attempts,
-                    datetime.now(timezone.utc),
-                    "system",
-                    "warning",
-                    f"[pgsched] log truncated: {budget.dropped} more line(s) dropped "
-                    f"(cap {MAX_LINES_PER_RUN} lines / {MAX_BYTES_PER_RUN} bytes per run)",
-                )
+            marker = (
+                f"[pgsched] log truncated: {budget.dropped} more line(s) dropped "
+                f"(cap {MAX_LINES_PER_RUN} lines / {MAX_BYTES_PER_RUN} bytes per run)"
             )
+            if keyring is not None:  # every line of an encrypted job's log is an envelope
+                marker = keyring.encrypt_text(marker, "message")
+            self.rows.append((job.id, job.attempts, datetime.now(timezone.utc), "system", "warning", marker))
 
     def take(self) -> dict[str, list[Any]] | None:
         """The pending rows as INSERT_LOGS parameters, or None; the buffer is emptied."""
@@ -99,10 +100,10 @@ class TaskLogHandler(logging.Handler):
         self.buffer = buffer
 
     def emit(self, record: logging.LogRecord) -> None:
-        job = current_job.get()
-        if job is None or record.name.startswith("pgsched."):
+        run = current_run.get()
+        if run is None or record.name.startswith("pgsched."):
             return
         try:
-            self.buffer.add(job, "log", record.levelname.lower(), self.format(record))
+            self.buffer.add(run.job, "log", record.levelname.lower(), self.format(record), run._keyring)
         except Exception:  # a log line must never break the task
             self.handleError(record)

@@ -41,15 +41,17 @@ from pgsched.backoff import DEFAULT_BACKOFF
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
+from pgsched.crypto import Keyring, is_envelope, kid_of
 from pgsched.db import configure_async
+from pgsched.errors import EncryptionError, MissingKeyError
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
 from .executors import NotRetryable, run_http, run_python, run_shell
-from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
-from .runlog import RunLogBuffer, TaskLogHandler, current_job
+from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome, sealed
+from .runlog import RunLogBuffer, TaskLogHandler, current_run
 
 log = logging.getLogger("pgsched.worker")
 
@@ -198,9 +200,13 @@ class Worker:
         while not self._stopping.is_set():
             free = self.capacity - self.active
             if free > 0 and (free >= batch or not self._busy):
+                # Burst mode ends on an empty claim only if nothing was held when it began: an
+                # outcome written during the claim (after its snapshot) may have freed a capped
+                # slot or released a dependent that this claim could not see.
+                held_before = bool(self.held)
                 got = await self._claim(free)
                 self._busy = got == free
-                if self.options.burst and got == 0 and not self.held:
+                if self.options.burst and got == 0 and not held_before and not self.held:
                     return
                 if self._busy and self.capacity - self.active >= batch:
                     continue
@@ -325,7 +331,7 @@ class Worker:
         # The attempt started when it was claimed (attempts are counted there, and the rate
         # limit counts claims): history records that instant, on the database clock.
         started = job.started_at or datetime.now(timezone.utc)
-        current_job.set(job)
+        current_run.set(ctx)
         # The job runs in this slot's own task: stopping it means cancelling this task
         # after setting ctx.cancelled (see _outcome), which costs no task per job.
         slot = asyncio.current_task()
@@ -335,8 +341,8 @@ class Worker:
             outcome = await self._outcome(job, ctx, started)
         finally:
             self.running.pop(job.id, None)
-            current_job.set(None)
-            self.logs.finish(job)
+            current_run.set(None)
+            self.logs.finish(job, ctx._keyring)
             self.active -= 1
             if self._busy or self.options.burst:
                 # More jobs were waiting at the last claim: claim again now that a slot is free.
@@ -345,7 +351,7 @@ class Worker:
                 self._wake.set()
         if outcome is not None:
             outcome.finished_at = self._db_now(job)
-            self.pending.append(outcome)
+            self.pending.append(outcome if ctx._keyring is None else sealed(outcome, ctx._keyring))
             # A capped job's slot frees only when its outcome is written: no gathering delay.
             self._flush_urgent = self._flush_urgent or self._is_limited(job)
             self._flush_now.set()
@@ -354,7 +360,7 @@ class Worker:
         if job.task == "shell":
             if not await self._creator_may_run_commands(job):
                 raise NotRetryable(f"role {job.created_by!r} may not create shell jobs")
-            return await run_shell(job.args, lambda stream, line: self.logs.add(job, stream, None, line))
+            return await run_shell(job.args, lambda stream, line: self.logs.add(job, stream, None, line, ctx._keyring))
         if job.task == "http":
             if not await self._creator_may_run_commands(job):
                 raise NotRetryable(f"role {job.created_by!r} may not create http jobs")
@@ -376,6 +382,11 @@ class Worker:
 
     async def _outcome(self, job: Job, ctx: Context, started: datetime) -> Outcome | None:
         """Run the attempt and classify how it ended (None: not ours to record any more)."""
+        try:
+            ctx._keyring = self._open_payloads(job, ctx)
+        except EncryptionError as exc:
+            # Not retried: another attempt on a worker without the key fails the same way.
+            return self._failure(job, started, "failed", str(exc), final=True)
         timeout = _timeout(job)
         try:
             async with asyncio.timeout(timeout):
@@ -405,14 +416,36 @@ class Worker:
             return self._failure(job, started, "failed", text)
         return result_outcome(job, started, value)
 
+    def _open_payloads(self, job: Job, ctx: Context) -> Keyring | None:
+        """Decrypt an encrypted job's args and checkpoint in place, and return the keyring that
+        encrypts what its run writes; None for a job stored in clear."""
+        task = self.app.tasks.get(job.task)
+        declared = (task is not None and task.defaults.encrypt) or job.queue in self.app.encrypted_queues
+        if not (declared or is_envelope(job.args)):
+            return None
+        keyring = self.app.keyring
+        if keyring is None and not is_envelope(job.args):
+            raise EncryptionError("this job is stored encrypted, but no encryption key is configured on this worker")
+        try:
+            if keyring is None:
+                raise MissingKeyError(str(kid_of(job.args)))
+            job.args = keyring.decrypt(job.args, "args")
+            job.progress = keyring.decrypt(job.progress, "progress")
+        except MissingKeyError as exc:
+            raise EncryptionError(f"encryption key {exc.kid!r} is not configured on this worker") from None
+        for job_id, result in ctx.dependency_results.items():
+            with contextlib.suppress(MissingKeyError):  # a dependency encrypted with a key we lack stays sealed
+                ctx.dependency_results[job_id] = keyring.decrypt(result, "result")
+        return keyring
+
     def _failure(self, job: Job, started: datetime, outcome: str, error: str, **options: Any) -> Outcome:
         task = self.app.tasks.get(job.task)
         return failure(job, started, outcome, error, task.backoff if task else DEFAULT_BACKOFF, **options)
 
     # -- RunSink (what a Context reports) ------------------------------------------------------
 
-    def log(self, job: Job, level: str, message: str) -> None:
-        self.logs.add(job, "log", level, message)
+    def log(self, run: Context, level: str, message: str) -> None:
+        self.logs.add(run.job, "log", level, message, run._keyring)
 
     def progress(self, job: Job, encoded: str) -> None:
         # Called from task threads too: hand the write to the event loop.
