@@ -90,6 +90,9 @@ def _cap(value: str | None) -> Any:
 @click.option("--rate", help="At most N starts per second, minute or hour, e.g. 100/minute ('none' clears).")
 @click.option("--max-per-key", help="At most N running jobs per concurrency_key ('none' clears).")
 @click.option("--fair/--no-fair", default=None, help="Alternate claims between owners and concurrency keys.")
+@click.option(
+    "--encrypt/--no-encrypt", default=None, help="Store new jobs' payloads encrypted (PGSCHED_ENCRYPTION_KEYS)."
+)
 @CREATE_FLAG
 @JSON_FLAG
 @with_settings()
@@ -101,10 +104,11 @@ def set_controls(settings: Settings, name: str, create: bool, as_json: bool, **o
             changes[option] = _cap(options[option])
     if options["rate"] is not None:
         changes["rate"] = None if options["rate"].lower() == "none" else options["rate"]
-    if options["fair"] is not None:
-        changes["fair"] = options["fair"]
+    for flag in ("fair", "encrypt"):
+        if options[flag] is not None:
+            changes[flag] = options[flag]
     if not changes:
-        raise click.UsageError("give at least one of --max-running, --rate, --max-per-key, --fair/--no-fair")
+        raise click.UsageError("give at least one of --max-running, --rate, --max-per-key, --fair, --encrypt")
     with App(settings=settings) as app:
         _print_settings([app.configure_queue(name, create=create, **changes)], as_json)
 

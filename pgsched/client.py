@@ -593,12 +593,22 @@ class App:
         return self._execute(queues.op_list(), None)
 
     def configure_queue(self, name: str, *, create: bool = False, **settings: Any) -> QueueSettings:
-        """Change a queue's ``max_running``, ``rate`` (``"100/minute"``), ``max_per_key`` or ``fair``;
-        ``None`` clears one, settings not given stay. An unknown queue is refused unless ``create``."""
-        return self._execute(queues.op_configure(name, settings, create=create), None)
+        """Change a queue's ``max_running``, ``rate`` (``"100/minute"``), ``max_per_key``, ``fair`` or
+        ``encrypt``; ``None`` clears one, settings not given stay. An unknown queue is refused unless
+        ``create``."""
+        return self._note_encryption(self._execute(queues.op_configure(name, settings, create=create), None))
 
     async def configure_queue_async(self, name: str, *, create: bool = False, **settings: Any) -> QueueSettings:
-        return await self._execute_async(queues.op_configure(name, settings, create=create), None)
+        op = queues.op_configure(name, settings, create=create)
+        return self._note_encryption(await self._execute_async(op, None))
+
+    def _note_encryption(self, settings: QueueSettings) -> QueueSettings:
+        # This app's own enqueues follow the change at once (others read it when they connect).
+        if settings.encrypt:
+            self.encrypted_queues |= {settings.name}
+        else:
+            self.encrypted_queues -= {settings.name}
+        return settings
 
     def pause_queue(self, name: str, *, create: bool = False) -> QueueSettings:
         """Stop every worker claiming from the queue (within a second); running jobs finish, enqueue works."""

@@ -22,8 +22,8 @@ from .validation import MAX_INTEGER, QUEUE_PATTERN, check_int, check_name
 
 RATE_UNITS = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+?)s?\s*$")
-# Fields of configure_queue; each None clears the setting (fair: False).
-SETTINGS = ("max_running", "rate", "max_per_key", "fair")
+# Fields of configure_queue; each None clears the setting (fair, encrypt: False).
+SETTINGS = ("max_running", "rate", "max_per_key", "fair", "encrypt")
 
 
 class QueueSettings(msgspec.Struct, kw_only=True):
@@ -67,9 +67,9 @@ UNION SELECT unnest(queues) FROM pgsched.workers
 """
 
 UPSERT = """
-INSERT INTO pgsched.queues AS q (name, paused, max_running, rate_limit, rate_period, max_per_key, fair)
+INSERT INTO pgsched.queues AS q (name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt)
 VALUES (%(name)s, COALESCE(%(paused)s, false), %(max_running)s, %(rate_limit)s, %(rate_period)s,
-        %(max_per_key)s, COALESCE(%(fair)s, false))
+        %(max_per_key)s, COALESCE(%(fair)s, false), COALESCE(%(encrypt)s, false))
 ON CONFLICT (name) DO UPDATE SET
     paused = COALESCE(%(paused)s, q.paused),
     max_running = CASE WHEN %(set_max_running)s THEN excluded.max_running ELSE q.max_running END,
@@ -77,6 +77,7 @@ ON CONFLICT (name) DO UPDATE SET
     rate_period = CASE WHEN %(set_rate)s THEN excluded.rate_period ELSE q.rate_period END,
     max_per_key = CASE WHEN %(set_max_per_key)s THEN excluded.max_per_key ELSE q.max_per_key END,
     fair = COALESCE(%(fair)s, q.fair),
+    encrypt = COALESCE(%(encrypt)s, q.encrypt),
     updated_at = pgsched.now()
 RETURNING name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt
 """
@@ -122,10 +123,11 @@ def op_configure(name: str, changes: dict[str, Any], *, create: bool) -> Operati
     unknown = set(changes) - {"paused", *SETTINGS}
     if unknown:
         raise ValidationError(sorted(unknown)[0], f"is not a queue setting (settings: paused, {', '.join(SETTINGS)})")
-    params: dict[str, Any] = {"name": name, "paused": None, "fair": None, "rate_limit": None, "rate_period": None}
-    for flag in ("paused", "fair"):
+    params: dict[str, Any] = {"name": name, "rate_limit": None, "rate_period": None}
+    for flag in ("paused", "fair", "encrypt"):
+        params[flag] = None
         if flag in changes:
-            value = False if flag == "fair" and changes[flag] is None else changes[flag]
+            value = False if flag != "paused" and changes[flag] is None else changes[flag]
             if not isinstance(value, bool):
                 raise ValidationError(flag, f"must be true or false, not {value!r}")
             params[flag] = value

@@ -180,6 +180,16 @@ def test_settings_change_only_what_is_given_and_none_clears(app: pgsched.App) ->
     assert [s.name for s in app.list_queue_settings()] == ["q"]
 
 
+def test_configuring_encrypt_applies_to_this_apps_next_enqueue(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    app.open()
+    assert app.configure_queue("vault", create=True, encrypt=True).encrypt
+    assert app.encrypted_queues == {"vault"}
+    with pytest.raises(ValidationError, match="no key is configured") as refused:
+        app.enqueue("shell", {"cmd": ["true"]}, queue="vault")
+    assert refused.value.field == "args" and row_counts(conn)["jobs"] == 0
+    assert not app.configure_queue("vault", encrypt=None).encrypt and app.encrypted_queues == frozenset()
+
+
 # -- the claim statements --------------------------------------------------------------------------
 
 
