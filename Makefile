@@ -39,7 +39,7 @@ lint: install-test
 
 ## test: lint, then the whole suite in parallel
 test: lint
-	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## bench: the benchmarks of bench/ (they print figures; they never fail on time)
 bench: install-test

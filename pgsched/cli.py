@@ -252,7 +252,10 @@ def worker(settings: Settings) -> None:
 async def _run_worker(app: App, settings: Settings, already_stopped: threading.Event | None = None) -> Any:
     from pgsched.worker.serve import serve
 
-    return await serve(app, settings, stopped=already_stopped)
+    try:
+        return await serve(app, settings, stopped=already_stopped)
+    finally:
+        await app.close_async_pool()  # the loop ends with this coroutine (asyncio.run)
 
 
 @main.command()

@@ -262,10 +262,16 @@ class App:
         self._schema_checked = False
 
     async def close_async(self) -> None:
+        """Close both pools."""
+        await self.close_async_pool()
+        self.close()
+
+    async def close_async_pool(self) -> None:
+        """Close the async pool only. Whoever runs an event loop that opened it should, before the
+        loop ends: the loop's teardown cancels the pool's tasks, and one caught connecting can hang it."""
         if self._async_pool is not None:
             await self._async_pool.close()
             self._async_pool = None
-        self.close()
 
     def __enter__(self) -> App:
         return self.open()
@@ -454,7 +460,14 @@ class App:
         ``concurrency=4``, ``with_scheduler=True``, ...). In the main thread, SIGTERM and Ctrl-C
         stop it gracefully (as ``pgsched worker``). Returns the worker's stats."""
         signals = threading.current_thread() is threading.main_thread()
-        return asyncio.run(self._serve(options, signals=signals))
+
+        async def serve_in_own_loop() -> Any:
+            try:
+                return await self._serve(options, signals=signals)
+            finally:
+                await self.close_async_pool()  # this loop ends here
+
+        return asyncio.run(serve_in_own_loop())
 
     async def run_worker_async(self, **options: Any) -> Any:
         """``run_worker`` inside a running event loop (signal handling is the caller's)."""

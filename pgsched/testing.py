@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
+import inspect
 import os
 from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -399,6 +401,28 @@ def resolve_test_database(config: pytest.Config) -> str:
     with connect(dsn) as conn:
         migrations.migrate(conn)
     return dsn
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[None]:
+    """An async test that uses the kit closes the app's async pool before its event loop ends:
+    an open pool's tasks, cancelled when the loop closes, can hang it (a worker caught connecting)."""
+    kit = pyfuncitem.funcargs.get("pgsched_kit")
+    test = pyfuncitem.obj
+    if isinstance(kit, Kit) and inspect.iscoroutinefunction(test):
+
+        @functools.wraps(test)
+        async def closing_the_pool(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await test(*args, **kwargs)
+            finally:
+                await kit.app.close_async()
+
+        pyfuncitem.obj = closing_the_pool
+    try:
+        yield
+    finally:
+        pyfuncitem.obj = test
 
 
 @pytest.fixture(scope="session")

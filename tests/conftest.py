@@ -148,6 +148,11 @@ def row_counts(connection: psycopg.Connection[Any]) -> dict[str, int]:
     return {t: connection.execute(f"SELECT count(*) FROM pgsched.{t}").fetchone()[0] for (t,) in tables}
 
 
+# Tests that start many worker processes run one after the other on one xdist worker
+# (make test uses --dist loadgroup), so that two of them never share the machine's cores.
+HEAVY = pytest.mark.xdist_group("worker-processes")
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout`` seconds."""
     import time

@@ -327,7 +327,7 @@ def test_cancel_stops_a_running_job(tasks: pgsched.App, conn: psycopg.Connection
         job = await tasks.enqueue_async("sleep", {"seconds": 60})
         await wait_until_async(lambda: _is(tasks, job.id, "running"), message="running")
         await tasks.cancel_async(job.id, "operator said stop")
-        await wait_until_async(lambda: _is(tasks, job.id, "cancelled"), timeout=3, message="cancelled")
+        await wait_until_async(lambda: _is(tasks, job.id, "cancelled"), timeout=10, message="cancelled")
         worker.stop()
         await task
 

@@ -17,7 +17,7 @@ import pytest
 import pgsched
 
 from .apps import extra, sample
-from .conftest import wait_until
+from .conftest import HEAVY, wait_until
 from .processes import PgschedProcess
 from .test_executors import alive
 
@@ -268,6 +268,7 @@ def test_a_zombie_workers_late_completion_is_fenced(
 # -- the supervisor (--processes N) ----------------------------------------------------------------
 
 
+@HEAVY
 def test_four_processes_drain_ten_thousand_jobs_exactly_once(
     client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
 ) -> None:
