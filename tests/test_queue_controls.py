@@ -336,10 +336,9 @@ def test_pause_stops_claims_and_resume_wakes_the_worker_at_once(
         await controls_app.pause_queue_async("capped")
         await wait_until_async(lambda: "capped" in worker._paused, timeout=2, message="the worker heard the pause")
         job = await controls_app.enqueue_async("work")
-        claims = worker.stats.claims
         await asyncio.sleep(1.0)  # the enqueue's wake-up arrives: the worker must not claim from a paused queue
         assert (await controls_app.get_async(job.id)).state == "queued"
-        assert worker.stats.claimed == 0 and worker.stats.claims >= claims
+        assert worker.stats.claimed == 0
         await controls_app.resume_queue_async("capped")
         await wait_until_async(
             lambda: _is(controls_app, job.id, "succeeded"), timeout=3, message="the job ran after resume"
@@ -437,7 +436,7 @@ def test_a_rate_limited_worker_waits_for_the_next_start_instead_of_polling(
         starts = [s for s, _ in run_intervals(conn, "capped")]
         assert tightest_window(starts, 4) >= timedelta(seconds=1)
         # Three windows of four: a claim when each opens (plus wake-ups for freed slots), not a poll loop.
-        assert stats.claims < 30, stats
+        assert 3 <= stats.claims < 30, stats
 
     asyncio.run(scenario())
 

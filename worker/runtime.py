@@ -249,6 +249,7 @@ class Worker:
             "worker": self.id,
             "lease": self.options.lease_seconds,
         }
+        self.stats.claims += 1
         try:
             async with self._pool.connection() as conn, conn.cursor(row_factory=_claimed_row) as cur:
                 await cur.execute(sql, params)
