@@ -417,3 +417,25 @@ def test_worker_runs_jobs_but_cannot_read_accounts(login_as: Any, conn: psycopg.
     for sql in ("SELECT * FROM pgsched.users", "SELECT * FROM pgsched.api_tokens", "SELECT * FROM pgsched.audit_log"):
         assert refused(worker, sql), sql
     assert refused(worker, """INSERT INTO pgsched.jobs (task, args) VALUES ('shell', '{"cmd": ["id"]}')""")
+
+
+def test_a_worker_role_claims_from_controlled_queues_but_cannot_change_them(
+    login_as: Any, conn: psycopg.Connection[Any]
+) -> None:
+    from pgsched.worker.queries import CLAIM_CONTROLLED
+
+    conn.execute("INSERT INTO pgsched.tasks (name, options) VALUES ('keyed', '{\"max_per_key\": 1}')")
+    conn.execute(
+        "INSERT INTO pgsched.queues (name, max_running, rate_limit, rate_period, max_per_key, fair)"
+        " VALUES ('q', 5, 10, '1 minute', 2, true)"
+    )
+    conn.execute(
+        "INSERT INTO pgsched.jobs (task, queue, owner, concurrency_key)"
+        " SELECT 'keyed', 'q', 'o' || (i % 2), 'k' || (i % 3) FROM generate_series(1, 20) i"
+    )
+    worker = login_as("pgsched_worker")
+    params = {"queues": ["q"], "tasks": ["keyed"], "limit": 10, "worker": uuid.uuid4(), "lease": 30.0}
+    claimed = [row for row in worker.execute(CLAIM_CONTROLLED, params).fetchall() if row[0] is not None]
+    assert len(claimed) == 3  # one per key: the task's max_per_key is below the queue's
+    assert one(conn, "SELECT count(*) FROM pgsched.queue_starts WHERE queue = 'q'") == 3
+    assert refused(worker, "UPDATE pgsched.queues SET paused = true WHERE name = 'q'")

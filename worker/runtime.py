@@ -288,6 +288,7 @@ class Worker:
         params = {"queues": list(self.options.queue_list), "tasks": self.runnable}
         async with self._pool.connection() as conn:
             rows = await (await conn.execute(queries.CONTROLS, params)).fetchall()
+        before = (self._paused, self._controlled, self._keyed_tasks)
         paused = {name for kind, name, is_paused, _ in rows if kind == "queue" and is_paused}
         self._controlled = {name for kind, name, _, on in rows if kind == "queue" and on}
         self._keyed_tasks = {t.name for t in self.app.tasks.values() if t.max_per_key is not None}
@@ -295,7 +296,8 @@ class Worker:
         newly_paused, self._paused = paused - self._paused, paused
         if newly_paused:
             await self._release_waiting(newly_paused)
-        self._wake.set()  # resumed or newly limited queues: claim with the new view at once
+        if (self._paused, self._controlled, self._keyed_tasks) != before:
+            self._wake.set()  # resumed, or limits changed: claim with the new view at once
 
     async def _release_waiting(self, queues: set[str]) -> None:
         """Give back the claimed-but-not-started jobs of these (just paused) queues."""
@@ -602,6 +604,7 @@ class Worker:
                             continue
                         elif note.channel == "pgsched_queue_settings":
                             await self._read_controls()
+                            self._wake.set()  # a cap may have grown: claim under the new settings
                         else:
                             self._wake.set()
             except psycopg.Error as exc:
