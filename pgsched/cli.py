@@ -201,7 +201,7 @@ def up(settings: Settings) -> None:
     click.echo("  running:    database, migrations, worker, scheduler (Ctrl-C stops)")
     sys.stdout.flush()
     app.settings = msgspec.structs.replace(app.settings, with_scheduler=True)
-    asyncio.run(_run_worker(app, app.settings, already_stopped=stop))
+    app._run_worker_in_own_loop(app.settings, stopped=stop)
     app.close()
     click.echo("pgsched stopped")
 
@@ -235,7 +235,7 @@ def worker(settings: Settings) -> None:
 
         sys.exit(supervise(settings))
     app = load_app(settings)
-    stats = asyncio.run(_run_worker(app, settings))
+    stats = app._run_worker_in_own_loop(settings)
     if settings.burst:
         click.echo(
             f"done: {stats.claimed} claimed, {stats.succeeded} succeeded, {stats.failed} failed, "
@@ -247,15 +247,6 @@ def worker(settings: Settings) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-async def _run_worker(app: App, settings: Settings, already_stopped: threading.Event | None = None) -> Any:
-    from pgsched.worker.serve import serve
-
-    try:
-        return await serve(app, settings, stopped=already_stopped)
-    finally:
-        await app.close_async_pool()  # the loop ends with this coroutine (asyncio.run)
 
 
 @main.command()

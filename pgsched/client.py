@@ -267,8 +267,7 @@ class App:
         self.close()
 
     async def close_async_pool(self) -> None:
-        """Close the async pool only. Whoever runs an event loop that opened it should, before the
-        loop ends: the loop's teardown cancels the pool's tasks, and one caught connecting can hang it."""
+        """Close the async pool only (before the event loop that opened it ends)."""
         if self._async_pool is not None:
             await self._async_pool.close()
             self._async_pool = None
@@ -460,24 +459,31 @@ class App:
         ``concurrency=4``, ``with_scheduler=True``, ...). In the main thread, SIGTERM and Ctrl-C
         stop it gracefully (as ``pgsched worker``). Returns the worker's stats."""
         signals = threading.current_thread() is threading.main_thread()
-
-        async def serve_in_own_loop() -> Any:
-            try:
-                return await self._serve(options, signals=signals)
-            finally:
-                await self.close_async_pool()  # this loop ends here
-
-        return asyncio.run(serve_in_own_loop())
+        return self._run_worker_in_own_loop(replace_settings(self.settings, **options), signals=signals)
 
     async def run_worker_async(self, **options: Any) -> Any:
         """``run_worker`` inside a running event loop (signal handling is the caller's)."""
-        return await self._serve(options, signals=False)
+        return await self._serve(replace_settings(self.settings, **options), signals=False)
 
-    async def _serve(self, options: dict[str, Any], *, signals: bool) -> Any:
+    def _run_worker_in_own_loop(self, settings: Settings, *, signals: bool = True, stopped: Any = None) -> Any:
+        """Run the worker in an event loop of its own (``run_worker``, ``pgsched worker``, ``up``).
+        The loop ends here, so the app's async pool, which the worker and its tasks opened in it,
+        is closed inside it first: the loop's teardown cancels a pool's tasks, and one caught
+        connecting can hang it."""
+
+        async def serve_then_close() -> Any:
+            try:
+                return await self._serve(settings, signals=signals, stopped=stopped)
+            finally:
+                await self.close_async_pool()
+
+        return asyncio.run(serve_then_close())
+
+    async def _serve(self, settings: Settings, *, signals: bool, stopped: Any = None) -> Any:
         # Imported by name at call time: the worker depends on the core, never the other way
         # round (import-linter checks static imports), and an app that only enqueues never loads it.
         worker = importlib.import_module("pgsched.worker.serve")
-        return await worker.serve(self, replace_settings(self.settings, **options), signals=signals)
+        return await worker.serve(self, settings, signals=signals, stopped=stopped)
 
     # -- public client API -----------------------------------------------------------------
 
