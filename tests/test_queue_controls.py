@@ -334,7 +334,9 @@ def test_pause_stops_claims_and_resume_wakes_the_worker_at_once(
         worker, task = await _start(controls_app, queues="capped", poll_seconds=120, heartbeat_seconds=20)
         await wait_until_async(lambda: listening(conn), timeout=5, message="the worker listening")
         await controls_app.pause_queue_async("capped")
-        await wait_until_async(lambda: "capped" in worker._paused, timeout=2, message="the worker heard the pause")
+        await wait_until_async(
+            lambda: "capped" in worker.controls.paused, timeout=2, message="the worker heard the pause"
+        )
         job = await controls_app.enqueue_async("work")
         await asyncio.sleep(1.0)  # the enqueue's wake-up arrives: the worker must not claim from a paused queue
         assert (await controls_app.get_async(job.id)).state == "queued"

@@ -49,6 +49,7 @@ from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
+from .controls import Controls, claimed_row
 from .executors import NotRetryable, run_http, run_python, run_shell
 from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome, sealed
 from .runlog import RunLogBuffer, TaskLogHandler, current_run
@@ -95,12 +96,7 @@ class Worker:
         self._lost: set[int] = set()
         self._cancel_before_start: set[int] = set()
         self._busy = False  # the last claim got all it asked for: the queues have more
-        # Queue controls (pgsched.queues, tasks' max_per_key), as last read: they only route
-        # claims; the claim statements enforce them, so a stale view is never unsafe.
-        self._paused: set[str] = set()
-        self._controlled: set[str] = set()
-        self._keyed_tasks: set[str] = {t.name for t in app.tasks.values() if t.max_per_key is not None}
-        self._controlled_first = False
+        self.controls = Controls({t.name for t in app.tasks.values() if t.max_per_key is not None})
         self._flush_urgent = False
         self._arrived: dict[int, float] = {}  # job id -> monotonic time its claim returned
         self._pool: Any = None
@@ -131,7 +127,6 @@ class Worker:
         logging.getLogger().addHandler(handler)
         try:
             await self._heartbeat_once()
-            await self._read_controls()
             log.info(
                 "worker %s started: queues %s, concurrency %d",
                 self.id,
@@ -215,27 +210,10 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll)
 
-    def _claims(self) -> list[tuple[str, list[str], list[str]]]:
-        """The claim statements to run, with their queues and tasks: the plain claim for queues
-        without controls (and tasks without max_per_key), claim_controlled for the rest."""
-        self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
-        plain = [q for q in self._queues if q not in self._controlled]
-        controlled = [q for q in self._queues if q in self._controlled and q not in self._paused]
-        keyed = [t for t in self.runnable if t in self._keyed_tasks]
-        claims = [(queries.CLAIM, plain, [t for t in self.runnable if t not in self._keyed_tasks])]
-        if keyed and plain:
-            claims.append((queries.CLAIM_CONTROLLED, plain, keyed))
-        if controlled:
-            # Alternate which kind goes first, so that neither starves the other.
-            self._controlled_first = not self._controlled_first
-            claims.insert(
-                0 if self._controlled_first else len(claims), (queries.CLAIM_CONTROLLED, controlled, self.runnable)
-            )
-        return [c for c in claims if c[1] and c[2]]
-
     async def _claim(self, limit: int) -> int:
         got = 0
-        for sql, queues, tasks in self._claims():
+        self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
+        for sql, queues, tasks in self.controls.claims(self._queues, self.runnable):
             if got >= limit:
                 break
             got += await self._claim_from(sql, queues, tasks, limit - got)
@@ -251,7 +229,7 @@ class Worker:
         }
         self.stats.claims += 1
         try:
-            async with self._pool.connection() as conn, conn.cursor(row_factory=_claimed_row) as cur:
+            async with self._pool.connection() as conn, conn.cursor(row_factory=claimed_row) as cur:
                 await cur.execute(sql, params)
                 claimed = await cur.fetchall()
         except psycopg.Error as exc:
@@ -274,9 +252,6 @@ class Worker:
         self.stats.claimed += count
         return count
 
-    def _is_limited(self, job: Job) -> bool:
-        return job.queue in self._controlled or job.task in self._keyed_tasks
-
     def _db_now(self, job: Job) -> datetime:
         """Now on the database clock, for this job's history: its claim's time plus what has elapsed
         here since (host clocks are never trusted, DESIGN §8 "Time")."""
@@ -284,19 +259,19 @@ class Worker:
         return job.started_at + timedelta(seconds=time.monotonic() - self._arrived.get(job.id, time.monotonic()))
 
     async def _read_controls(self) -> None:
-        """Re-read which queues are paused or controlled and which tasks have a max_per_key."""
-        params = {"queues": list(self.options.queue_list), "tasks": self.runnable}
+        """Re-read the queue controls (at start and on a settings notice; heartbeats read them too)."""
         async with self._pool.connection() as conn:
-            rows = await (await conn.execute(queries.CONTROLS, params)).fetchall()
-        before = (self._paused, self._controlled, self._keyed_tasks)
-        paused = {name for kind, name, is_paused, _ in rows if kind == "queue" and is_paused}
-        self._controlled = {name for kind, name, _, on in rows if kind == "queue" and on}
-        self._keyed_tasks = {t.name for t in self.app.tasks.values() if t.max_per_key is not None}
-        self._keyed_tasks |= {name for kind, name, _, _ in rows if kind == "task"}
-        newly_paused, self._paused = paused - self._paused, paused
+            rows = await (await conn.execute(queries.CONTROLS, self._controls_params())).fetchall()
+        await self._apply_controls(rows)
+
+    def _controls_params(self) -> dict[str, Any]:
+        return {"queues": list(self.options.queue_list), "tasks": self.runnable}
+
+    async def _apply_controls(self, rows: list[Any]) -> None:
+        newly_paused, changed = self.controls.update(rows)
         if newly_paused:
             await self._release_waiting(newly_paused)
-        if (self._paused, self._controlled, self._keyed_tasks) != before:
+        if changed:
             self._wake.set()  # resumed, or limits changed: claim with the new view at once
 
     async def _release_waiting(self, queues: set[str]) -> None:
@@ -353,10 +328,12 @@ class Worker:
                 # only send an empty claim after every job.)
                 self._wake.set()
         if outcome is not None:
+            if ctx._keyring is not None:
+                outcome = sealed(outcome, ctx._keyring)
             outcome.finished_at = self._db_now(job)
-            self.pending.append(outcome if ctx._keyring is None else sealed(outcome, ctx._keyring))
+            self.pending.append(outcome)
             # A capped job's slot frees only when its outcome is written: no gathering delay.
-            self._flush_urgent = self._flush_urgent or self._is_limited(job)
+            self._flush_urgent = self._flush_urgent or self.controls.limits(job)
             self._flush_now.set()
 
     async def _invoke(self, job: Job, ctx: Context) -> Any:
@@ -496,7 +473,7 @@ class Worker:
         for outcome in batch:
             self._forget(outcome.job.id)
             self._cancel_before_start.discard(outcome.job.id)
-            if self._is_limited(outcome.job):
+            if self.controls.limits(outcome.job):
                 self._wake.set()  # a capped slot is free now that the outcome is written
         if self.pending:
             self._flush_now.set()
@@ -533,28 +510,29 @@ class Worker:
             await asyncio.sleep(self.options.heartbeat_seconds)
             try:
                 await self._heartbeat_once()
-                await self._read_controls()
             except psycopg.Error as exc:
                 log.warning("heartbeat failed, will retry: %s", exc)
 
     async def _heartbeat_once(self) -> None:
+        """Extend the leases, refresh the workers row and re-read the queue controls: one round trip."""
         ids = list(self.held)
+        params = {
+            **self._controls_params(),
+            "ids": ids,
+            "worker": self.id,
+            "lease": self.options.lease_seconds,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "concurrency": self.options.concurrency,
+            "version": __version__,
+        }
         async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                queries.HEARTBEAT,
-                {
-                    "ids": ids,
-                    "worker": self.id,
-                    "lease": self.options.lease_seconds,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "queues": list(self.options.queue_list),
-                    "tasks": self.runnable,
-                    "concurrency": self.options.concurrency,
-                    "version": __version__,
-                },
-            )
-            rows = await cur.fetchall()
+            async with conn.pipeline():
+                leases = await conn.execute(queries.HEARTBEAT, params)
+                controls = await conn.execute(queries.CONTROLS, params)
+            rows = await leases.fetchall()
+            control_rows = await controls.fetchall()
+        await self._apply_controls(control_rows)
         alive = {job_id for job_id, _ in rows}
         self._cancel_before_start &= set(self.held)  # forget notices about jobs that are not ours
         for job_id, cancel in rows:
@@ -617,11 +595,3 @@ def _timeout(job: Job) -> float | None:
     if job.timeout_seconds is None and job.task in EXECUTOR_KINDS:
         return job.args.get("timeout")
     return job.timeout_seconds
-
-
-def _claimed_row(cursor: Any) -> Any:
-    """CLAIM rows: the job (JOB_COLUMNS, positionally) and its dependencies' results; CLAIM_CONTROLLED
-    rows add next_claim_in, and its row without a job (id NULL) carries only that."""
-    if cursor.pgresult.nfields == len(Job.__struct_fields__) + 1:
-        return lambda values: (Job(*values[:-1]), values[-1], None)
-    return lambda values: (None if values[0] is None else Job(*values[:-2]), values[-2], values[-1])
