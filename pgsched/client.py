@@ -7,35 +7,31 @@ sync method and its ``_async`` twin only choose the connection and the driver.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import timedelta
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import bulk, crypto, migrations, queries, queues, schedules, workflows
-from .backoff import Backoff
+from . import bulk, crypto, migrations, queries, schedules, workflows
+from .admin import Administration
 from .config import Settings, load_settings, replace_settings
-from .crypto import Keyring, is_envelope
+from .crypto import Keyring
 from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async
-from .errors import ConfigError, JobNotFound, MissingKeyError, PermissionDenied, ValidationError
+from .errors import ConfigError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
-from .queues import QueueSettings
-from .tasks import Task, make_task
+from .payloads import Payloads
+from .tasks import Task, TaskOptions, make_task
 from .validation import (
-    ARGS_MAX_BYTES,
     EXECUTOR_KINDS,
     MAX_BIGINT,
-    NewJob,
     TaskDefaults,
     check_int,
     check_options,
@@ -63,7 +59,7 @@ def import_app(spec: str, option: str) -> App:
     return app
 
 
-class App:
+class App(Administration):
     """A pgsched application: your tasks, and a client to the database that runs them.
 
     ``App()`` reads ``PGSCHED_DSN`` / ``DATABASE_URL`` (or uses the embedded
@@ -83,9 +79,7 @@ class App:
         # this one's start-up. By default, the module that creates the App.
         self.name = name or sys._getframe(1).f_globals.get("__name__", "__main__")
         self._catalog: dict[str, TaskDefaults] = {}
-        # Queues whose pgsched.queues row says encrypt, read when the app connects (see
-        # docs/architecture.md, "Encrypted payloads": the database refuses plaintext there too).
-        self.encrypted_queues: frozenset[str] = frozenset()
+        self.payloads = Payloads(lambda: self.keyring)
         self._dsn: str | None = None
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._async_pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
@@ -99,53 +93,21 @@ class App:
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
-    def task(
-        self,
-        *,
-        name: str | None = None,
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int = 5,
-        backoff: Backoff | None = None,
-        timeout: float | timedelta | None = None,
-        max_per_key: int | None = None,
-        encrypt: bool = False,
-    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    def task(self, **options: Unpack[TaskOptions]) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(  # type: ignore[misc]
-        self,
-        fn: Callable[P, R] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int = 5,
-        backoff: Backoff | None = None,
-        timeout: float | timedelta | None = None,
-        max_per_key: int | None = None,
-        encrypt: bool = False,
+        self, fn: Callable[P, R] | None = None, /, **options: Unpack[TaskOptions]
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
 
-        ``max_per_key``: at most this many of its jobs sharing a ``concurrency_key`` run at once
-        in a queue (across all workers); it overrides the queue's ``max_per_key``.
-        ``encrypt=True`` stores its jobs' args, result, progress, error and run logs
+        Options: ``name`` (default: the function's), ``queue``, ``priority``, ``max_attempts``,
+        ``backoff``, ``timeout`` (seconds or timedelta); ``max_per_key``: at most this many of its
+        jobs sharing a ``concurrency_key`` run at once in a queue (across all workers), overriding
+        the queue's; ``encrypt=True`` stores its jobs' args, result, progress, error and run logs
         encrypted with the keys of ``PGSCHED_ENCRYPTION_KEYS`` (see ``pgsched.crypto``)."""
 
         def register(func: Callable[P, R]) -> Task[P, R]:
-            task = make_task(
-                self,
-                func,
-                name=name,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                backoff=backoff,
-                timeout=timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
-                max_per_key=max_per_key,
-                encrypt=encrypt,
-            )
+            task = make_task(self, func, **options)
             if task.name in self.tasks:
                 raise ValidationError("name", f"a task named {task.name!r} is already registered")
             self.tasks[task.name] = task
@@ -170,14 +132,10 @@ class App:
         ``catch_up_window``, ``overlap``, ``jitter_seconds``, ``start_at``, ``end_at``, and the
         task options of ``@app.task`` (``queue``, ``priority``, ``max_attempts``, ``timeout``, ...).
         """
-        task_options = {
-            k: options.pop(k)
-            for k in ("queue", "priority", "max_attempts", "backoff", "timeout", "encrypt")
-            if k in options
-        }
+        task_options = {k: options.pop(k) for k in TaskOptions.__annotations__ if k in options}
 
         def register(func: Callable[P, R]) -> Task[P, R]:
-            task = self.task(name=name, **task_options)(func)
+            task = self.task(**{"name": name, **task_options})(func)
             schedule = schedules.for_task(task, cron=cron, every=every, timezone=timezone, args=args, **options)
             self.periodics[schedule.name] = schedule
             return task
@@ -189,6 +147,11 @@ class App:
         """The keys of ``PGSCHED_ENCRYPTION_KEYS`` (None when unset)."""
         keys = self.settings.encryption_keys
         return crypto.load_keyring(keys) if keys else None
+
+    @property
+    def encrypted_queues(self) -> frozenset[str]:
+        """Queues whose ``pgsched.queues`` row says encrypt, as read when the app connected."""
+        return self.payloads.encrypted_queues
 
     # -- connections -----------------------------------------------------------------------
 
@@ -322,7 +285,7 @@ class App:
         present = yield Query(queries.SCHEMA_PRESENT)
         applied = (yield Query(queries.APPLIED_MIGRATIONS)) if present[0][0] else []
         migrations.check_applied({version: (name, checksum) for version, name, checksum in applied})
-        self.encrypted_queues = frozenset(name for (name,) in (yield Query(queries.ENCRYPTED_QUEUES)))
+        self.payloads.encrypted_queues = frozenset(name for (name,) in (yield Query(queries.ENCRYPTED_QUEUES)))
         self._schema_checked = True
 
     def _op_ready(self) -> Operation[None]:
@@ -336,7 +299,7 @@ class App:
                 # the app still knows its own tasks, and workers register them.
                 log.info("this database role may not write pgsched.tasks; tasks were not registered")
                 return
-            periodics = [self._seal_schedule(s, self.tasks[s.task].defaults) for s in self.periodics.values()]
+            periodics = [self.payloads.seal_schedule(s, self.tasks[s.task].defaults) for s in self.periodics.values()]
             yield from schedules.op_sync(periodics, self.name)
 
     def _op_register(self, tasks: list[Task[Any, Any]]) -> Operation[None]:
@@ -381,75 +344,27 @@ class App:
         if not isinstance(task, str) or not task:
             raise ValidationError("task", "must be a non-empty task name")
         defaults = yield from self._op_defaults([task])
-        job = self._seal(new_job(task, args, known_task(defaults, task), **options), defaults[task])
+        job = self.payloads.seal(new_job(task, args, known_task(defaults, task), **options), defaults[task])
         rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
-        return self._readable(rows[0])
+        return self.payloads.readable(rows[0])
 
     def _op_enqueue_many(self, specs: list[JobSpec]) -> Operation[list[int]]:
         for i, spec in enumerate(specs):
             if not spec.task:
                 raise ValidationError(f"jobs[{i}].task", "must be a non-empty task name")
         defaults = yield from self._op_defaults(spec.task for spec in specs)
-        return (yield from bulk.op_enqueue_many(specs, defaults, self._seal))
+        return (yield from bulk.op_enqueue_many(specs, defaults, self.payloads.seal))
 
     def _op_workflow(self, workflow: Workflow) -> Operation[None]:
         defaults = yield from self._op_defaults(node.task for node in workflow.jobs)
-        yield from workflows.op_commit(workflow, defaults, self._seal)
-
-    def _op_scalar(self, sql: str, *params: Any) -> Operation[Any]:
-        rows = yield Query(sql, params)
-        return rows[0][0]
+        yield from workflows.op_commit(workflow, defaults, self.payloads.seal)
 
     def _op_job(self, sql: str, *params: Any) -> Operation[Job]:
         check_int(params[0], "job_id", 1, MAX_BIGINT)
         rows = yield Query(sql, params, rows="job")
         if not rows:
             raise JobNotFound(params[0])
-        return self._readable(rows[0])
-
-    # -- encrypted payloads ----------------------------------------------------------------
-
-    def _payload_keyring(self, task: str, queue: str, encrypt: bool) -> Keyring | None:
-        """The keyring that encrypts args of ``task`` in ``queue``; None when they are stored in clear."""
-        if not (encrypt or queue in self.encrypted_queues):
-            return None
-        if self.keyring is None:
-            where = f"task {task!r}" if encrypt else f"queue {queue!r}"
-            raise ValidationError(
-                "args", f"{where} stores encrypted payloads, but no key is configured (set PGSCHED_ENCRYPTION_KEYS)"
-            )
-        return self.keyring
-
-    def _seal(self, job: NewJob, defaults: TaskDefaults) -> NewJob:
-        """Encrypt a validated job's args when its task or its queue asks for it."""
-        keyring = self._payload_keyring(job.task, job.queue, defaults.encrypt)
-        if keyring is not None:
-            job.args_json = keyring.encrypt_encoded(job.args_json, "args")
-            if len(job.args_json) > ARGS_MAX_BYTES:
-                raise ValidationError(
-                    "args", f"is {len(job.args_json):,} bytes encrypted; the limit is {ARGS_MAX_BYTES:,}"
-                )
-        return job
-
-    def _seal_schedule(self, schedule: schedules.Schedule, defaults: TaskDefaults) -> schedules.Schedule:
-        """A schedule whose args template is encrypted when its jobs' would be: the materializer then
-        copies the envelope into each job and needs no key."""
-        keyring = self._payload_keyring(schedule.task, schedule.queue, defaults.encrypt)
-        if keyring is None:
-            return schedule
-        return msgspec.structs.replace(schedule, args=keyring.encrypt_json(schedule.args, "args"))
-
-    def _readable(self, job: Job) -> Job:
-        """The job with its payloads decrypted where this app has the key (else left as envelopes)."""
-        keyring = self.keyring
-        if keyring is None:
-            return job
-        for field in ("args", "result", "progress", "error"):
-            value = getattr(job, field)
-            if is_envelope(value):
-                with contextlib.suppress(MissingKeyError):
-                    setattr(job, field, keyring.decrypt(value, field))
-        return job
+        return self.payloads.readable(rows[0])
 
     # -- running a worker in this process --------------------------------------------------
 
@@ -548,100 +463,6 @@ class App:
 
     async def _commit_workflow_async(self, workflow: Workflow) -> None:
         await self._execute_async(self._op_workflow(workflow), workflow.connection, atomic=True)
-
-    def cancel_workflow(self, workflow_id: uuid.UUID, reason: str | None = None) -> int:
-        """Cancel every unfinished job of a workflow; returns how many."""
-        return int(self._execute(self._op_scalar(queries.CANCEL_WORKFLOW, workflow_id, reason), None))
-
-    async def cancel_workflow_async(self, workflow_id: uuid.UUID, reason: str | None = None) -> int:
-        return int(await self._execute_async(self._op_scalar(queries.CANCEL_WORKFLOW, workflow_id, reason), None))
-
-    def retry_workflow(self, workflow_id: uuid.UUID) -> int:
-        """Run a workflow's failed and cancelled jobs again (each after its dependencies); returns how many."""
-        return int(self._execute(self._op_scalar(queries.RETRY_WORKFLOW, workflow_id), None))
-
-    async def retry_workflow_async(self, workflow_id: uuid.UUID) -> int:
-        return int(await self._execute_async(self._op_scalar(queries.RETRY_WORKFLOW, workflow_id), None))
-
-    # -- schedules (the CLI and the REST API call these too) ---------------------------------
-
-    def add_schedule(self, name: str, task: str, **fields: Any) -> schedules.Schedule:
-        """Create or replace a schedule (``cron=`` + ``timezone=``, or ``every=``); see ``Schedule``.
-        Job options not given (queue, priority, max_attempts, timeout) are the task's."""
-        return self._execute(self._op_add_schedule(name, task, fields), None)
-
-    def _op_add_schedule(self, name: str, task: str, fields: dict[str, Any]) -> Operation[schedules.Schedule]:
-        defaults = known_task((yield from self._op_defaults([task])), task)
-        for field in ("queue", "priority", "max_attempts", "timeout"):
-            fields.setdefault(field, getattr(defaults, field))
-        schedule = schedules.build(name=name, task=task, source=fields.pop("source", "api"), **fields)
-        return (yield from schedules.op_upsert(self._seal_schedule(schedule, defaults)))
-
-    def list_schedules(self) -> list[schedules.Schedule]:
-        return self._execute(schedules.op_list(), None)
-
-    def get_schedule(self, name: str) -> schedules.Schedule:
-        return self._execute(schedules.op_get(name), None)
-
-    def pause_schedule(self, name: str) -> schedules.Schedule:
-        """A paused schedule produces no jobs."""
-        return self._execute(schedules.op_set_paused(name, True), None)
-
-    def resume_schedule(self, name: str) -> schedules.Schedule:
-        """Resume; slots missed while paused follow the misfire policy."""
-        return self._execute(schedules.op_set_paused(name, False), None)
-
-    def trigger_schedule(self, name: str) -> Job:
-        """Run the schedule's job now, outside its timetable (the timetable is not touched)."""
-        return self.get(self._execute(schedules.op_trigger(name), None))
-
-    def delete_schedule(self, name: str) -> None:
-        self._execute(schedules.op_delete(name), None)
-
-    # -- queue controls (the CLI and the REST API call these too) ----------------------------
-
-    def queue_settings(self, name: str) -> QueueSettings:
-        """A queue's settings (the defaults when it has no row in ``pgsched.queues``)."""
-        return self._execute(queues.op_get(name), None)
-
-    async def queue_settings_async(self, name: str) -> QueueSettings:
-        return await self._execute_async(queues.op_get(name), None)
-
-    def list_queue_settings(self) -> list[QueueSettings]:
-        """Every queue that has settings (a row in ``pgsched.queues``), by name."""
-        return self._execute(queues.op_list(), None)
-
-    def configure_queue(self, name: str, *, create: bool = False, **settings: Any) -> QueueSettings:
-        """Change a queue's ``max_running``, ``rate`` (``"100/minute"``), ``max_per_key``, ``fair`` or
-        ``encrypt``; ``None`` clears one, settings not given stay. An unknown queue is refused unless
-        ``create``."""
-        return self._note_encryption(self._execute(queues.op_configure(name, settings, create=create), None))
-
-    async def configure_queue_async(self, name: str, *, create: bool = False, **settings: Any) -> QueueSettings:
-        op = queues.op_configure(name, settings, create=create)
-        return self._note_encryption(await self._execute_async(op, None))
-
-    def _note_encryption(self, settings: QueueSettings) -> QueueSettings:
-        # This app's own enqueues follow the change at once (others read it when they connect).
-        if settings.encrypt:
-            self.encrypted_queues |= {settings.name}
-        else:
-            self.encrypted_queues -= {settings.name}
-        return settings
-
-    def pause_queue(self, name: str, *, create: bool = False) -> QueueSettings:
-        """Stop every worker claiming from the queue (within a second); running jobs finish, enqueue works."""
-        return self.configure_queue(name, create=create, paused=True)
-
-    async def pause_queue_async(self, name: str, *, create: bool = False) -> QueueSettings:
-        return await self.configure_queue_async(name, create=create, paused=True)
-
-    def resume_queue(self, name: str) -> QueueSettings:
-        """Let workers claim from the queue again (they are woken at once)."""
-        return self.configure_queue(name, paused=False)
-
-    async def resume_queue_async(self, name: str) -> QueueSettings:
-        return await self.configure_queue_async(name, paused=False)
 
     def get(self, job_id: int, *, connection: psycopg.Connection[Any] | None = None) -> Job:
         """The job with this id; raises JobNotFound."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
 
 import msgspec
 
@@ -161,16 +162,29 @@ class BoundTask(Generic[P, R]):
         return await self.task.app.enqueue_async(self.task.name, self.task.bind_args(args, kwargs), **self.options)
 
 
+class TaskOptions(TypedDict, total=False):
+    """The options of ``@app.task`` (and the task options of ``@app.periodic``)."""
+
+    name: str | None
+    queue: str
+    priority: int
+    max_attempts: int
+    backoff: Backoff | None
+    timeout: float | timedelta | None
+    max_per_key: int | None
+    encrypt: bool
+
+
 def make_task(
     app: App,
     fn: Callable[P, R],
     *,
-    name: str | None,
-    queue: str,
-    priority: int,
-    max_attempts: int,
-    backoff: Backoff | None,
-    timeout: float | None,
+    name: str | None = None,
+    queue: str = "default",
+    priority: int = 0,
+    max_attempts: int = 5,
+    backoff: Backoff | None = None,
+    timeout: float | timedelta | None = None,
     max_per_key: int | None = None,
     encrypt: bool = False,
 ) -> Task[P, R]:

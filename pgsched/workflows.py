@@ -141,7 +141,7 @@ def op_commit(
         job.depends_on = [*(up.job.id for up in node.upstream if up.job), *external]  # inserted before
         try:
             (node.job,) = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
-            node.job = workflow.app._readable(node.job)
+            node.job = workflow.app.payloads.readable(node.job)
         except DuplicateJobError:
             raise
         except ValidationError as exc:
