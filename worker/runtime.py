@@ -52,14 +52,12 @@ from . import queries
 from .controls import Controls, claimed_row
 from .executors import NotRetryable, run_http, run_python, run_shell
 from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome, sealed
-from .runlog import RunLogBuffer, TaskLogHandler, current_run
+from .runlog import TaskLogHandler, current_run
+from .writer import Writer
 
 log = logging.getLogger("pgsched.worker")
 
 TRACEBACK_MAX_CHARS = 16_000
-FLUSH_BATCH = 1000
-# How long the first outcome of a batch waits for others before the batch is written.
-FLUSH_SECONDS = 0.002
 
 
 class Worker:
@@ -83,21 +81,17 @@ class Worker:
         self.active = 0
         self.running: dict[int, tuple[asyncio.Task[Any], Context]] = {}
         self.local: asyncio.Queue[Job] = asyncio.Queue()
-        self.pending: list[Outcome] = []
-        self._progress: dict[tuple[int, int], str] = {}
         self._dependency_results: dict[int, dict[int, Any]] = {}
-        self.logs = RunLogBuffer()
+        self.writer = Writer(self.id, self.stats, self._written)
         self.threads = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="pgsched-task")
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
-        self._flush_now = asyncio.Event()
         self._stopping = asyncio.Event()
         self._released_ids: set[int] = set()
         self._lost: set[int] = set()
         self._cancel_before_start: set[int] = set()
         self._busy = False  # the last claim got all it asked for: the queues have more
         self.controls = Controls({t.name for t in app.tasks.values() if t.max_per_key is not None})
-        self._flush_urgent = False
         self._arrived: dict[int, float] = {}  # job id -> monotonic time its claim returned
         self._pool: Any = None
 
@@ -123,7 +117,7 @@ class Worker:
             open=False,
         )
         await self._pool.open(wait=True)
-        handler = TaskLogHandler(self.logs)
+        handler = TaskLogHandler(self.writer.logs)
         logging.getLogger().addHandler(handler)
         try:
             await self._heartbeat_once()
@@ -136,7 +130,7 @@ class Worker:
             background = [
                 asyncio.create_task(self._listen(), name="listen"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                asyncio.create_task(self._flush_loop(), name="flush"),
+                asyncio.create_task(self.writer.run(self._pool), name="flush"),
             ]
             slots = [asyncio.create_task(self._slot(), name=f"slot-{i}") for i in range(self.options.concurrency)]
             await self._claim_loop()
@@ -144,7 +138,7 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self._flush()
+            await self.writer.flush(self._pool)
             async with self._pool.connection() as conn:
                 await conn.execute(queries.UNREGISTER, (self.id,))
         finally:
@@ -298,9 +292,8 @@ class Worker:
             if job.id in self._cancel_before_start:  # cancelled while it waited: never started
                 self._cancel_before_start.discard(job.id)
                 now = self._db_now(job)
-                self.pending.append(Outcome(job, "cancelled", "cancelled", now, now))
+                self.writer.add(Outcome(job, "cancelled", "cancelled", now, now))
                 self.active -= 1
-                self._flush_now.set()
                 continue
             await self._execute(job)
 
@@ -320,7 +313,7 @@ class Worker:
         finally:
             self.running.pop(job.id, None)
             current_run.set(None)
-            self.logs.finish(job, ctx._keyring)
+            self.writer.logs.finish(job, ctx._keyring)
             self.active -= 1
             if self._busy or self.options.burst:
                 # More jobs were waiting at the last claim: claim again now that a slot is free.
@@ -331,16 +324,16 @@ class Worker:
             if ctx._keyring is not None:
                 outcome = sealed(outcome, ctx._keyring)
             outcome.finished_at = self._db_now(job)
-            self.pending.append(outcome)
             # A capped job's slot frees only when its outcome is written: no gathering delay.
-            self._flush_urgent = self._flush_urgent or self.controls.limits(job)
-            self._flush_now.set()
+            self.writer.add(outcome, urgent=self.controls.limits(job))
 
     async def _invoke(self, job: Job, ctx: Context) -> Any:
         if job.task == "shell":
             if not await self._creator_may_run_commands(job):
                 raise NotRetryable(f"role {job.created_by!r} may not create shell jobs")
-            return await run_shell(job.args, lambda stream, line: self.logs.add(job, stream, None, line, ctx._keyring))
+            return await run_shell(
+                job.args, lambda stream, line: self.writer.logs.add(job, stream, None, line, ctx._keyring)
+            )
         if job.task == "http":
             if not await self._creator_may_run_commands(job):
                 raise NotRetryable(f"role {job.created_by!r} may not create http jobs")
@@ -425,58 +418,20 @@ class Worker:
     # -- RunSink (what a Context reports) ------------------------------------------------------
 
     def log(self, run: Context, level: str, message: str) -> None:
-        self.logs.add(run.job, "log", level, message, run._keyring)
+        self.writer.logs.add(run.job, "log", level, message, run._keyring)
 
     def progress(self, job: Job, encoded: str) -> None:
-        # Called from task threads too: hand the write to the event loop.
-        self._progress[(job.id, job.attempts)] = encoded
-        self._loop.call_soon_threadsafe(self._flush_now.set)
+        self.writer.add_progress(job, encoded, self._loop)
 
     # -- writing -------------------------------------------------------------------------------
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._flush_now.wait()
-            self._flush_now.clear()
-            if not self._flush_urgent:
-                await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
-            self._flush_urgent = False
-            await self._flush()
-
-    async def _flush(self) -> None:
-        """Write progress, logs and outcomes, in that order (a checkpoint precedes its outcome)."""
-        progress, self._progress = self._progress, {}
-        logs = self.logs.take()
-        batch, self.pending = self.pending[:FLUSH_BATCH], self.pending[FLUSH_BATCH:]
-        if not (progress or logs or batch):
-            return
-        try:
-            async with self._pool.connection() as conn:
-                for (job_id, attempt), encoded in progress.items():
-                    await conn.execute(
-                        queries.SET_PROGRESS, {"id": job_id, "attempt": attempt, "progress": encoded, "worker": self.id}
-                    )
-                if logs:
-                    await conn.execute(queries.INSERT_LOGS, logs)
-                if batch:
-                    cur = await conn.execute(queries.COMPLETE, complete_params(batch, self.id))
-                    written = {row[0] for row in await cur.fetchall()}
-                    self.stats.count(batch, written)
-        except psycopg.Error as exc:
-            # Keep what was not written; the next flush tries again (leases keep them ours meanwhile).
-            log.warning("writing outcomes failed, will retry: %s", exc)
-            self.pending[:0] = batch
-            for key, value in progress.items():
-                self._progress.setdefault(key, value)
-            await asyncio.sleep(0.5)
-            return
+    def _written(self, batch: list[Outcome]) -> None:
+        """A batch of outcomes is stored: those jobs are no longer ours."""
         for outcome in batch:
             self._forget(outcome.job.id)
             self._cancel_before_start.discard(outcome.job.id)
             if self.controls.limits(outcome.job):
                 self._wake.set()  # a capped slot is free now that the outcome is written
-        if self.pending:
-            self._flush_now.set()
         if self.options.burst:
             self._wake.set()  # the claim loop decides whether everything is done
 
@@ -544,8 +499,7 @@ class Worker:
 
     def _lose(self, job_id: int) -> None:
         """Our lease on this job is gone: stop it locally and never write its outcome."""
-        still_pending = any(o.job.id == job_id for o in self.pending)
-        if still_pending:
+        if self.writer.holds_outcome(job_id):
             return  # finished; the flush will find it fenced and count it
         log.warning("lease of job %d lost; stopping it", job_id)
         self._lost.add(job_id)
