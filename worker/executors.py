@@ -25,7 +25,11 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from pgsched.context import Context
+from pgsched.jobs import Job
 from pgsched.tasks import Task
+from pgsched.validation import EXECUTOR_KINDS
+
+from . import queries
 
 HTTP_BODY_MAX_BYTES = 64 * 1024
 HTTP_MAX_REDIRECTS = 5
@@ -213,3 +217,17 @@ def http_request(args: dict[str, Any], *, allow_private: bool, timeout: float) -
 
 def _as_list(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def job_timeout(job: Job) -> float | None:
+    """The job's timeout; shell and http jobs may also give it in their args (DESIGN §3)."""
+    if job.timeout_seconds is None and job.task in EXECUTOR_KINDS:
+        return job.args.get("timeout")
+    return job.timeout_seconds
+
+
+async def creator_may_run_commands(pool: Any, job: Job) -> bool:
+    """Whether the role that created a shell/http job may create such jobs (re-checked here)."""
+    async with pool.connection() as conn:
+        row = await (await conn.execute(queries.MAY_RUN_COMMANDS, {"role": job.created_by})).fetchone()
+    return bool(row and row[0])

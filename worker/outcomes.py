@@ -11,7 +11,6 @@ from typing import Any
 import msgspec
 
 from pgsched.backoff import DEFAULT_BACKOFF, Backoff
-from pgsched.crypto import Keyring
 from pgsched.jobs import Job
 from pgsched.validation import ARGS_MAX_BYTES, check_json_value
 
@@ -95,27 +94,6 @@ def result_outcome(job: Job, started: datetime, value: Any) -> Outcome:
         error = f"result is {len(encoded):,} bytes encoded; the limit is {ARGS_MAX_BYTES:,}"
         return failure(job, started, "failed", error, final=True)
     return ended(job, started, "succeeded", "succeeded", result=encoded.decode())
-
-
-# Texts grow by a third when encrypted; the error columns hold at most 64 KiB.
-ENCRYPTED_ERROR_MAX_BYTES = 40_000
-
-
-def sealed(outcome: Outcome, keyring: Keyring) -> Outcome:
-    """The outcome of an encrypted job with its result and error encrypted. A result too large
-    once encrypted fails the attempt for good, as a too large plain one does."""
-    if outcome.result is not None:
-        result = keyring.encrypt_encoded(outcome.result, "result")
-        if len(result) > ARGS_MAX_BYTES:
-            error = f"result is {len(result):,} bytes encrypted; the limit is {ARGS_MAX_BYTES:,}"
-            outcome = failure(outcome.job, outcome.started_at, "failed", error, final=True)
-        else:
-            outcome.result = result
-    if outcome.error is not None:
-        # Keep the end of a long traceback: it names the exception.
-        clipped = outcome.error.encode()[-ENCRYPTED_ERROR_MAX_BYTES:].decode(errors="ignore")
-        outcome.error = keyring.encrypt_text(clipped, "error")
-    return outcome
 
 
 def complete_params(batch: list[Outcome], worker: uuid.UUID) -> dict[str, Any]:

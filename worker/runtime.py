@@ -41,17 +41,17 @@ from pgsched.backoff import DEFAULT_BACKOFF
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.crypto import Keyring, is_envelope, kid_of
 from pgsched.db import configure_async
-from pgsched.errors import EncryptionError, MissingKeyError
+from pgsched.errors import EncryptionError
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
 from .controls import Controls, claimed_row
-from .executors import NotRetryable, run_http, run_python, run_shell
-from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome, sealed
+from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
+from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
+from .payloads import open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
 from .writer import Writer
 
@@ -92,6 +92,18 @@ class Worker:
         self._cancel_before_start: set[int] = set()
         self._busy = False  # the last claim got all it asked for: the queues have more
         self.controls = Controls({t.name for t in app.tasks.values() if t.max_per_key is not None})
+        # The worker's own statement parameters: what the heartbeat writes to its row (CONTROLS
+        # reads its queues and tasks; a claim adds the queues, tasks and limit of its own).
+        self._registration = {
+            "worker": self.id,
+            "lease": self.options.lease_seconds,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": list(self.options.queue_list),
+            "tasks": self.runnable,
+            "concurrency": self.options.concurrency,
+            "version": __version__,
+        }
         self._arrived: dict[int, float] = {}  # job id -> monotonic time its claim returned
         self._pool: Any = None
 
@@ -149,12 +161,7 @@ class Worker:
         return self.stats
 
     async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
-        # Prefetched jobs never started: give them back now.
-        waiting = []
-        while not self.local.empty():
-            waiting.append(self.local.get_nowait())
-        self.active -= len(waiting)
-        await self._release([job.id for job in waiting], interrupted=False)
+        await self._release_waiting()  # prefetched jobs never started: give them back now
         deadline = time.monotonic() + self.options.grace_seconds
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -162,9 +169,8 @@ class Worker:
             ids = list(self.running)
             self._released_ids.update(ids)
             contexts = {job_id: ctx for job_id, (_, ctx) in self.running.items()}
-            for task, ctx in list(self.running.values()):
-                ctx._cancel()
-                task.cancel()
+            for job_id in ids:
+                self._stop_running(job_id)
             while self.running:
                 await asyncio.sleep(0.01)
             # A sync task whose thread still runs cannot be stopped: putting its job back now
@@ -214,13 +220,7 @@ class Worker:
         return got
 
     async def _claim_from(self, sql: str, queues: list[str], tasks: list[str], limit: int) -> int:
-        params = {
-            "queues": queues,
-            "tasks": tasks,
-            "limit": limit,
-            "worker": self.id,
-            "lease": self.options.lease_seconds,
-        }
+        params = {**self._registration, "queues": queues, "tasks": tasks, "limit": limit}
         self.stats.claims += 1
         try:
             async with self._pool.connection() as conn, conn.cursor(row_factory=claimed_row) as cur:
@@ -253,13 +253,10 @@ class Worker:
         return job.started_at + timedelta(seconds=time.monotonic() - self._arrived.get(job.id, time.monotonic()))
 
     async def _read_controls(self) -> None:
-        """Re-read the queue controls (at start and on a settings notice; heartbeats read them too)."""
+        """Re-read the queue controls (on a settings notice; every heartbeat reads them too)."""
         async with self._pool.connection() as conn:
-            rows = await (await conn.execute(queries.CONTROLS, self._controls_params())).fetchall()
+            rows = await (await conn.execute(queries.CONTROLS, self._registration)).fetchall()
         await self._apply_controls(rows)
-
-    def _controls_params(self) -> dict[str, Any]:
-        return {"queues": list(self.options.queue_list), "tasks": self.runnable}
 
     async def _apply_controls(self, rows: list[Any]) -> None:
         newly_paused, changed = self.controls.update(rows)
@@ -268,13 +265,13 @@ class Worker:
         if changed:
             self._wake.set()  # resumed, or limits changed: claim with the new view at once
 
-    async def _release_waiting(self, queues: set[str]) -> None:
-        """Give back the claimed-but-not-started jobs of these (just paused) queues."""
+    async def _release_waiting(self, queues: set[str] | None = None) -> None:
+        """Give back the claimed-but-not-started jobs of these (just paused) queues, or all."""
         waiting = [self.local.get_nowait() for _ in range(self.local.qsize())]
-        keep = [job for job in waiting if job.queue not in queues]
-        for job in keep:
-            self.local.put_nowait(job)
-        back = [job.id for job in waiting if job.queue in queues]
+        for job in waiting:
+            if queues is not None and job.queue not in queues:
+                self.local.put_nowait(job)
+        back = [job.id for job in waiting if queues is None or job.queue in queues]
         self.active -= len(back)
         await self._release(back, interrupted=False)
 
@@ -328,39 +325,27 @@ class Worker:
             self.writer.add(outcome, urgent=self.controls.limits(job))
 
     async def _invoke(self, job: Job, ctx: Context) -> Any:
-        if job.task == "shell":
-            if not await self._creator_may_run_commands(job):
-                raise NotRetryable(f"role {job.created_by!r} may not create shell jobs")
-            return await run_shell(
-                job.args, lambda stream, line: self.writer.logs.add(job, stream, None, line, ctx._keyring)
-            )
-        if job.task == "http":
-            if not await self._creator_may_run_commands(job):
-                raise NotRetryable(f"role {job.created_by!r} may not create http jobs")
-            return await run_http(
-                job.args,
-                allow_private=self.options.allow_private_http,
-                threads=self.threads,
-                timeout=_timeout(job),
-            )
+        if job.task in EXECUTOR_KINDS:
+            if not await creator_may_run_commands(self._pool, job):
+                raise NotRetryable(f"role {job.created_by!r} may not create {job.task} jobs")
+            if job.task == "shell":
+                logs = self.writer.logs
+                return await run_shell(job.args, lambda stream, line: logs.add(job, stream, None, line, ctx._keyring))
+            allow_private = self.options.allow_private_http
+            return await run_http(job.args, allow_private=allow_private, threads=self.threads, timeout=job_timeout(job))
         task = self.app.tasks.get(job.task)
         if task is None:
             raise NotRetryable(f"task {job.task!r} is not registered in this worker's app")
         return await run_python(task, ctx, self.threads)
 
-    async def _creator_may_run_commands(self, job: Job) -> bool:
-        async with self._pool.connection() as conn:
-            row = await (await conn.execute(queries.MAY_RUN_COMMANDS, {"role": job.created_by})).fetchone()
-        return bool(row and row[0])
-
     async def _outcome(self, job: Job, ctx: Context, started: datetime) -> Outcome | None:
         """Run the attempt and classify how it ended (None: not ours to record any more)."""
         try:
-            ctx._keyring = self._open_payloads(job, ctx)
+            ctx._keyring = open_payloads(self.app, job, ctx)
         except EncryptionError as exc:
             # Not retried: another attempt on a worker without the key fails the same way.
             return self._failure(job, started, "failed", str(exc), final=True)
-        timeout = _timeout(job)
+        timeout = job_timeout(job)
         try:
             async with asyncio.timeout(timeout):
                 value = await self._invoke(job, ctx)
@@ -388,28 +373,6 @@ class Worker:
             text = "".join(traceback.format_exception(exc))[-TRACEBACK_MAX_CHARS:]
             return self._failure(job, started, "failed", text)
         return result_outcome(job, started, value)
-
-    def _open_payloads(self, job: Job, ctx: Context) -> Keyring | None:
-        """Decrypt an encrypted job's args and checkpoint in place, and return the keyring that
-        encrypts what its run writes; None for a job stored in clear."""
-        task = self.app.tasks.get(job.task)
-        declared = (task is not None and task.defaults.encrypt) or job.queue in self.app.encrypted_queues
-        if not (declared or is_envelope(job.args)):
-            return None
-        keyring = self.app.keyring
-        if keyring is None and not is_envelope(job.args):
-            raise EncryptionError("this job is stored encrypted, but no encryption key is configured on this worker")
-        try:
-            if keyring is None:
-                raise MissingKeyError(str(kid_of(job.args)))
-            job.args = keyring.decrypt(job.args, "args")
-            job.progress = keyring.decrypt(job.progress, "progress")
-        except MissingKeyError as exc:
-            raise EncryptionError(f"encryption key {exc.kid!r} is not configured on this worker") from None
-        for job_id, result in ctx.dependency_results.items():
-            with contextlib.suppress(MissingKeyError):  # a dependency encrypted with a key we lack stays sealed
-                ctx.dependency_results[job_id] = keyring.decrypt(result, "result")
-        return keyring
 
     def _failure(self, job: Job, started: datetime, outcome: str, error: str, **options: Any) -> Outcome:
         task = self.app.tasks.get(job.task)
@@ -471,16 +434,7 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         """Extend the leases, refresh the workers row and re-read the queue controls: one round trip."""
         ids = list(self.held)
-        params = {
-            **self._controls_params(),
-            "ids": ids,
-            "worker": self.id,
-            "lease": self.options.lease_seconds,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "concurrency": self.options.concurrency,
-            "version": __version__,
-        }
+        params = {**self._registration, "ids": ids}
         async with self._pool.connection() as conn:
             async with conn.pipeline():
                 leases = await conn.execute(queries.HEARTBEAT, params)
@@ -504,6 +458,10 @@ class Worker:
         log.warning("lease of job %d lost; stopping it", job_id)
         self._lost.add(job_id)
         self._forget(job_id)
+        self._stop_running(job_id)
+
+    def _stop_running(self, job_id: int) -> None:
+        """Set the job's ctx.cancelled and cancel its slot task (the slot tells why by the flag)."""
         if job_id in self.running:
             task, ctx = self.running[job_id]
             ctx._cancel()
@@ -511,10 +469,8 @@ class Worker:
 
     def _cancel_running(self, job_id: int) -> None:
         if job_id in self.running:
-            task, ctx = self.running[job_id]
-            if not ctx.cancelled:
-                ctx._cancel()
-                task.cancel()
+            if not self.running[job_id][1].cancelled:
+                self._stop_running(job_id)
         else:
             # Still in the local queue, or not recorded yet (the notice can arrive between the
             # claim's commit and its rows): checked when a slot takes the job.
@@ -542,10 +498,3 @@ class Worker:
             except psycopg.Error as exc:
                 log.warning("listener connection lost, reconnecting: %s", exc)
                 await asyncio.sleep(random.uniform(0.5, 1.5))
-
-
-def _timeout(job: Job) -> float | None:
-    """The job's timeout; shell and http jobs may also give it in their args (DESIGN §3)."""
-    if job.timeout_seconds is None and job.task in EXECUTOR_KINDS:
-        return job.args.get("timeout")
-    return job.timeout_seconds
