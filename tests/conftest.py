@@ -14,9 +14,9 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -25,6 +25,9 @@ from pytest_postgresql.janitor import DatabaseJanitor
 
 import pgsched
 from pgsched import migrations
+
+if TYPE_CHECKING:
+    from .processes import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -185,3 +188,39 @@ async def wait_until_async(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+async def start_worker(app: pgsched.App, **options: Any) -> tuple[Any, Any]:
+    """An in-process ``Worker`` of ``app`` (worker settings as options), running as a task once started."""
+    import asyncio
+
+    from pgsched.worker.runtime import Worker
+
+    worker = Worker(app, pgsched.config.replace_settings(app.settings, **options))
+    task = asyncio.create_task(worker.run())
+    await wait_until_async(lambda: worker._pool is not None and worker._pool._opened, message="worker started")
+    return worker, task
+
+
+async def job_is(app: pgsched.App, job_id: int, state: str) -> bool:
+    return (await app.get_async(job_id)).state == state
+
+
+@pytest.fixture
+def spawn_worker(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``pgsched worker --app ... --poll-seconds 0.2 ARGS``; whatever is left is killed at the end."""
+    from .processes import WorkerProcess  # processes.py imports this module
+
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, app: str = "tests.apps.sample:app") -> WorkerProcess:
+        directory = tmp_path / f"worker-{len(started)}"
+        directory.mkdir()
+        worker = WorkerProcess(["--app", app, "--poll-seconds", "0.2", *args], cli_env, directory)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process.poll() is None or worker.children():
+            worker.kill_all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -61,3 +63,38 @@ class PgschedProcess:
     def check_alive(self) -> None:
         code = self.process.poll()
         assert code is None, f"{self.args[0]} {self.pid} exited with {code}; stderr:\n{self.stderr()[-3000:]}"
+
+
+class WorkerProcess(PgschedProcess):
+    """A ``pgsched worker ARGS`` subprocess."""
+
+    def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
+        super().__init__(["worker", *args], env, directory)
+
+    def children(self) -> list[int]:
+        return children(self.pid)
+
+    def kill_all(self) -> None:
+        """SIGKILL the process, its process group and its children (a supervisor's are in groups of their own)."""
+        leftovers = self.children()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found

@@ -11,7 +11,6 @@ import random
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,8 +22,8 @@ from pgsched.queues import parse_rate
 from pgsched.worker.queries import CLAIM, CLAIM_CONTROLLED
 from pgsched.worker.runtime import Worker
 
-from .conftest import HEAVY, row_counts, wait_until, wait_until_async
-from .processes import PgschedProcess
+from .conftest import HEAVY, job_is, row_counts, start_worker, wait_until, wait_until_async
+from .processes import WorkerProcess
 from .test_cli import error_line, succeeded
 from .test_cli import pgsched as run_cli
 
@@ -78,31 +77,6 @@ def controls_app(dsn: str) -> Iterator[pgsched.App]:
     app.open()
     yield app
     app.close()
-
-
-@pytest.fixture
-def workers(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., PgschedProcess]]:
-    """Start ``pgsched worker --app tests.apps.controls:app ARGS``; whatever is left is killed at the end."""
-    started: list[PgschedProcess] = []
-
-    def start(*args: str) -> PgschedProcess:
-        directory = tmp_path / f"worker-{len(started)}"
-        directory.mkdir()
-        process = PgschedProcess(["worker", "--app", CONTROLS_APP, "--poll-seconds", "0.2", *args], cli_env, directory)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.process.poll() is None:
-            process.kill()
-
-
-async def _start(app: pgsched.App, **options: Any) -> tuple[Worker, asyncio.Task[Any]]:
-    worker = Worker(app, pgsched.config.replace_settings(app.settings, **options))
-    task = asyncio.create_task(worker.run())
-    await wait_until_async(lambda: worker._pool is not None and worker._pool._opened, message="worker started")
-    return worker, task
 
 
 async def _stop(worker: Worker, task: asyncio.Task[Any]) -> Any:
@@ -331,7 +305,7 @@ def test_pause_stops_claims_and_resume_wakes_the_worker_at_once(
 ) -> None:
     async def scenario() -> None:
         # Polling and heartbeats every two minutes: only the settings notices can make this quick.
-        worker, task = await _start(controls_app, queues="capped", poll_seconds=120, heartbeat_seconds=20)
+        worker, task = await start_worker(controls_app, queues="capped", poll_seconds=120, heartbeat_seconds=20)
         await wait_until_async(lambda: listening(conn), timeout=5, message="the worker listening")
         await controls_app.pause_queue_async("capped")
         await wait_until_async(
@@ -343,21 +317,17 @@ def test_pause_stops_claims_and_resume_wakes_the_worker_at_once(
         assert worker.stats.claimed == 0
         await controls_app.resume_queue_async("capped")
         await wait_until_async(
-            lambda: _is(controls_app, job.id, "succeeded"), timeout=3, message="the job ran after resume"
+            lambda: job_is(controls_app, job.id, "succeeded"), timeout=3, message="the job ran after resume"
         )
         await _stop(worker, task)
 
     asyncio.run(scenario())
 
 
-async def _is(app: pgsched.App, job_id: int, state: str) -> bool:
-    return (await app.get_async(job_id)).state == state
-
-
 def test_pause_gives_back_prefetched_jobs(controls_app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     async def scenario() -> None:
         ids = controls_app.enqueue_many({"task": "work", "args": {"ms": 400}} for _ in range(6))
-        worker, task = await _start(controls_app, queues="capped", concurrency=1, prefetch=5)
+        worker, task = await start_worker(controls_app, queues="capped", concurrency=1, prefetch=5)
         await wait_until_async(lambda: count(conn, "state = 'running'") == 6, timeout=5, message="six claimed")
         await controls_app.pause_queue_async("capped")
         await wait_until_async(lambda: count(conn, "state = 'queued'") == 5, timeout=3, message="five given back")
@@ -372,10 +342,10 @@ def test_pause_gives_back_prefetched_jobs(controls_app: pgsched.App, conn: psyco
 
 @HEAVY
 def test_pause_under_load_stops_every_worker_within_a_second(
-    controls_app: pgsched.App, conn: psycopg.Connection[Any], workers: Callable[..., PgschedProcess]
+    controls_app: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     controls_app.enqueue_many({"task": "work", "args": {"ms": random.uniform(2, 6)}} for _ in range(4000))
-    supervisor = workers("--queues", "capped", "--processes", "8", "--concurrency", "4")
+    supervisor = spawn_worker("--queues", "capped", "--processes", "8", "--concurrency", "4", app=CONTROLS_APP)
     wait_until(lambda: count(conn, "state = 'succeeded'") >= 300, timeout=60, message="the drain under way")
     controls_app.pause_queue("capped")
     paused_at = conn.execute("SELECT pgsched.now()").fetchone()[0]  # after the pause committed
@@ -397,12 +367,12 @@ def test_pause_under_load_stops_every_worker_within_a_second(
 
 @HEAVY
 def test_a_global_cap_holds_across_eight_worker_processes(
-    controls_app: pgsched.App, conn: psycopg.Connection[Any], workers: Callable[..., PgschedProcess]
+    controls_app: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     controls_app.configure_queue("capped", create=True, max_running=3)
     durations = [random.uniform(1, 20) for _ in range(5000)]
     controls_app.enqueue_many({"task": "work", "args": {"ms": ms}} for ms in durations)
-    supervisor = workers("--queues", "capped", "--processes", "8")
+    supervisor = spawn_worker("--queues", "capped", "--processes", "8", app=CONTROLS_APP)
     wait_until(lambda: count(conn, "state = 'succeeded'") == 5000, timeout=240, interval=0.5, message="5,000 jobs")
     assert supervisor.stop(30) == 0
     history = run_intervals(conn, "capped")
@@ -414,12 +384,12 @@ def test_a_global_cap_holds_across_eight_worker_processes(
 
 @HEAVY
 def test_a_rate_limit_holds_in_every_window_across_processes(
-    controls_app: pgsched.App, conn: psycopg.Connection[Any], workers: Callable[..., PgschedProcess]
+    controls_app: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     controls_app.configure_queue("capped", create=True, rate="20/second")
     controls_app.enqueue_many({"task": "work"} for _ in range(100))
     for _ in range(3):
-        workers("--queues", "capped")
+        spawn_worker("--queues", "capped", app=CONTROLS_APP)
     wait_until(lambda: count(conn, "state = 'succeeded'") == 100, timeout=30, message="100 rate-limited jobs")
     starts = [s for s, _ in run_intervals(conn, "capped")]
     assert len(starts) == 100
@@ -432,7 +402,7 @@ def test_a_rate_limited_worker_waits_for_the_next_start_instead_of_polling(
     async def scenario() -> None:
         await controls_app.configure_queue_async("capped", create=True, rate="4/second")
         controls_app.enqueue_many({"task": "work"} for _ in range(12))
-        worker, task = await _start(controls_app, queues="capped", poll_seconds=120)
+        worker, task = await start_worker(controls_app, queues="capped", poll_seconds=120)
         await wait_until_async(lambda: count(conn, "state = 'succeeded'") == 12, timeout=10, message="12 jobs")
         stats = await _stop(worker, task)
         starts = [s for s, _ in run_intervals(conn, "capped")]
@@ -445,12 +415,12 @@ def test_a_rate_limited_worker_waits_for_the_next_start_instead_of_polling(
 
 @HEAVY
 def test_a_busy_concurrency_key_does_not_delay_another_key(
-    controls_app: pgsched.App, conn: psycopg.Connection[Any], workers: Callable[..., PgschedProcess]
+    controls_app: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     controls_app.configure_queue("capped", create=True, max_per_key=2)
     controls_app.enqueue_many({"task": "work", "args": {"ms": 20}, "concurrency_key": "big"} for _ in range(10_000))
     for _ in range(2):
-        workers("--queues", "capped", "--concurrency", "5")
+        spawn_worker("--queues", "capped", "--concurrency", "5", app=CONTROLS_APP)
     wait_until(lambda: count(conn, "state = 'succeeded'") >= 10, timeout=30, message="the big key under way")
     small = controls_app.enqueue("work", concurrency_key="small")
     wait_until(lambda: controls_app.get(small.id).state == "succeeded", timeout=10, message="the small key's job")
@@ -477,12 +447,12 @@ def test_a_task_max_per_key_caps_each_key_in_any_queue(
 
 @HEAVY
 def test_a_fair_queue_does_not_starve_an_owner_behind_a_burst(
-    controls_app: pgsched.App, conn: psycopg.Connection[Any], workers: Callable[..., PgschedProcess]
+    controls_app: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     controls_app.configure_queue("capped", create=True, fair=True)
     controls_app.enqueue_many({"task": "work", "owner": "burst"} for _ in range(100_000))
     for _ in range(2):
-        workers("--queues", "capped")
+        spawn_worker("--queues", "capped", app=CONTROLS_APP)
     wait_until(lambda: count(conn, "state = 'succeeded'") >= 1000, timeout=60, message="the burst draining")
     single = controls_app.enqueue("work", owner="other")
     wait_until(lambda: controls_app.get(single.id).state == "succeeded", timeout=10, message="the other owner's job")

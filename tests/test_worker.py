@@ -17,7 +17,7 @@ from pgsched import Backoff, Cancel, Context, Retry, Snooze
 from pgsched.worker.queries import CLAIM
 from pgsched.worker.runtime import Worker
 
-from .conftest import wait_until, wait_until_async
+from .conftest import job_is, start_worker, wait_until, wait_until_async
 
 pytestmark = pytest.mark.db
 
@@ -241,7 +241,7 @@ def test_a_worker_never_holds_more_than_concurrency_plus_prefetch(
     tasks: pgsched.App, conn: psycopg.Connection[Any]
 ) -> None:
     async def scenario() -> list[int]:
-        worker, task = await _start(tasks, poll_seconds=0.05, concurrency=2, prefetch=1)
+        worker, task = await start_worker(tasks, poll_seconds=0.05, concurrency=2, prefetch=1)
         await tasks.enqueue_many_async([{"task": "sleep", "args": {"seconds": 0.4}} for _ in range(12)])
         seen = []
         for _ in range(30):  # sample while it drains: claimed and not finished (a finished job whose
@@ -285,49 +285,34 @@ def test_claim_reads_the_partial_index_also_with_a_generic_plan(conn: psycopg.Co
             assert len(claimed) == 10
 
 
-async def _start(app: pgsched.App, **options: Any) -> tuple[Worker, asyncio.Task[Any]]:
-    worker = Worker(app, pgsched.config.replace_settings(app.settings, **options))
-    task = asyncio.create_task(worker.run())
-    await wait_until_async(lambda: worker._pool is not None and worker._pool._opened, message="worker started")
-    return worker, task
-
-
-async def _state(app: pgsched.App, job_id: int) -> str:
-    return (await app.get_async(job_id)).state
-
-
 def test_notify_wakes_an_idle_worker_and_the_listener_reconnects(tasks: pgsched.App, dsn: str) -> None:
     async def scenario() -> None:
-        worker, task = await _start(
+        worker, task = await start_worker(
             tasks, poll_seconds=120
         )  # polling would take minutes: only NOTIFY can be this quick
         await asyncio.sleep(0.3)  # let it go idle after its first claim
         job = await tasks.enqueue_async("noop")
-        await wait_until_async(lambda: _is(tasks, job.id, "succeeded"), timeout=5, message="job woken by NOTIFY")
+        await wait_until_async(lambda: job_is(tasks, job.id, "succeeded"), timeout=5, message="job woken by NOTIFY")
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin:
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
             )
         await asyncio.sleep(1.6)  # the listener notices, waits its jittered pause and reconnects
         job = await tasks.enqueue_async("noop")
-        await wait_until_async(lambda: _is(tasks, job.id, "succeeded"), timeout=5, message="after reconnect")
+        await wait_until_async(lambda: job_is(tasks, job.id, "succeeded"), timeout=5, message="after reconnect")
         worker.stop()
         await task
 
     asyncio.run(scenario())
 
 
-async def _is(app: pgsched.App, job_id: int, state: str) -> bool:
-    return await _state(app, job_id) == state
-
-
 def test_cancel_stops_a_running_job(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     async def scenario() -> None:
-        worker, task = await _start(tasks, poll_seconds=0.2)
+        worker, task = await start_worker(tasks, poll_seconds=0.2)
         job = await tasks.enqueue_async("sleep", {"seconds": 60})
-        await wait_until_async(lambda: _is(tasks, job.id, "running"), message="running")
+        await wait_until_async(lambda: job_is(tasks, job.id, "running"), message="running")
         await tasks.cancel_async(job.id, "operator said stop")
-        await wait_until_async(lambda: _is(tasks, job.id, "cancelled"), timeout=10, message="cancelled")
+        await wait_until_async(lambda: job_is(tasks, job.id, "cancelled"), timeout=10, message="cancelled")
         worker.stop()
         await task
 
@@ -340,9 +325,9 @@ def test_a_lost_lease_stops_the_job_and_its_late_result_is_fenced(
     tasks: pgsched.App, conn: psycopg.Connection[Any]
 ) -> None:
     async def scenario() -> int:
-        worker, task = await _start(tasks, poll_seconds=0.2, lease_seconds=2, heartbeat_seconds=0.2)
+        worker, task = await start_worker(tasks, poll_seconds=0.2, lease_seconds=2, heartbeat_seconds=0.2)
         job = await tasks.enqueue_async("sleep", {"seconds": 60})
-        await wait_until_async(lambda: _is(tasks, job.id, "running"), message="running")
+        await wait_until_async(lambda: job_is(tasks, job.id, "running"), message="running")
         # Someone else took it over (as a rescuer would after a lease expiry).
         conn.execute(
             "UPDATE pgsched.jobs SET worker_id = gen_random_uuid(), attempts = attempts + 1 WHERE id = %s", (job.id,)
@@ -360,9 +345,9 @@ def test_a_lost_lease_stops_the_job_and_its_late_result_is_fenced(
 
 def test_a_zombie_completion_changes_nothing(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     async def scenario() -> tuple[int, Any]:
-        worker, task = await _start(tasks, poll_seconds=0.2, heartbeat_seconds=30, lease_seconds=60)
+        worker, task = await start_worker(tasks, poll_seconds=0.2, heartbeat_seconds=30, lease_seconds=60)
         job = await tasks.enqueue_async("sleep", {"seconds": 0.5})
-        await wait_until_async(lambda: _is(tasks, job.id, "running"), message="running")
+        await wait_until_async(lambda: job_is(tasks, job.id, "running"), message="running")
         # Behind the worker's back (no heartbeat comes in time): rescued and finished by another.
         conn.execute(
             "UPDATE pgsched.jobs SET state = 'succeeded', worker_id = NULL, lease_expires_at = NULL, result = '\"other\"', finished_at = now() WHERE id = %s",
@@ -382,7 +367,7 @@ def test_shutdown_puts_unfinished_jobs_back_without_counting_them(
     tasks: pgsched.App, conn: psycopg.Connection[Any]
 ) -> None:
     async def scenario() -> list[int]:
-        worker, task = await _start(tasks, poll_seconds=0.2, concurrency=1, prefetch=2, grace_seconds=0.3)
+        worker, task = await start_worker(tasks, poll_seconds=0.2, concurrency=1, prefetch=2, grace_seconds=0.3)
         jobs = [await tasks.enqueue_async("sleep", {"seconds": 60}) for _ in range(3)]
         await wait_until_async(lambda: len(worker.held) == 3 and worker.running, message="claimed 3, one running")
         worker.stop()
@@ -399,9 +384,9 @@ def test_shutdown_puts_unfinished_jobs_back_without_counting_them(
 
 def test_heartbeat_extends_leases_and_registers_the_worker(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     async def scenario() -> None:
-        worker, task = await _start(tasks, poll_seconds=0.2, lease_seconds=1, heartbeat_seconds=0.2)
+        worker, task = await start_worker(tasks, poll_seconds=0.2, lease_seconds=1, heartbeat_seconds=0.2)
         job = await tasks.enqueue_async("sleep", {"seconds": 2.5})
-        await wait_until_async(lambda: _is(tasks, job.id, "succeeded"), timeout=10, message="finished")
+        await wait_until_async(lambda: job_is(tasks, job.id, "succeeded"), timeout=10, message="finished")
         row = conn.execute("SELECT alive, queues, concurrency FROM pgsched.worker_status").fetchone()
         assert row == (True, ["default"], 10)
         worker.stop()
@@ -428,13 +413,13 @@ def test_a_prefetched_job_cancelled_before_it_starts_never_runs(
     tasks: pgsched.App, conn: psycopg.Connection[Any]
 ) -> None:
     async def scenario() -> tuple[int, int]:
-        worker, task = await _start(tasks, poll_seconds=0.2, concurrency=1, prefetch=1)
+        worker, task = await start_worker(tasks, poll_seconds=0.2, concurrency=1, prefetch=1)
         busy = await tasks.enqueue_async("sleep", {"seconds": 1.0})
         waiting = await tasks.enqueue_async("echo", {"value": "should not run"})
         await wait_until_async(lambda: waiting.id in worker.held and busy.id in worker.running, message="prefetched")
         await tasks.cancel_async(waiting.id, "not needed")
-        await wait_until_async(lambda: _is(tasks, waiting.id, "cancelled"), timeout=5, message="cancelled")
-        await wait_until_async(lambda: _is(tasks, busy.id, "succeeded"), timeout=5, message="busy done")
+        await wait_until_async(lambda: job_is(tasks, waiting.id, "cancelled"), timeout=5, message="cancelled")
+        await wait_until_async(lambda: job_is(tasks, busy.id, "succeeded"), timeout=5, message="busy done")
         worker.stop()
         await task
         return busy.id, waiting.id

@@ -3,7 +3,6 @@ zombie worker, and the ``--processes`` supervisor."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import uuid
@@ -18,66 +17,13 @@ import pgsched
 
 from .apps import extra, sample
 from .conftest import HEAVY, wait_until
-from .processes import PgschedProcess
+from .processes import WorkerProcess
 from .test_executors import alive
 
 pytestmark = pytest.mark.process
 
 SAMPLE = "tests.apps.sample:app"
 EXTRA = "tests.apps.extra:app"
-
-
-class WorkerProcess(PgschedProcess):
-    """A ``pgsched worker ARGS`` subprocess."""
-
-    def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
-        super().__init__(["worker", *args], env, directory)
-
-    def children(self) -> list[int]:
-        return children(self.pid)
-
-    def kill_all(self) -> None:
-        """SIGKILL the process, its process group and its children (a supervisor's are in groups of their own)."""
-        leftovers = self.children()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        for pid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.process.wait(10)
-
-
-def children(pid: int) -> list[int]:
-    """Live (not zombie) child processes of ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-@pytest.fixture
-def spawn(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start ``pgsched worker --app ... --poll-seconds 0.2 ARGS``; whatever is left is killed at the end."""
-    started: list[WorkerProcess] = []
-
-    def start(*args: str, app: str = SAMPLE) -> WorkerProcess:
-        directory = tmp_path / f"worker-{len(started)}"
-        directory.mkdir()
-        worker = WorkerProcess(["--app", app, "--poll-seconds", "0.2", *args], cli_env, directory)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.process.poll() is None or worker.children():
-            worker.kill_all()
 
 
 @pytest.fixture
@@ -123,11 +69,11 @@ def running(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None
 
 
 def test_burst_drains_the_queues_and_exits_zero(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     echoes = {client.enqueue("echo", {"value": {"n": i}}).id: i for i in range(20)}
     adds = [client.enqueue("add", {"a": i, "b": 1}).id for i in range(5)]
-    worker = spawn("--burst", "--concurrency", "4")
+    worker = spawn_worker("--burst", "--concurrency", "4")
     assert worker.wait(30) == 0, worker.stderr()
     assert "done: 25 claimed, 25 succeeded, 0 failed" in worker.stdout()
     for job_id, i in echoes.items():
@@ -140,10 +86,10 @@ def test_burst_drains_the_queues_and_exits_zero(
 
 
 def test_sigterm_puts_a_running_job_back_and_exits(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     job = client.enqueue("sleep_async", {"seconds": 60})
-    worker = spawn("--grace-seconds", "0.5")
+    worker = spawn_worker("--grace-seconds", "0.5")
     wait_until(lambda: running(conn, job.id), message="the job to run")
     worker_id = worker_pids(conn)[worker.pid]
     worker.signal(signal.SIGTERM)
@@ -155,10 +101,10 @@ def test_sigterm_puts_a_running_job_back_and_exits(
 
 
 def test_sigterm_with_a_sync_job_in_flight_exits_and_leaves_the_job_to_its_lease(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     job = client.enqueue("sleep_sync", {"seconds": 60})
-    worker = spawn("--grace-seconds", "0.5", "--lease-seconds", "2", "--heartbeat-seconds", "0.5")
+    worker = spawn_worker("--grace-seconds", "0.5", "--lease-seconds", "2", "--heartbeat-seconds", "0.5")
     claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
     worker.signal(signal.SIGTERM)
     # A thread cannot be stopped: the process leaves without waiting for it...
@@ -180,10 +126,10 @@ def test_sigterm_with_a_sync_job_in_flight_exits_and_leaves_the_job_to_its_lease
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_second_signal_exits_at_once(
-    second: int, client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    second: int, client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     job = client.enqueue("sleep_async", {"seconds": 60})
-    worker = spawn("--grace-seconds", "300")
+    worker = spawn_worker("--grace-seconds", "300")
     wait_until(lambda: running(conn, job.id), message="the job to run")
     worker.signal(signal.SIGTERM)
     wait_until(lambda: "stopping" in worker.stderr(), message="the worker to begin its graceful stop")
@@ -194,11 +140,11 @@ def test_a_second_signal_exits_at_once(
 
 
 def test_kill_9_mid_job_loses_nothing(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess], tmp_path: Path
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     job = client.enqueue("wait_for_file", {"path": str(gate)})
-    first = spawn("--lease-seconds", "2", "--heartbeat-seconds", "0.5", app=EXTRA)
+    first = spawn_worker("--lease-seconds", "2", "--heartbeat-seconds", "0.5", app=EXTRA)
     claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
     dead_worker = claimed["worker_id"]
     assert worker_pids(conn)[first.pid] == dead_worker
@@ -228,7 +174,7 @@ def test_kill_9_mid_job_loses_nothing(
     row = job_row(conn, job.id)
     assert (row["state"], row["worker_id"], row["attempts"]) == ("queued", None, 1)
     gate.touch()
-    second = spawn("--burst", app=EXTRA)
+    second = spawn_worker("--burst", app=EXTRA)
     assert second.wait(30) == 0, second.stderr()
     row = job_row(conn, job.id)
     assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 2, "released")
@@ -239,12 +185,12 @@ def test_kill_9_mid_job_loses_nothing(
 
 
 def test_a_zombie_workers_late_completion_is_fenced(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess], tmp_path: Path
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     job = client.enqueue("wait_for_file", {"path": str(gate)})
     # A long heartbeat interval: the worker does not notice that it lost the job before it finishes it.
-    zombie = spawn("--burst", "--lease-seconds", "120", "--heartbeat-seconds", "60", app=EXTRA)
+    zombie = spawn_worker("--burst", "--lease-seconds", "120", "--heartbeat-seconds", "60", app=EXTRA)
     claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
     zombie_id = claimed["worker_id"]
     # Meanwhile the job was rescued and claimed again by another worker (attempt 2).
@@ -270,10 +216,10 @@ def test_a_zombie_workers_late_completion_is_fenced(
 
 @HEAVY
 def test_four_processes_drain_ten_thousand_jobs_exactly_once(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     ids = client.enqueue_many({"task": "noop", "args": {"i": i}} for i in range(10_000))
-    supervisor = spawn("--processes", "4", "--burst")
+    supervisor = spawn_worker("--processes", "4", "--burst")
     assert supervisor.wait(60) == 0, supervisor.stderr()
     states = dict(conn.execute("SELECT state, count(*) FROM pgsched.jobs GROUP BY state").fetchall())
     assert states == {"succeeded": 10_000}
@@ -286,9 +232,9 @@ def test_four_processes_drain_ten_thousand_jobs_exactly_once(
 
 
 def test_supervisor_replaces_a_killed_child_and_stops_on_sigterm(
-    conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
-    supervisor = spawn("--processes", "2", "--heartbeat-seconds", "0.5")
+    supervisor = spawn_worker("--processes", "2", "--heartbeat-seconds", "0.5")
     first = wait_until(lambda: registered(conn, 2), timeout=20, message="two worker processes")
     assert set(first) == set(supervisor.children())
     victim = min(first)
@@ -309,10 +255,10 @@ def test_supervisor_replaces_a_killed_child_and_stops_on_sigterm(
 
 
 def test_ctrl_c_to_the_process_group_stops_the_children_gracefully(
-    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     job = client.enqueue("sleep_async", {"seconds": 60})
-    supervisor = spawn("--processes", "2", "--grace-seconds", "0.5")
+    supervisor = spawn_worker("--processes", "2", "--grace-seconds", "0.5")
     wait_until(lambda: registered(conn, 2) and running(conn, job.id), timeout=20, message="the job to run")
     kids = supervisor.children()
     group = os.getpgid(supervisor.pid)
@@ -336,9 +282,9 @@ def test_ctrl_c_to_the_process_group_stops_the_children_gracefully(
 
 
 def test_sigterm_while_a_child_is_being_restarted_still_stops(
-    conn: psycopg.Connection[Any], spawn: Callable[..., WorkerProcess]
+    conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
-    supervisor = spawn("--processes", "2")
+    supervisor = spawn_worker("--processes", "2")
     first = wait_until(lambda: registered(conn, 2), timeout=20, message="two worker processes")
     os.kill(min(first), signal.SIGKILL)  # dies young: the supervisor pauses before restarting it
     wait_until(lambda: "restarting it" in supervisor.stderr(), message="the supervisor to notice")
