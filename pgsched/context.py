@@ -3,6 +3,7 @@ when that parameter is annotated ``pgsched.Context``."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 from .crypto import Keyring
@@ -30,6 +31,7 @@ class Context:
         self.dependency_results = dependency_results or {}
         self._sink = sink
         self._cancelled = False
+        self._stop: threading.Event | None = None  # made by the first wait_cancelled (most jobs never wait)
         self._thread_busy = False  # a sync task's code is running in a worker thread
         # Set by the worker for a job whose payloads are stored encrypted: what this run
         # writes (checkpoints, log lines, result, error) is encrypted with it first.
@@ -55,6 +57,15 @@ class Context:
         """True once the job should stop: cancelled, its lease lost, or the worker shutting down."""
         return self._cancelled
 
+    def wait_cancelled(self, timeout: float) -> bool:
+        """Block (in a sync task) until the job should stop or ``timeout`` seconds have passed;
+        returns ``cancelled``. The pause of a cooperative loop: ``while not ctx.wait_cancelled(5): ...``."""
+        if self._stop is None:
+            self._stop = threading.Event()
+            if self._cancelled:  # set before the event existed (_cancel sets the flag first)
+                self._stop.set()
+        return self._stop.wait(timeout)
+
     def log(self, message: str, level: str = "info") -> None:
         """Write a line into this run's log (``pgsched.run_logs``)."""
         self._sink.log(self, level, str(message))
@@ -74,3 +85,5 @@ class Context:
 
     def _cancel(self) -> None:
         self._cancelled = True
+        if self._stop is not None:
+            self._stop.set()
