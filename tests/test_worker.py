@@ -459,3 +459,13 @@ def test_a_timed_out_sync_task_sees_cancelled_and_its_late_logs_are_dropped(
     assert finished.wait(5)  # it noticed the timeout through ctx.cancelled
     assert app.get(job.id).state == "failed"
     assert conn.execute("SELECT count(*) FROM pgsched.run_logs WHERE job_id = %s", (job.id,)).fetchone()[0] == 0
+
+
+def test_wait_cancelled_waits_for_the_stop_or_the_timeout() -> None:
+    ctx = Context(None, None)  # type: ignore[arg-type]  # neither is used to wait
+    assert ctx.wait_cancelled(0.01) is False  # nobody stopped it: the timeout ends the wait
+    threading.Timer(0.05, ctx._cancel).start()
+    assert ctx.wait_cancelled(30) is True  # stopped from another thread while waiting
+    stopped_first = Context(None, None)  # type: ignore[arg-type]
+    stopped_first._cancel()
+    assert stopped_first.wait_cancelled(30) is True  # stopped before the first wait
