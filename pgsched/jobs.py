@@ -30,7 +30,6 @@ class Job(msgspec.Struct):
     attempts: int
     max_attempts: int
     timeout_seconds: float | None
-    lease_expires_at: datetime | None
     worker_id: uuid.UUID | None
     dedupe_key: str | None
     owner: str | None

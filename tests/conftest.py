@@ -224,3 +224,15 @@ def spawn_worker(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
     for worker in started:
         if worker.process.poll() is None or worker.children():
             worker.kill_all()
+
+
+def worker_incarnation(conn: psycopg.Connection[Any], lease: str) -> uuid.UUID:
+    """A ``pgsched.workers`` row whose lease ends ``lease`` from now (negative: already ended),
+    for tests that put jobs in ``running`` by hand (a running job names its incarnation)."""
+    worker = uuid.uuid4()
+    conn.execute(
+        """INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, lease_expires_at)
+           VALUES (%s, 'test', 1, '{default}', 1, pgsched.now() + %s::interval)""",
+        (worker, lease),
+    )
+    return worker

@@ -168,7 +168,7 @@ def test_get_cancel_retry(reports: pgsched.App, conn: psycopg.Connection[Any]) -
     retried = reports.retry(job.id)
     assert (retried.state, retried.finished_at) == ("queued", None)
     conn.execute(
-        "UPDATE pgsched.jobs SET state = 'running', attempts = 1, worker_id = gen_random_uuid(), lease_expires_at = now() WHERE id = %s",
+        "UPDATE pgsched.jobs SET state = 'running', attempts = 1, worker_id = gen_random_uuid() WHERE id = %s",
         (job.id,),
     )
     marked = reports.cancel(job.id)

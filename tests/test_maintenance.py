@@ -13,6 +13,8 @@ import pytest
 import pgsched
 from pgsched.maintenance import LEADER_KEY, Promoter, Pruner, Rescuer
 
+from .conftest import worker_incarnation
+
 pytestmark = pytest.mark.db
 
 
@@ -69,17 +71,22 @@ def test_only_the_lock_holder_leads_a_pass(dsn: str, conn: psycopg.Connection[An
 
 def test_rescuer_waits_a_lease_after_gaining_leadership(dsn: str, conn: psycopg.Connection[Any]) -> None:
     job = conn.execute(
-        """INSERT INTO pgsched.jobs (task, queue, state, attempts, max_attempts, worker_id, lease_expires_at, started_at)
-           VALUES ('t', 'q', 'running', 1, 3, gen_random_uuid(), pgsched.now() - interval '1 minute', pgsched.now() - interval '2 minutes')
-           RETURNING id"""
+        """INSERT INTO pgsched.jobs (task, queue, state, attempts, max_attempts, worker_id, started_at)
+           VALUES ('t', 'q', 'running', 1, 3, %s, pgsched.now() - interval '2 minutes')
+           RETURNING id""",
+        (worker_incarnation(conn, "-1 minute"),),
     ).fetchone()[0]
     rescuer = Rescuer(lease_seconds=30)
     t0 = db_now(conn)
     assert run_once(dsn, rescuer, t0).done == {"rescued": 0}  # just became leader: the workers may be reconnecting
     assert run_once(dsn, rescuer, t0 + timedelta(seconds=10)).done == {"rescued": 0}
     assert run_once(dsn, rescuer, t0 + timedelta(seconds=31)).done == {"rescued": 1}
-    row = conn.execute("SELECT state, attempts, worker_id, error FROM pgsched.jobs WHERE id = %s", (job,)).fetchone()
-    assert row[:3] == ("queued", 1, None) and "lease expired" in row[3]
+    row = conn.execute(
+        "SELECT state, attempts, worker_id, error, run_at FROM pgsched.jobs WHERE id = %s", (job,)
+    ).fetchone()
+    # Retried after a short backoff (1 s after a first rescue), the rescue counted as an attempt.
+    assert row[:3] == ("scheduled", 1, None) and "lease expired" in row[3]
+    assert t0 + timedelta(seconds=31) < row[4] < t0 + timedelta(seconds=33)
     assert conn.execute("SELECT attempt, outcome FROM pgsched.runs WHERE job_id = %s", (job,)).fetchall() == [
         (1, "lease_expired")
     ]
@@ -88,15 +95,16 @@ def test_rescuer_waits_a_lease_after_gaining_leadership(dsn: str, conn: psycopg.
 def test_rescue_fails_exhausted_jobs_and_ends_cancel_requests(dsn: str, conn: psycopg.Connection[Any]) -> None:
     def running(attempts: int, max_attempts: int, cancel: bool) -> int:
         return conn.execute(
-            """INSERT INTO pgsched.jobs (task, state, attempts, max_attempts, worker_id, lease_expires_at, cancel_requested_at, error)
-               VALUES ('t', 'running', %s, %s, gen_random_uuid(), pgsched.now() - interval '1 second',
-                       CASE WHEN %s THEN pgsched.now() END, CASE WHEN %s THEN 'stop it' END) RETURNING id""",
-            (attempts, max_attempts, cancel, cancel),
+            """INSERT INTO pgsched.jobs (task, state, attempts, max_attempts, worker_id, cancel_requested_at, error)
+               VALUES ('t', 'running', %s, %s, %s, CASE WHEN %s THEN pgsched.now() END, CASE WHEN %s THEN 'stop it' END)
+               RETURNING id""",
+            (attempts, max_attempts, worker_incarnation(conn, "-1 second"), cancel, cancel),
         ).fetchone()[0]
 
     exhausted, cancel, alive = running(3, 3, False), running(1, 3, True), None
     alive = conn.execute(
-        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id, lease_expires_at) VALUES ('t', 'running', 1, gen_random_uuid(), pgsched.now() + interval '1 minute') RETURNING id"
+        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id) VALUES ('t', 'running', 1, %s) RETURNING id",
+        (worker_incarnation(conn, "1 minute"),),
     ).fetchone()[0]
     rescuer = Rescuer(lease_seconds=0)
     assert run_once(dsn, rescuer).done == {"rescued": 2}
@@ -108,11 +116,12 @@ def test_rescue_fails_exhausted_jobs_and_ends_cancel_requests(dsn: str, conn: ps
 
 def test_rescue_never_overwrites_a_job_that_just_completed(dsn: str, conn: psycopg.Connection[Any]) -> None:
     job = conn.execute(
-        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id, lease_expires_at) VALUES ('t', 'running', 1, gen_random_uuid(), pgsched.now() - interval '1 second') RETURNING id"
+        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id) VALUES ('t', 'running', 1, %s) RETURNING id",
+        (worker_incarnation(conn, "-1 second"),),
     ).fetchone()[0]
     with psycopg.connect(dsn) as worker:  # the worker's completion holds the row...
         worker.execute(
-            "UPDATE pgsched.jobs SET state = 'succeeded', finished_at = now(), worker_id = NULL, lease_expires_at = NULL WHERE id = %s",
+            "UPDATE pgsched.jobs SET state = 'succeeded', finished_at = now(), worker_id = NULL WHERE id = %s",
             (job,),
         )
         result = run_once(dsn, Rescuer(lease_seconds=0))  # ...so the rescuer skips it (SKIP LOCKED)
@@ -136,7 +145,7 @@ def test_pruner_deletes_by_retention_and_keeps_partitions_ahead(dsn: str, conn: 
     ).fetchall()
     ids = [r[0] for r in rows]
     conn.execute(
-        "INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, expires_at) VALUES (gen_random_uuid(), 'h', 1, '{default}', 1, pgsched.now() - interval '1 hour')"
+        "INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, lease_expires_at) VALUES (gen_random_uuid(), 'h', 1, '{default}', 1, pgsched.now() - interval '1 hour')"
     )
     result = run_once(dsn, Pruner())
     assert result.done["jobs"] == 3 and result.done["workers"] == 1

@@ -14,11 +14,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsched import embedded
 
+from .conftest import worker_incarnation
+
 pytestmark = pytest.mark.db
 
 # DESIGN §3 names these columns; each must carry a COMMENT ON.
 CONTRACT_COLUMNS = {
-    "jobs": "id queue task args priority state run_at attempts max_attempts lease_expires_at worker_id "
+    "jobs": "id queue task args priority state run_at attempts max_attempts worker_id "
     "dedupe_key owner schedule_id workflow_id result error progress created_at started_at finished_at",
     "job_deps": "job_id depends_on",
     "tasks": "name queue options parameters last_seen_at",
@@ -237,8 +239,8 @@ def test_cancel_and_retry_in_sql(dsn: str, conn: psycopg.Connection[Any]) -> Non
     queued = one(conn, "INSERT INTO pgsched.jobs (task) VALUES ('t') RETURNING id")
     running = one(
         conn,
-        """INSERT INTO pgsched.jobs (task, state, attempts, worker_id, lease_expires_at)
-           VALUES ('t', 'running', 1, gen_random_uuid(), now() + interval '30 seconds') RETURNING id""",
+        """INSERT INTO pgsched.jobs (task, state, attempts, worker_id)
+           VALUES ('t', 'running', 1, gen_random_uuid()) RETURNING id""",
     )
     done = one(
         conn, "INSERT INTO pgsched.jobs (task, state, finished_at) VALUES ('t', 'succeeded', now()) RETURNING id"
@@ -275,18 +277,18 @@ def test_cancel_and_retry_in_sql(dsn: str, conn: psycopg.Connection[Any]) -> Non
 def test_views_report_queues_and_workers(conn: psycopg.Connection[Any]) -> None:
     worker = uuid.uuid4()
     conn.execute(
-        """INSERT INTO pgsched.workers (id, host, pid, queues, tasks, concurrency, expires_at)
+        """INSERT INTO pgsched.workers (id, host, pid, queues, tasks, concurrency, lease_expires_at)
            VALUES (%s, 'h1', 42, '{default}', '{known}', 4, pgsched.now() + interval '30 seconds')""",
         (worker,),
     )
     conn.execute(
-        """INSERT INTO pgsched.jobs (task, queue, state, run_at, worker_id, lease_expires_at, finished_at, attempts) VALUES
-           ('known', 'default', 'queued', pgsched.now() - interval '90 seconds', NULL, NULL, NULL, 0),
-           ('unknown', 'default', 'queued', pgsched.now(), NULL, NULL, NULL, 0),
-           ('known', 'default', 'running', pgsched.now(), %s, pgsched.now() + interval '30 seconds', NULL, 1),
-           ('known', 'default', 'failed', pgsched.now(), NULL, NULL, pgsched.now(), 1),
-           ('known', 'default', 'scheduled', pgsched.now() + interval '1 day', NULL, NULL, NULL, 0),
-           ('known', 'other', 'waiting', pgsched.now(), NULL, NULL, NULL, 0)""",
+        """INSERT INTO pgsched.jobs (task, queue, state, run_at, worker_id, finished_at, attempts) VALUES
+           ('known', 'default', 'queued', pgsched.now() - interval '90 seconds', NULL, NULL, 0),
+           ('unknown', 'default', 'queued', pgsched.now(), NULL, NULL, 0),
+           ('known', 'default', 'running', pgsched.now(), %s, NULL, 1),
+           ('known', 'default', 'failed', pgsched.now(), NULL, pgsched.now(), 1),
+           ('known', 'default', 'scheduled', pgsched.now() + interval '1 day', NULL, NULL, 0),
+           ('known', 'other', 'waiting', pgsched.now(), NULL, NULL, 0)""",
         (worker,),
     )
     stats = {
@@ -406,7 +408,7 @@ def test_worker_runs_jobs_but_cannot_read_accounts(login_as: Any, conn: psycopg.
     worker = login_as("pgsched_worker")
     job_id = one(worker, "INSERT INTO pgsched.jobs (task) VALUES ('t') RETURNING id")
     worker.execute(
-        "UPDATE pgsched.jobs SET state = 'running', worker_id = gen_random_uuid(), lease_expires_at = now() WHERE id = %s",
+        "UPDATE pgsched.jobs SET state = 'running', worker_id = gen_random_uuid() WHERE id = %s",
         (job_id,),
     )
     worker.execute(
@@ -434,7 +436,7 @@ def test_a_worker_role_claims_from_controlled_queues_but_cannot_change_them(
         " SELECT 'keyed', 'q', 'o' || (i % 2), 'k' || (i % 3) FROM generate_series(1, 20) i"
     )
     worker = login_as("pgsched_worker")
-    params = {"queues": ["q"], "tasks": ["keyed"], "limit": 10, "worker": uuid.uuid4(), "lease": 30.0}
+    params = {"queues": ["q"], "tasks": ["keyed"], "limit": 10, "worker": worker_incarnation(conn, "1 minute")}
     claimed = [row for row in worker.execute(CLAIM_CONTROLLED, params).fetchall() if row[0] is not None]
     assert len(claimed) == 3  # one per key: the task's max_per_key is below the queue's
     assert one(conn, "SELECT count(*) FROM pgsched.queue_starts WHERE queue = 'q'") == 3

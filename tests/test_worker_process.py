@@ -54,6 +54,10 @@ def worker_pids(conn: psycopg.Connection[Any]) -> dict[int, uuid.UUID]:
     return dict(conn.execute("SELECT pid, id FROM pgsched.workers").fetchall())
 
 
+def lease_of(conn: psycopg.Connection[Any], worker: uuid.UUID) -> Any:
+    return conn.execute("SELECT lease_expires_at FROM pgsched.workers WHERE id = %s", (worker,)).fetchone()[0]
+
+
 def registered(conn: psycopg.Connection[Any], n: int) -> set[int] | None:
     """The pids of the registered workers once there are ``n`` of them."""
     pids = set(worker_pids(conn))
@@ -95,7 +99,7 @@ def test_sigterm_puts_a_running_job_back_and_exits(
     worker.signal(signal.SIGTERM)
     assert worker.wait(20) == 0, worker.stderr()
     row = job_row(conn, job.id)
-    assert (row["state"], row["attempts"], row["worker_id"], row["lease_expires_at"]) == ("queued", 0, None, None)
+    assert (row["state"], row["attempts"], row["worker_id"]) == ("queued", 0, None)
     assert runs(conn, job.id) == [(1, "interrupted", worker_id)]
     assert worker_pids(conn) == {}
 
@@ -109,9 +113,10 @@ def test_sigterm_with_a_sync_job_in_flight_exits_and_leaves_the_job_to_its_lease
     worker.signal(signal.SIGTERM)
     # A thread cannot be stopped: the process leaves without waiting for it...
     assert worker.wait(15) == 0, worker.stderr()
-    assert worker_pids(conn) == {}
-    # ...and does not put the job back, which could run it twice at once: it keeps its lease, and
-    # once that lapses (the process is gone by then) the rescuer takes the job back.
+    # ...and does not put the job back, which could run it twice at once: its incarnation's row
+    # stays with the lease it had, and once that lapses (the process is gone by then) the
+    # rescuer takes the job back.
+    assert worker_pids(conn) == {worker.pid: claimed["worker_id"]}
     row = job_row(conn, job.id)
     assert (row["state"], row["worker_id"], row["attempts"]) == ("running", claimed["worker_id"], 1)
     assert runs(conn, job.id) == []
@@ -120,7 +125,7 @@ def test_sigterm_with_a_sync_job_in_flight_exits_and_leaves_the_job_to_its_lease
         timeout=15,
         message="the lease to lapse and the rescuer to take the job",
     )
-    assert job_row(conn, job.id)["state"] == "queued"
+    assert job_row(conn, job.id)["state"] == "scheduled"  # retried after a short backoff
     assert runs(conn, job.id) == [(1, "lease_expired", claimed["worker_id"])]
 
 
@@ -148,11 +153,9 @@ def test_kill_9_mid_job_loses_nothing(
     claimed = wait_until(lambda: running(conn, job.id), message="the job to run")
     dead_worker = claimed["worker_id"]
     assert worker_pids(conn)[first.pid] == dead_worker
-    # While the worker lives, its heartbeat keeps extending the lease.
-    wait_until(
-        lambda: job_row(conn, job.id)["lease_expires_at"] > claimed["lease_expires_at"],
-        message="a heartbeat to extend the lease",
-    )
+    # While the worker lives, its heartbeat keeps extending its lease.
+    first_lease = lease_of(conn, dead_worker)
+    wait_until(lambda: lease_of(conn, dead_worker) > first_lease, message="a heartbeat to extend the lease")
 
     first.signal(signal.SIGKILL)
     assert first.wait(10) == -signal.SIGKILL
@@ -160,19 +163,19 @@ def test_kill_9_mid_job_loses_nothing(
     assert (row["state"], row["worker_id"], row["attempts"]) == ("running", dead_worker, 1)
     # Nobody extends it any more: the lease runs out, and the job is still there, still running.
     wait_until(
-        lambda: conn.execute(
-            "SELECT lease_expires_at < pgsched.now() FROM pgsched.jobs WHERE id = %s", (job.id,)
-        ).fetchone()[0],
+        lambda: conn.execute("SELECT %s < pgsched.now()", (lease_of(conn, dead_worker),)).fetchone()[0],
         timeout=15,
         message="the dead worker's lease to expire",
     )
     row = job_row(conn, job.id)
     assert (row["state"], row["worker_id"]) == ("running", dead_worker)
 
-    # The rescuer (the scheduler's maintenance pass) puts it back and records the lost attempt.
+    # The rescuer (the scheduler's maintenance pass) puts it back, to be retried after a short
+    # backoff, and records the lost attempt.
     assert conn.execute("SELECT pgsched.rescue()").fetchone() == (1,)
     row = job_row(conn, job.id)
-    assert (row["state"], row["worker_id"], row["attempts"]) == ("queued", None, 1)
+    assert (row["state"], row["worker_id"], row["attempts"]) == ("scheduled", None, 1)
+    wait_until(lambda: conn.execute("SELECT pgsched.promote()").fetchone() == (1,), message="the backoff to pass")
     gate.touch()
     second = spawn_worker("--burst", app=EXTRA)
     assert second.wait(30) == 0, second.stderr()
@@ -196,8 +199,7 @@ def test_a_zombie_workers_late_completion_is_fenced(
     # Meanwhile the job was rescued and claimed again by another worker (attempt 2).
     taken = conn.execute(
         """UPDATE pgsched.jobs
-           SET worker_id = %s, attempts = attempts + 1, started_at = pgsched.now(),
-               lease_expires_at = pgsched.now() + interval '1 hour'
+           SET worker_id = %s, attempts = attempts + 1, started_at = pgsched.now()
            WHERE id = %s AND worker_id = %s AND state = 'running' RETURNING id""",
         (uuid.uuid4(), job.id, zombie_id),
     ).fetchall()

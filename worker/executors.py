@@ -20,7 +20,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -50,7 +50,7 @@ class NotRetryable(TaskFailed):
     """A failure that retrying cannot fix (refused target, missing permission)."""
 
 
-async def run_python(task: Task[Any, Any], ctx: Context, threads: ThreadPoolExecutor) -> Any:
+async def run_python(task: Task[Any, Any], ctx: Context, threads: Executor) -> Any:
     """Call the task's function with the job's args (and ``ctx`` first when it asks for it)."""
     leading = (ctx,) if task.takes_context else ()
     if task.is_async:
@@ -119,7 +119,7 @@ def _kill_group(pid: int) -> None:
 
 
 async def run_http(
-    args: dict[str, Any], *, allow_private: bool, threads: ThreadPoolExecutor, timeout: float | None
+    args: dict[str, Any], *, allow_private: bool, threads: Executor, timeout: float | None
 ) -> dict[str, Any]:
     """Make the request in a thread (http.client), bounded by the socket timeout."""
     call = functools.partial(http_request, args, allow_private=allow_private, timeout=timeout or HTTP_DEFAULT_TIMEOUT)

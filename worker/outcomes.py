@@ -40,6 +40,7 @@ class Stats:
     cancelled: int = 0
     fenced: int = 0
     released: int = 0
+    lost: int = 0  # jobs dropped because the worker's lease was lost (the rescuer has them)
     claims: int = 0  # claim statements run (caps and rate limits show here as waits, not as polling)
     by_outcome: dict[str, int] = field(default_factory=dict)
 
@@ -96,20 +97,23 @@ def result_outcome(job: Job, started: datetime, value: Any) -> Outcome:
     return ended(job, started, "succeeded", "succeeded", result=encoded.decode())
 
 
-def complete_params(batch: list[Outcome], worker: uuid.UUID) -> dict[str, Any]:
-    """COMPLETE (and INSERT_INTERRUPTED) parameters: one array per column."""
+def complete_params(batch: list[Outcome], workers: list[uuid.UUID]) -> dict[str, Any]:
+    """COMPLETE (and INSERT_INTERRUPTED) parameters: one array per column, in job id order (every
+    statement that locks several jobs locks them in id order, so two of them never deadlock).
+    ``workers``: the incarnation that claimed each attempt (its fence)."""
+    rows = sorted(zip(batch, workers, strict=True), key=lambda row: row[0].job.id)
     return {
-        "worker": worker,
-        "ids": [o.job.id for o in batch],
-        "attempts": [o.job.attempts for o in batch],
-        "queues": [o.job.queue for o in batch],
-        "tasks": [o.job.task for o in batch],
-        "owners": [o.job.owner for o in batch],
-        "states": [o.state for o in batch],
-        "outcomes": [o.outcome for o in batch],
-        "results": [o.result for o in batch],
-        "errors": [o.error for o in batch],
-        "delays": [o.delay for o in batch],
-        "started": [o.started_at for o in batch],
-        "finished": [o.finished_at for o in batch],
+        "workers": [w for _, w in rows],
+        "ids": [o.job.id for o, _ in rows],
+        "attempts": [o.job.attempts for o, _ in rows],
+        "queues": [o.job.queue for o, _ in rows],
+        "tasks": [o.job.task for o, _ in rows],
+        "owners": [o.job.owner for o, _ in rows],
+        "states": [o.state for o, _ in rows],
+        "outcomes": [o.outcome for o, _ in rows],
+        "results": [o.result for o, _ in rows],
+        "errors": [o.error for o, _ in rows],
+        "delays": [o.delay for o, _ in rows],
+        "started": [o.started_at for o, _ in rows],
+        "finished": [o.finished_at for o, _ in rows],
     }

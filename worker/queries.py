@@ -30,11 +30,13 @@ WITH picked AS MATERIALIZED (
         FOR UPDATE SKIP LOCKED
     ) AS p
     WHERE NOT EXISTS (SELECT 1 FROM pgsched.queues s WHERE s.name = q.name AND pgsched.queue_is_controlled(s))
+      -- Only for a live incarnation (one primary-key probe, evaluated once): the claims of one
+      -- whose lease the rescuer took would only be rescued again.
+      AND EXISTS (SELECT 1 FROM pgsched.workers w WHERE w.id = %(worker)s AND w.lease_expires_at > pgsched.now())
     LIMIT %(limit)s
 )
 UPDATE pgsched.jobs j
-SET state = 'running', attempts = j.attempts + 1, worker_id = %(worker)s,
-    started_at = pgsched.now(), lease_expires_at = pgsched.now() + make_interval(secs => %(lease)s)
+SET state = 'running', attempts = j.attempts + 1, worker_id = %(worker)s, started_at = pgsched.now()
 FROM picked
 WHERE j.id = picked.id
 RETURNING {_J_COLUMNS},
@@ -54,7 +56,7 @@ SELECT {", ".join(f"(c.job).{col}" for col in JOB_COLUMNS.split(", "))},
      FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
      WHERE e.job_id = (c.job).id) AS dependency_results,
     c.next_claim_in
-FROM pgsched.claim_controlled(%(queues)s, %(tasks)s, %(limit)s, %(worker)s, %(lease)s) AS c
+FROM pgsched.claim_controlled(%(queues)s, %(tasks)s, %(limit)s, %(worker)s) AS c
 """
 
 # Which of the worker's queues are controlled or paused, and which of its tasks
@@ -68,17 +70,18 @@ FROM pgsched.tasks t WHERE t.name = ANY(%(tasks)s) AND t.options ? 'max_per_key'
 """
 
 # Complete a batch of attempts in one round trip. Every row is fenced on
-# (id, attempt, worker, state = 'running'): a job whose lease was lost and
-# that was rescued or finished elsewhere is not touched, and its attempt is
-# recorded as 'fenced'. Primary key lookups only. Parameters go in binary
-# (%(...)b): psycopg then sends the arrays without quoting every element.
+# (id, attempt, worker incarnation, state = 'running'): a job whose lease was
+# lost and that was rescued or finished elsewhere is not touched, and its
+# attempt is recorded as 'fenced'. Primary key lookups, in id order (see
+# complete_params). Parameters go in binary (%(...)b): psycopg then sends the
+# arrays without quoting every element.
 COMPLETE = """
 WITH done AS (
-    SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::integer[], %(queues)b::text[], %(tasks)b::text[],
-                         %(owners)b::text[], %(states)b::text[], %(outcomes)b::text[], %(results)b::jsonb[],
-                         %(errors)b::text[], %(delays)b::double precision[], %(started)b::timestamptz[],
-                         %(finished)b::timestamptz[])
-        AS d(id, attempt, queue, task, owner, state, outcome, result, error, delay, started_at, finished_at)
+    SELECT * FROM unnest(%(workers)b::uuid[], %(ids)b::bigint[], %(attempts)b::integer[], %(queues)b::text[],
+                         %(tasks)b::text[], %(owners)b::text[], %(states)b::text[], %(outcomes)b::text[],
+                         %(results)b::jsonb[], %(errors)b::text[], %(delays)b::double precision[],
+                         %(started)b::timestamptz[], %(finished)b::timestamptz[])
+        AS d(worker, id, attempt, queue, task, owner, state, outcome, result, error, delay, started_at, finished_at)
 ), updated AS (
     UPDATE pgsched.jobs j
     SET state = d.state,
@@ -89,35 +92,43 @@ WITH done AS (
         attempts = CASE WHEN d.outcome = 'snoozed' THEN j.attempts - 1 ELSE j.attempts END,
         run_at = CASE WHEN d.delay IS NOT NULL THEN pgsched.now() + make_interval(secs => d.delay) ELSE j.run_at END,
         finished_at = CASE WHEN d.state IN ('succeeded', 'failed', 'cancelled') THEN pgsched.now() END,
-        worker_id = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
+        worker_id = NULL, cancel_requested_at = NULL
     FROM done d
-    WHERE j.id = d.id AND j.attempts = d.attempt AND j.worker_id = %(worker)b AND j.state = 'running'
+    WHERE j.id = d.id AND j.attempts = d.attempt AND j.worker_id = d.worker AND j.state = 'running'
     RETURNING j.id
 ), history AS (
     INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, worker_id, outcome, error, started_at, finished_at)
-    SELECT d.id, d.attempt, d.queue, d.task, d.owner, %(worker)b,
+    SELECT d.id, d.attempt, d.queue, d.task, d.owner, d.worker,
            CASE WHEN u.id IS NULL THEN 'fenced' ELSE d.outcome END, d.error, d.started_at, d.finished_at
     FROM done d LEFT JOIN updated u ON u.id = d.id
 )
 SELECT id FROM updated
 """
 
-# Extend every in-flight lease of this worker and refresh its row, in one
-# round trip. Jobs missing from the result lost their lease (rescued or
-# finished elsewhere); a set cancel_requested_at asks the worker to stop one.
+# A new worker incarnation (at start, and after a lost lease) and its lease.
+REGISTER = """
+INSERT INTO pgsched.workers (id, host, pid, queues, tasks, concurrency, with_scheduler, version, lease_expires_at)
+VALUES (%(worker)s, %(host)s, %(pid)s, %(queues)s, %(tasks)s, %(concurrency)s, %(with_scheduler)s, %(version)s,
+        pgsched.now() + make_interval(secs => %(lease)s))
+"""
+
+# Renew the incarnation's lease: one row, whatever the worker holds, and no
+# row lock on any job (DESIGN §8 "Liveness"). A lease that expired is never
+# renewed (no row returned): the rescuer may have taken its jobs, so the
+# worker drops them and registers a new incarnation.
 HEARTBEAT = """
-WITH leases AS (
-    UPDATE pgsched.jobs
-    SET lease_expires_at = pgsched.now() + make_interval(secs => %(lease)s)
-    WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running'
-    RETURNING id, cancel_requested_at IS NOT NULL AS cancel
-), me AS (
-    INSERT INTO pgsched.workers (id, host, pid, queues, tasks, concurrency, version, expires_at)
-    VALUES (%(worker)s, %(host)s, %(pid)s, %(queues)s, %(tasks)s, %(concurrency)s, %(version)s,
-            pgsched.now() + make_interval(secs => %(lease)s))
-    ON CONFLICT (id) DO UPDATE SET heartbeat_at = pgsched.now(), expires_at = excluded.expires_at
-)
-SELECT id, cancel FROM leases
+UPDATE pgsched.workers
+SET heartbeat_at = pgsched.now(), lease_expires_at = pgsched.now() + make_interval(secs => %(lease)s)
+WHERE id = %(worker)s AND lease_expires_at > pgsched.now()
+RETURNING id
+"""
+
+# Which of the jobs this incarnation holds were asked to stop (pgsched.cancel),
+# for a cancel whose NOTIFY was missed. A plain read by primary key: it waits
+# on no row lock.
+CANCEL_REQUESTS = """
+SELECT id FROM pgsched.jobs
+WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running' AND cancel_requested_at IS NOT NULL
 """
 
 # Save a task's checkpoint (fenced like a completion).
@@ -127,12 +138,16 @@ WHERE id = %(id)s AND attempts = %(attempt)s AND worker_id = %(worker)s AND stat
 """
 
 # Put jobs this worker holds back in the queue without counting the attempt
-# (shutdown: prefetched jobs never started, running jobs interrupted).
+# (shutdown: prefetched jobs never started, running jobs interrupted; a
+# paused queue's prefetched jobs). A job whose cancel was requested meanwhile
+# ends cancelled instead: nobody else would act on the request.
 RELEASE = """
 UPDATE pgsched.jobs
-SET state = 'queued', attempts = attempts - 1, worker_id = NULL, lease_expires_at = NULL, started_at = NULL
+SET state = CASE WHEN cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+    finished_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE pgsched.now() END,
+    attempts = attempts - 1, worker_id = NULL, started_at = NULL
 WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running'
-RETURNING id, queue
+RETURNING id, queue, state
 """
 
 # The runs rows of attempts interrupted by a shutdown (written just before RELEASE).
@@ -144,7 +159,13 @@ FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(queues)s::text[], %(ta
     AS d(id, attempt, queue, task, owner, started_at, finished_at)
 """
 
-UNREGISTER = "DELETE FROM pgsched.workers WHERE id = %s"
+# A stopped incarnation's row goes, unless a job still names it (a sync task's
+# thread that could not be stopped): then the row stays, its lease runs out,
+# and the rescuer takes the job back once this process no longer runs it.
+UNREGISTER = """
+DELETE FROM pgsched.workers w
+WHERE w.id = %(worker)s AND NOT EXISTS (SELECT 1 FROM pgsched.jobs j WHERE j.state = 'running' AND j.worker_id = w.id)
+"""
 
 WAKE = "SELECT pg_notify('pgsched_wakeup', q) FROM unnest(%s::text[]) AS q"
 

@@ -1,22 +1,25 @@
-"""The worker: claims jobs, runs them, heartbeats their leases, records outcomes.
+"""The worker: claims jobs, runs them, keeps its lease, records outcomes.
 
-A job held by this worker moves through::
+Every job the worker holds is an ``Attempt`` (worker/attempts.py: its state machine), kept by
+``(job id, attempt)``; capacity (``concurrency + prefetch``) counts every attempt whose outcome
+is not yet written, so slow writes stop claims instead of piling up jobs.
 
-    claimed ──▶ local queue ──▶ running ──▶ outcome buffered ──▶ flushed (fenced UPDATE + runs row)
-       │             │              │
-       └─ shutdown ──┴── released ◀─┘ (back to queued, attempt not counted)
+Liveness (DESIGN §8): the worker runs as an *incarnation*, a fresh id registered in
+``pgsched.workers`` with one lease that covers every job it holds. The heartbeat renews that one
+row and reads the cancel requests of its jobs; it locks no job. If the lease cannot be confirmed
+within its length (the database said it expired, or no heartbeat got through in time), the
+worker stops every execution of that incarnation, forgets those jobs (the rescuer takes them
+back; outcomes already buffered are still written, fenced on the old incarnation) and registers
+a new incarnation. So the worker never mistakes a job it lost for one it holds, even when it
+claims the same job again.
 
-Every held job (prefetched, running, or finished but not yet flushed) is in
-``held`` and covered by the heartbeat, so no lease lapses while its outcome
-waits in the buffer. Capacity (``concurrency + prefetch``) counts only the
-unfinished ones, so claiming goes on while outcomes are being written. One
-asyncio task per concern: claiming, ``concurrency`` execution slots, the
-flusher, the heartbeat and the listener.
+One asyncio task per concern: claiming, ``concurrency`` execution slots, the flusher
+(worker/writer.py), the heartbeat, the lease watchdog and the listener.
 
-Shutdown order (SIGTERM/SIGINT, or ``stop()``): stop claiming; release the
-prefetched jobs at once; give running jobs ``grace_seconds``; cancel what is
-left and release it (recorded as ``interrupted``); flush every buffered
-outcome; remove the ``workers`` row. A second signal exits at once.
+Shutdown order (SIGTERM/SIGINT, or ``stop()``): stop claiming; release the prefetched jobs at
+once; give running jobs ``grace_seconds``; stop what is left and release it (recorded as
+``interrupted``); write every buffered outcome (the flusher drains completely, retrying while the
+database is unreachable); remove the ``workers`` row.
 """
 
 from __future__ import annotations
@@ -30,34 +33,70 @@ import socket
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import msgspec
 import psycopg
+from psycopg.types.json import set_json_loads
 
 from pgsched import __version__
 from pgsched.backoff import DEFAULT_BACKOFF
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.db import configure_async
+from pgsched.db import configure_adapters
 from pgsched.errors import EncryptionError
 from pgsched.jobs import Job
 from pgsched.outcomes import Cancel, Retry, Snooze
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
+from .attempts import LIVE, Attempt, State
 from .controls import Controls, claimed_row
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
 from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
 from .payloads import open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
+from .threads import TaskThreads
 from .writer import Writer
 
 log = logging.getLogger("pgsched.worker")
 
 TRACEBACK_MAX_CHARS = 16_000
+
+
+class Unreadable:
+    """A JSON value the worker could not decode (nested too deep for msgspec, say): the job that
+    carries it fails alone with the reason, instead of the whole claim failing after its commit."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient_loads(data: str | bytes) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        return Unreadable(str(exc))
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    configure_adapters(conn.adapters)
+    set_json_loads(_lenient_loads, conn.adapters)
+
+
+class _RunSink:
+    """Where one attempt's Context sends its log lines and checkpoints (from its thread, too)."""
+
+    def __init__(self, worker: Worker, attempt: Attempt) -> None:
+        self.worker = worker
+        self.attempt = attempt
+
+    def log(self, run: Context, level: str, message: str) -> None:
+        self.worker.writer.logs.add(run.job, "log", level, message, run._keyring, self.attempt.db_now())
+
+    def progress(self, job: Job, encoded: str) -> None:
+        self.worker._loop.call_soon_threadsafe(self.worker.writer.add_progress, self.attempt, encoded)
 
 
 class Worker:
@@ -70,42 +109,44 @@ class Worker:
         self.app = app
         self.options = settings or app.settings
         self.options.check_worker()
-        self.id = uuid.uuid4()
+        self.lease = uuid.uuid4()  # the current incarnation
         self.stats = Stats()
         kinds = [k for k, on in (("shell", self.options.allow_shell), ("http", True)) if on]
         self.runnable = sorted({*app.tasks, *kinds})
         self.capacity = self.options.concurrency + self.options.prefetch
-        # Claimed jobs until their outcome is written (the heartbeat covers them all)...
-        self.held: dict[int, Job] = {}
-        # ...of which these are not finished yet (in the local queue or running): they use capacity.
-        self.active = 0
-        self.running: dict[int, tuple[asyncio.Task[Any], Context]] = {}
-        self.local: asyncio.Queue[Job] = asyncio.Queue()
-        self._dependency_results: dict[int, dict[int, Any]] = {}
-        self.writer = Writer(self.id, self.stats, self._written)
-        self.threads = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="pgsched-task")
+        self.attempts: dict[tuple[int, int], Attempt] = {}
+        self.local: asyncio.Queue[Attempt] = asyncio.Queue()
+        self.writer = Writer(self.stats, self._written)
+        self.threads = TaskThreads(self.options.concurrency)
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._released_ids: set[int] = set()
-        self._lost: set[int] = set()
-        self._cancel_before_start: set[int] = set()
+        self._live = False  # the incarnation's lease is confirmed
+        self._lease_until = 0.0  # monotonic time until which it is
         self._busy = False  # the last claim got all it asked for: the queues have more
         self.controls = Controls({t.name for t in app.tasks.values() if t.max_per_key is not None})
-        # The worker's own statement parameters: what the heartbeat writes to its row (CONTROLS
-        # reads its queues and tasks; a claim adds the queues, tasks and limit of its own).
+        # What REGISTER writes, and what CONTROLS reads (a claim adds its queues, tasks and limit).
         self._registration = {
-            "worker": self.id,
-            "lease": self.options.lease_seconds,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": list(self.options.queue_list),
             "tasks": self.runnable,
             "concurrency": self.options.concurrency,
+            "with_scheduler": self.options.with_scheduler,
             "version": __version__,
+            "lease": self.options.lease_seconds,
         }
-        self._arrived: dict[int, float] = {}  # job id -> monotonic time its claim returned
         self._pool: Any = None
+
+    @property
+    def id(self) -> uuid.UUID:
+        """The current incarnation (``pgsched.workers.id``, ``jobs.worker_id``)."""
+        return self.lease
+
+    @property
+    def held(self) -> int:
+        """Jobs held: claimed and not yet written or released."""
+        return len(self.attempts)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -123,68 +164,156 @@ class Worker:
         self._pool = AsyncConnectionPool(
             self.app.dsn,
             min_size=2,
-            max_size=3,
-            kwargs={"autocommit": True},
-            configure=configure_async,
+            max_size=4,
+            # Keepalives find a connection whose peer vanished (the heartbeat must not hang on it).
+            kwargs={"autocommit": True, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2},
+            configure=_configure,
             open=False,
         )
         await self._pool.open(wait=True)
-        handler = TaskLogHandler(self.writer.logs)
+        handler = TaskLogHandler()
         logging.getLogger().addHandler(handler)
         try:
-            await self._heartbeat_once()
+            await self._register()
             log.info(
                 "worker %s started: queues %s, concurrency %d",
-                self.id,
+                self.lease,
                 ",".join(self._queues),
                 self.options.concurrency,
             )
+            flusher = asyncio.create_task(self.writer.run(self._pool), name="flush")
             background = [
                 asyncio.create_task(self._listen(), name="listen"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                asyncio.create_task(self.writer.run(self._pool), name="flush"),
+                asyncio.create_task(self._watch_lease(), name="lease"),
             ]
             slots = [asyncio.create_task(self._slot(), name=f"slot-{i}") for i in range(self.options.concurrency)]
             await self._claim_loop()
             await self._shutdown(slots)
+            self.writer.close()
+            await flusher  # every buffered outcome is written (the heartbeat keeps the lease meanwhile)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self.writer.flush(self._pool)
             async with self._pool.connection() as conn:
-                await conn.execute(queries.UNREGISTER, (self.id,))
+                await conn.execute(queries.UNREGISTER, {"worker": self.lease})
         finally:
             logging.getLogger().removeHandler(handler)
             await self._pool.close()
             self.threads.shutdown(wait=False, cancel_futures=True)
-        log.info("worker %s stopped: %s", self.id, self.stats)
+        log.info("worker %s stopped: %s", self.lease, self.stats)
         return self.stats
 
     async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
         await self._release_waiting()  # prefetched jobs never started: give them back now
         deadline = time.monotonic() + self.options.grace_seconds
-        while self.running and time.monotonic() < deadline:
+        while self._running() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self.running:
-            ids = list(self.running)
-            self._released_ids.update(ids)
-            contexts = {job_id: ctx for job_id, (_, ctx) in self.running.items()}
-            for job_id in ids:
-                self._stop_running(job_id)
-            while self.running:
+        running = self._running()
+        if running:
+            for attempt in running:
+                attempt.interrupted = True
+                attempt.stop()
+            while any(a.slot is not None for a in running):  # until every execution has returned
                 await asyncio.sleep(0.01)
             # A sync task whose thread still runs cannot be stopped: putting its job back now
             # could run it twice at once. It keeps its lease (no more heartbeats): the rescuer
             # takes it back after the lease, when this process is long gone.
-            stuck = [i for i in ids if contexts[i]._thread_busy]
+            stuck = [a for a in running if a.ctx is not None and a.ctx._thread_busy]
             if stuck:
-                log.warning("jobs %s are still running in threads; they will be rescued after their lease", stuck)
-            await self._release([i for i in ids if i not in stuck], interrupted=True)
-            for job_id in stuck:
-                self._forget(job_id)
+                ids = [a.job.id for a in stuck]
+                log.warning("jobs %s are still running in threads; they will be rescued after their lease", ids)
+            await self._release([a for a in running if a not in stuck and a.state is State.RUNNING], interrupted=True)
+            for attempt in stuck:
+                self._drop(attempt)
         for slot in slots:
             slot.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
+
+    def _running(self) -> list[Attempt]:
+        return [a for a in self.attempts.values() if a.state is State.RUNNING and a.lease == self.lease]
+
+    # -- the lease ---------------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        """Register the current incarnation; its lease counts from before the statement was sent."""
+        sent = time.monotonic()
+        async with self._pool.connection() as conn:
+            await conn.execute(queries.REGISTER, {**self._registration, "worker": self.lease})
+        self._lease_until = sent + self.options.lease_seconds
+        self._live = True
+        self._wake.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_seconds)
+            try:
+                # Bounded: a heartbeat that has not come back by the end of the lease is useless.
+                async with asyncio.timeout(max(self.options.heartbeat_seconds, self._lease_until - time.monotonic())):
+                    await self._heartbeat_once()
+            except (psycopg.Error, TimeoutError) as exc:
+                log.warning("heartbeat failed, will retry: %s", exc or "timed out")
+
+    async def _heartbeat_once(self) -> None:
+        """Renew the lease, read the cancel requests and the queue controls: one round trip."""
+        lease = self.lease
+        if not self._live:
+            return  # the watchdog registers a new incarnation
+        ids = [
+            a.job.id for a in self.attempts.values() if a.lease == lease and a.state in (State.BUFFERED, State.RUNNING)
+        ]
+        params = {**self._registration, "worker": lease, "ids": ids}
+        sent = time.monotonic()
+        async with self._pool.connection() as conn:
+            async with conn.pipeline():
+                renewed = await conn.execute(queries.HEARTBEAT, params)
+                cancels = await conn.execute(queries.CANCEL_REQUESTS, params)
+                controls = await conn.execute(queries.CONTROLS, params)
+            confirmed = await renewed.fetchone() is not None
+            cancel_ids = [row[0] for row in await cancels.fetchall()]
+            control_rows = await controls.fetchall()
+        if lease != self.lease:
+            return  # lost while the heartbeat was on its way
+        if not confirmed:
+            self._lose_lease("the database says it expired")
+            return
+        self._lease_until = sent + self.options.lease_seconds
+        for job_id in cancel_ids:
+            self._cancel(job_id)
+        await self._apply_controls(control_rows)
+
+    async def _watch_lease(self) -> None:
+        """Give up the incarnation when its lease runs out unconfirmed; register a new one."""
+        while True:
+            if self._live:
+                left = self._lease_until - time.monotonic()
+                if left > 0:
+                    await asyncio.sleep(left)
+                    continue
+                self._lose_lease(f"not confirmed for {self.options.lease_seconds:g} s")
+            try:
+                async with asyncio.timeout(self.options.lease_seconds):
+                    self.lease = uuid.uuid4()
+                    await self._register()
+                log.warning("worker registered again as %s", self.lease)
+            except (psycopg.Error, TimeoutError) as exc:
+                log.warning("registering the worker failed, will retry: %s", exc or "timed out")
+                await asyncio.sleep(random.uniform(0.5, 1.5))
+
+    def _lose_lease(self, reason: str) -> None:
+        """The incarnation's lease is gone: stop and forget every job it holds that has no outcome
+        yet (the rescuer takes them back); buffered outcomes are still written, fenced."""
+        if not self._live:
+            return
+        self._live = False
+        lost = [
+            a for a in self.attempts.values() if a.lease == self.lease and a.state in (State.BUFFERED, State.RUNNING)
+        ]
+        log.warning("worker %s lost its lease (%s): stopping its %d jobs", self.lease, reason, len(lost))
+        for attempt in lost:
+            self._drop(attempt)
+        self.stats.lost += len(lost)
+        self._wake.set()
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -193,17 +322,17 @@ class Worker:
         # the capacity rather than one job per freed slot.
         batch = max(1, self.capacity // 2)
         while not self._stopping.is_set():
-            free = self.capacity - self.active
-            if free > 0 and (free >= batch or not self._busy):
+            free = self.capacity - len(self.attempts)
+            if self._live and free > 0 and (free >= batch or not self._busy):
                 # Burst mode ends on an empty claim only if nothing was held when it began: an
                 # outcome written during the claim (after its snapshot) may have freed a capped
                 # slot or released a dependent that this claim could not see.
-                held_before = bool(self.held)
+                held_before = bool(self.attempts)
                 got = await self._claim(free)
                 self._busy = got == free
-                if self.options.burst and got == 0 and not held_before and not self.held:
+                if self.options.burst and got == 0 and not held_before and not self.attempts:
                     return
-                if self._busy and self.capacity - self.active >= batch:
+                if self._busy and self.capacity - len(self.attempts) >= batch:
                     continue
             self._wake.clear()
             poll = self.options.poll_seconds * random.uniform(0.8, 1.2)
@@ -220,7 +349,8 @@ class Worker:
         return got
 
     async def _claim_from(self, sql: str, queues: list[str], tasks: list[str], limit: int) -> int:
-        params = {**self._registration, "queues": queues, "tasks": tasks, "limit": limit}
+        lease = self.lease
+        params = {"worker": lease, "queues": queues, "tasks": tasks, "limit": limit}
         self.stats.claims += 1
         try:
             async with self._pool.connection() as conn, conn.cursor(row_factory=claimed_row) as cur:
@@ -230,27 +360,21 @@ class Worker:
             log.warning("claim failed, will retry: %s", exc)
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
-        arrived = time.monotonic()
         count = 0
         for job, dependency_results, next_claim_in in claimed:
             if job is None:  # a rate-limited queue is full: claim again when its next start is allowed
                 self._loop.call_later(max(next_claim_in, 0.001), self._wake.set)
                 continue
-            if dependency_results:
-                self._dependency_results[job.id] = {int(k): v for k, v in dependency_results.items()}
-            self.held[job.id] = job
-            self._arrived[job.id] = arrived
-            self.local.put_nowait(job)
+            results = {int(k): v for k, v in dependency_results.items()} if dependency_results else None
+            attempt = Attempt(job, lease, results)
+            self.attempts[attempt.key] = attempt
+            if lease != self.lease:  # the lease was lost while the claim ran: the rescuer has these
+                self._drop(attempt)
+                continue
+            self.local.put_nowait(attempt)
             count += 1
-        self.active += count
         self.stats.claimed += count
         return count
-
-    def _db_now(self, job: Job) -> datetime:
-        """Now on the database clock, for this job's history: its claim's time plus what has elapsed
-        here since (host clocks are never trusted, DESIGN §8 "Time")."""
-        assert job.started_at is not None
-        return job.started_at + timedelta(seconds=time.monotonic() - self._arrived.get(job.id, time.monotonic()))
 
     async def _read_controls(self) -> None:
         """Re-read the queue controls (on a settings notice; every heartbeat reads them too)."""
@@ -268,50 +392,43 @@ class Worker:
     async def _release_waiting(self, queues: set[str] | None = None) -> None:
         """Give back the claimed-but-not-started jobs of these (just paused) queues, or all."""
         waiting = [self.local.get_nowait() for _ in range(self.local.qsize())]
-        for job in waiting:
-            if queues is not None and job.queue not in queues:
-                self.local.put_nowait(job)
-        back = [job.id for job in waiting if queues is None or job.queue in queues]
-        self.active -= len(back)
+        back = []
+        for attempt in waiting:
+            if attempt.state is State.BUFFERED and (queues is None or attempt.job.queue in queues):
+                back.append(attempt)
+            else:
+                self.local.put_nowait(attempt)
         await self._release(back, interrupted=False)
 
     # -- execution ---------------------------------------------------------------------------
 
     async def _slot(self) -> None:
         while True:
-            job = await self.local.get()
-            if self._stopping.is_set():
-                self.local.put_nowait(job)
-                return
-            if job.id in self._lost:  # taken away while it waited in the local queue
-                self.active -= 1
+            attempt = await self.local.get()
+            if attempt.state is not State.BUFFERED:
+                continue  # dropped while it waited (lease lost)
+            if attempt.cancel_requested:  # cancelled while it waited: never started
+                now = attempt.db_now()
+                self._finish(attempt, Outcome(attempt.job, "cancelled", "cancelled", now, now))
                 continue
-            if job.id in self._cancel_before_start:  # cancelled while it waited: never started
-                self._cancel_before_start.discard(job.id)
-                now = self._db_now(job)
-                self.writer.add(Outcome(job, "cancelled", "cancelled", now, now))
-                self.active -= 1
-                continue
-            await self._execute(job)
+            await self._execute(attempt)
 
-    async def _execute(self, job: Job) -> None:
-        ctx = Context(job, self, self._dependency_results.pop(job.id, None))
-        # The attempt started when it was claimed (attempts are counted there, and the rate
-        # limit counts claims): history records that instant, on the database clock.
-        started = job.started_at or datetime.now(timezone.utc)
-        current_run.set(ctx)
-        # The job runs in this slot's own task: stopping it means cancelling this task
-        # after setting ctx.cancelled (see _outcome), which costs no task per job.
+    async def _execute(self, attempt: Attempt) -> None:
+        job = attempt.job
+        ctx = Context(job, _RunSink(self, attempt), attempt.dependency_results)
         slot = asyncio.current_task()
         assert slot is not None
-        self.running[job.id] = (slot, ctx)
+        # The job runs in this slot's own task: stopping it means cancelling this task after
+        # setting ctx.cancelled (see _outcome), which costs no task per job.
+        attempt.start(ctx, slot)
+        current_run.set(ctx)
+        self.writer.logs.open(job)
         try:
-            outcome = await self._outcome(job, ctx, started)
+            outcome = await self._outcome(attempt, ctx)
         finally:
-            self.running.pop(job.id, None)
+            attempt.slot = None  # the execution has returned (a sync task's thread may run on)
             current_run.set(None)
-            self.writer.logs.finish(job, ctx._keyring)
-            self.active -= 1
+            self.writer.logs.finish(job, ctx._keyring, attempt.db_now())
             if self._busy or self.options.burst:
                 # More jobs were waiting at the last claim: claim again now that a slot is free.
                 # (Otherwise new work announces itself by NOTIFY or the poll; waking here would
@@ -320,17 +437,23 @@ class Worker:
         if outcome is not None:
             if ctx._keyring is not None:
                 outcome = sealed(outcome, ctx._keyring)
-            outcome.finished_at = self._db_now(job)
-            # A capped job's slot frees only when its outcome is written: no gathering delay.
-            self.writer.add(outcome, urgent=self.controls.limits(job))
+            self._finish(attempt, outcome)
 
-    async def _invoke(self, job: Job, ctx: Context) -> Any:
+    def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
+        outcome.finished_at = attempt.db_now()
+        if attempt.finish(outcome):
+            # A capped job's slot frees only when its outcome is written: no gathering delay.
+            self.writer.add(attempt, urgent=self.controls.limits(attempt.job))
+
+    async def _invoke(self, job: Job, ctx: Context, attempt: Attempt) -> Any:
         if job.task in EXECUTOR_KINDS:
             if not await creator_may_run_commands(self._pool, job):
                 raise NotRetryable(f"role {job.created_by!r} may not create {job.task} jobs")
             if job.task == "shell":
                 logs = self.writer.logs
-                return await run_shell(job.args, lambda stream, line: logs.add(job, stream, None, line, ctx._keyring))
+                return await run_shell(
+                    job.args, lambda stream, line: logs.add(job, stream, None, line, ctx._keyring, attempt.db_now())
+                )
             allow_private = self.options.allow_private_http
             return await run_http(job.args, allow_private=allow_private, threads=self.threads, timeout=job_timeout(job))
         task = self.app.tasks.get(job.task)
@@ -338,8 +461,17 @@ class Worker:
             raise NotRetryable(f"task {job.task!r} is not registered in this worker's app")
         return await run_python(task, ctx, self.threads)
 
-    async def _outcome(self, job: Job, ctx: Context, started: datetime) -> Outcome | None:
+    async def _outcome(self, attempt: Attempt, ctx: Context) -> Outcome | None:
         """Run the attempt and classify how it ended (None: not ours to record any more)."""
+        job = attempt.job
+        # The attempt started when it was claimed (attempts are counted there, and the rate
+        # limit counts claims): history records that instant, on the database clock.
+        started = job.started_at
+        assert started is not None
+        for name in ("args", "progress"):
+            if isinstance(getattr(job, name), Unreadable):
+                reason = getattr(job, name).reason
+                return self._failure(job, started, "failed", f"the job's {name} cannot be read: {reason}", final=True)
         try:
             ctx._keyring = open_payloads(self.app, job, ctx)
         except EncryptionError as exc:
@@ -348,7 +480,7 @@ class Worker:
         timeout = job_timeout(job)
         try:
             async with asyncio.timeout(timeout):
-                value = await self._invoke(job, ctx)
+                value = await self._invoke(job, ctx, attempt)
         except TimeoutError:
             ctx._cancel()  # a sync task's thread runs on: it can see ctx.cancelled and stop
             return self._failure(job, started, "timeout", f"timed out after {timeout:g} s")
@@ -358,8 +490,8 @@ class Worker:
             slot = asyncio.current_task()
             assert slot is not None
             slot.uncancel()
-            if job.id in self._lost or job.id in self._released_ids:
-                return None  # lease lost (someone else owns it now) or released at shutdown
+            if attempt.state is not State.RUNNING or attempt.interrupted:
+                return None  # lease lost (the rescuer has it) or interrupted by the shutdown
             return ended(job, started, "cancelled", "cancelled")  # keeps the reason given to cancel
         except Retry as exc:
             return self._failure(job, started, "failed", exc.reason, delay=exc.after)
@@ -374,107 +506,82 @@ class Worker:
             return self._failure(job, started, "failed", text)
         return result_outcome(job, started, value)
 
-    def _failure(self, job: Job, started: datetime, outcome: str, error: str, **options: Any) -> Outcome:
+    def _failure(self, job: Job, started: Any, outcome: str, error: str, **options: Any) -> Outcome:
         task = self.app.tasks.get(job.task)
         return failure(job, started, outcome, error, task.backoff if task else DEFAULT_BACKOFF, **options)
 
-    # -- RunSink (what a Context reports) ------------------------------------------------------
+    # -- giving jobs back --------------------------------------------------------------------
 
-    def log(self, run: Context, level: str, message: str) -> None:
-        self.writer.logs.add(run.job, "log", level, message, run._keyring)
-
-    def progress(self, job: Job, encoded: str) -> None:
-        self.writer.add_progress(job, encoded, self._loop)
-
-    # -- writing -------------------------------------------------------------------------------
-
-    def _written(self, batch: list[Outcome]) -> None:
-        """A batch of outcomes is stored: those jobs are no longer ours."""
-        for outcome in batch:
-            self._forget(outcome.job.id)
-            self._cancel_before_start.discard(outcome.job.id)
-            if self.controls.limits(outcome.job):
+    def _written(self, attempts: list[Attempt]) -> None:
+        """These outcomes are stored (or fenced): those jobs are no longer ours."""
+        for attempt in attempts:
+            attempt.written()
+            self._forget(attempt)
+            if self.controls.limits(attempt.job):
                 self._wake.set()  # a capped slot is free now that the outcome is written
-        if self.options.burst:
-            self._wake.set()  # the claim loop decides whether everything is done
+        if self._busy or self.options.burst:
+            # Capacity counts unwritten outcomes: with more work waiting, claim again now
+            # (burst mode: the claim loop decides whether everything is done).
+            self._wake.set()
 
-    async def _release(self, ids: list[int], *, interrupted: bool) -> None:
-        if not ids:
+    async def _release(self, attempts: list[Attempt], *, interrupted: bool) -> None:
+        """Put jobs of the current incarnation back in the queue without counting the attempt."""
+        if not attempts:
             return
-        async with self._pool.connection() as conn:
-            if interrupted:
-                # Record the interrupted attempts before the jobs go back.
-                batch = [
-                    Outcome(job, "running", "interrupted", job.started_at or self._db_now(job), self._db_now(job))
-                    for job in (self.held[i] for i in ids if i in self.held)
-                ]
-                await conn.execute(queries.INSERT_INTERRUPTED, complete_params(batch, self.id))
-            cur = await conn.execute(queries.RELEASE, {"ids": ids, "worker": self.id})
-            queues = sorted({row[1] for row in await cur.fetchall()})
-            if queues:
-                await conn.execute(queries.WAKE, (queues,))
-        for job_id in ids:
-            self._forget(job_id)
-        self.stats.released += len(ids)
+        params = {"ids": [a.job.id for a in attempts], "worker": self.lease}
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                if interrupted:
+                    # Record the interrupted attempts with their jobs' return to the queue.
+                    outcomes = [
+                        Outcome(a.job, "running", "interrupted", a.job.started_at, a.db_now())  # type: ignore[arg-type]
+                        for a in attempts
+                    ]
+                    leases = [a.lease for a in attempts]
+                    await conn.execute(
+                        queries.INSERT_INTERRUPTED, {**complete_params(outcomes, leases), "worker": self.lease}
+                    )
+                cur = await conn.execute(queries.RELEASE, params)
+                rows = await cur.fetchall()
+                queues = sorted({queue for _, queue, state in rows if state == "queued"})
+                if queues:
+                    await conn.execute(queries.WAKE, (queues,))
+        except psycopg.Error as exc:
+            # The database still says they are ours: forgetting them under a live lease would
+            # leave them running forever. While stopping, they stay held (the workers row then
+            # outlives this process and the rescuer takes them back after the lease); else a
+            # prefetched job goes back to the local queue and runs here after all.
+            log.warning("giving back %d jobs failed: %s", len(attempts), exc)
+            if not self._stopping.is_set():
+                for attempt in attempts:
+                    if attempt.state is State.BUFFERED:
+                        self.local.put_nowait(attempt)
+            return
+        for attempt in attempts:
+            self._drop(attempt)
+        self.stats.released += sum(1 for _, _, state in rows if state == "queued")
+        self.stats.cancelled += sum(1 for _, _, state in rows if state == "cancelled")
 
-    def _forget(self, job_id: int) -> None:
-        self.held.pop(job_id, None)
-        self._arrived.pop(job_id, None)
+    def _drop(self, attempt: Attempt) -> None:
+        """No longer ours without an outcome of ours (released, or its lease lost): stop it if it runs."""
+        attempt.release()
+        self._forget(attempt)
 
-    # -- heartbeat and listening ---------------------------------------------------------------
+    def _forget(self, attempt: Attempt) -> None:
+        if self.attempts.get(attempt.key) is attempt:
+            del self.attempts[attempt.key]
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.heartbeat_seconds)
-            try:
-                await self._heartbeat_once()
-            except psycopg.Error as exc:
-                log.warning("heartbeat failed, will retry: %s", exc)
+    # -- cancels and listening -----------------------------------------------------------------
 
-    async def _heartbeat_once(self) -> None:
-        """Extend the leases, refresh the workers row and re-read the queue controls: one round trip."""
-        ids = list(self.held)
-        params = {**self._registration, "ids": ids}
-        async with self._pool.connection() as conn:
-            async with conn.pipeline():
-                leases = await conn.execute(queries.HEARTBEAT, params)
-                controls = await conn.execute(queries.CONTROLS, params)
-            rows = await leases.fetchall()
-            control_rows = await controls.fetchall()
-        await self._apply_controls(control_rows)
-        alive = {job_id for job_id, _ in rows}
-        self._cancel_before_start &= set(self.held)  # forget notices about jobs that are not ours
-        for job_id, cancel in rows:
-            if cancel:
-                self._cancel_running(job_id)
-        for job_id in ids:
-            if job_id not in alive and job_id in self.held:
-                self._lose(job_id)
-
-    def _lose(self, job_id: int) -> None:
-        """Our lease on this job is gone: stop it locally and never write its outcome."""
-        if self.writer.holds_outcome(job_id):
-            return  # finished; the flush will find it fenced and count it
-        log.warning("lease of job %d lost; stopping it", job_id)
-        self._lost.add(job_id)
-        self._forget(job_id)
-        self._stop_running(job_id)
-
-    def _stop_running(self, job_id: int) -> None:
-        """Set the job's ctx.cancelled and cancel its slot task (the slot tells why by the flag)."""
-        if job_id in self.running:
-            task, ctx = self.running[job_id]
-            ctx._cancel()
-            task.cancel()
-
-    def _cancel_running(self, job_id: int) -> None:
-        if job_id in self.running:
-            if not self.running[job_id][1].cancelled:
-                self._stop_running(job_id)
-        else:
-            # Still in the local queue, or not recorded yet (the notice can arrive between the
-            # claim's commit and its rows): checked when a slot takes the job.
-            self._cancel_before_start.add(job_id)
+    def _cancel(self, job_id: int) -> None:
+        """Stop the job (cancel requested): now if it runs, when a slot takes it if it waits."""
+        for attempt in list(self.attempts.values()):
+            if attempt.job.id != job_id or attempt.state not in LIVE:
+                continue
+            if attempt.state is State.RUNNING and attempt.ctx is not None and not attempt.ctx.cancelled:
+                attempt.stop()
+            elif attempt.state is State.BUFFERED:
+                attempt.cancel_requested = True
 
     async def _listen(self) -> None:
         """LISTEN for wake-ups and cancels; reconnect when the connection drops. Polling covers the gaps."""
@@ -487,7 +594,7 @@ class Worker:
                     self._wake.set()  # anything enqueued while we were not listening
                     async for note in conn.notifies():
                         if note.channel == "pgsched_cancel":
-                            self._cancel_running(int(note.payload))
+                            self._cancel(int(note.payload))
                         elif note.payload not in self._queues:
                             continue
                         elif note.channel == "pgsched_queue_settings":
