@@ -219,7 +219,7 @@ def test_command_job_args_change_only_by_allowed_roles_which_become_the_creator(
     _, editor = login("pgsched_reader")
     conn.execute("GRANT SELECT, UPDATE (args, task) ON pgsched.jobs TO pgsched_reader")
     try:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not create shell jobs"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
             editor.execute("""UPDATE pgsched.jobs SET args = '{"cmd": ["id"]}' WHERE id = %s""", (job_id,))
     finally:
         conn.execute("REVOKE SELECT, UPDATE (args, task) ON pgsched.jobs FROM pgsched_reader")
