@@ -27,9 +27,15 @@ BEGIN
     END IF;
     -- A migrator that is not a superuser must be able to act as pgsched_owner to give it objects
     -- (ALTER ... OWNER TO); it owns the schema anyway.
-    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
-       AND NOT pg_catalog.pg_has_role(current_user, 'pgsched_owner', 'MEMBER') THEN
-        EXECUTE pg_catalog.format('GRANT pgsched_owner TO %I', current_user);
+    -- (Its creator may hold it with ADMIN but without SET, PostgreSQL 16's default: grant anyway.)
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        BEGIN
+            EXECUTE pg_catalog.format('GRANT pgsched_owner TO %I', current_user);
+        EXCEPTION WHEN insufficient_privilege OR invalid_grant_operation THEN
+            RAISE EXCEPTION 'pgsched: role "%" cannot give objects to pgsched_owner', current_user
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = pg_catalog.format('as a superuser: GRANT pgsched_owner TO %I; then migrate again', current_user);
+        END;
     END IF;
 END
 $$;

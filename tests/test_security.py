@@ -258,7 +258,10 @@ def locked_by_others(conn: psycopg.Connection[Any], job_ids: list[int]) -> list[
 
 
 def test_an_enqueuer_cannot_lock_every_job_through_depends_on(login: Login, conn: psycopg.Connection[Any]) -> None:
-    ids = [r[0] for r in conn.execute("INSERT INTO pgsched.jobs (task) SELECT 'a' FROM generate_series(1, 150) RETURNING id")]
+    ids = [
+        r[0]
+        for r in conn.execute("INSERT INTO pgsched.jobs (task) SELECT 'a' FROM generate_series(1, 150) RETURNING id")
+    ]
     _, enqueuer = login("pgsched_enqueuer")
     before = one(conn, "SELECT count(*) FROM pgsched.jobs")
     with enqueuer.transaction():
@@ -271,17 +274,26 @@ def test_an_enqueuer_cannot_lock_every_job_through_depends_on(login: Login, conn
         assert locked_by_others(conn, ids) == []
     assert one(conn, "SELECT count(*) FROM pgsched.jobs") == before
     # Up to the cap works.
-    assert one(enqueuer, "SELECT state FROM pgsched.enqueue('b', depends_on => %s)", ids[:MAX_DEPENDENCIES]) == "waiting"
+    assert (
+        one(enqueuer, "SELECT state FROM pgsched.enqueue('b', depends_on => %s)", ids[:MAX_DEPENDENCIES]) == "waiting"
+    )
 
 
-def test_the_dependency_cap_holds_for_direct_edges_and_in_python(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
-    ids = [r[0] for r in conn.execute("INSERT INTO pgsched.jobs (task) SELECT 'a' FROM generate_series(1, 102) RETURNING id")]
+def test_the_dependency_cap_holds_for_direct_edges_and_in_python(
+    app: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
+    ids = [
+        r[0]
+        for r in conn.execute("INSERT INTO pgsched.jobs (task) SELECT 'a' FROM generate_series(1, 102) RETURNING id")
+    ]
     with pytest.raises(psycopg.errors.CheckViolation) as caught:
         conn.execute("INSERT INTO pgsched.job_deps SELECT %s, unnest(%s::bigint[])", (ids[0], ids[1:]))
     mapped = error_from_db(caught.value)
     assert isinstance(mapped, ValidationError) and mapped.field == "depends_on"
     assert one(conn, "SELECT count(*) FROM pgsched.job_deps") == 0
-    conn.execute("INSERT INTO pgsched.job_deps SELECT %s, unnest(%s::bigint[])", (ids[0], ids[1 : MAX_DEPENDENCIES + 1]))
+    conn.execute(
+        "INSERT INTO pgsched.job_deps SELECT %s, unnest(%s::bigint[])", (ids[0], ids[1 : MAX_DEPENDENCIES + 1])
+    )
 
     conn.execute("INSERT INTO pgsched.tasks (name) VALUES ('b')")
     before = one(conn, "SELECT count(*) FROM pgsched.jobs")
@@ -297,7 +309,9 @@ def test_enqueue_does_not_reveal_another_owners_jobs(login: Login, conn: psycopg
 
     def dependency_error(dep: int) -> tuple[str, str | None, str | None]:
         with pytest.raises(psycopg.errors.ForeignKeyViolation) as caught:
-            enqueuer.execute("SELECT pgsched.enqueue('b', owner => 'team-b', depends_on => ARRAY[%s]::bigint[])", (dep,))
+            enqueuer.execute(
+                "SELECT pgsched.enqueue('b', owner => 'team-b', depends_on => ARRAY[%s]::bigint[])", (dep,)
+            )
         diag = caught.value.diag
         return (diag.message_primary or "", (diag.message_detail or "").replace(str(dep), "N"), diag.constraint_name)
 
@@ -306,7 +320,9 @@ def test_enqueue_does_not_reveal_another_owners_jobs(login: Login, conn: psycopg
     # Trying did not lock their job.
     with enqueuer.transaction():
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
-            enqueuer.execute("SELECT pgsched.enqueue('b', owner => 'team-b', depends_on => ARRAY[%s]::bigint[])", (theirs,))
+            enqueuer.execute(
+                "SELECT pgsched.enqueue('b', owner => 'team-b', depends_on => ARRAY[%s]::bigint[])", (theirs,)
+            )
         assert locked_by_others(conn, [theirs]) == []
 
     with pytest.raises(psycopg.errors.UniqueViolation) as caught:
@@ -320,7 +336,14 @@ def test_enqueue_does_not_reveal_another_owners_jobs(login: Login, conn: psycopg
         enqueuer.execute("SELECT pgsched.enqueue('b', owner => 'team-a', dedupe_key => 'a-key')")
     duplicate = error_from_db(caught.value)
     assert isinstance(duplicate, DuplicateJobError) and duplicate.existing_id == theirs
-    assert one(enqueuer, "SELECT state FROM pgsched.enqueue('b', owner => 'team-a', depends_on => ARRAY[%s]::bigint[])", theirs) == "waiting"
+    assert (
+        one(
+            enqueuer,
+            "SELECT state FROM pgsched.enqueue('b', owner => 'team-a', depends_on => ARRAY[%s]::bigint[])",
+            theirs,
+        )
+        == "waiting"
+    )
 
 
 @pytest.mark.parametrize("days_ahead", [-1, 61, 100_000])
