@@ -53,6 +53,7 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, Any], str]] = [
     ("noop", {}, {"depends_on": [999_999_999]}, "depends_on"),
     ("noop", {}, {"depends_on": ["x"]}, "depends_on"),
     ("noop", {}, {"depends_on": 5}, "depends_on"),
+    ("noop", {}, {"depends_on": list(range(1, 102))}, "depends_on"),
     ("noop", {}, {"colour": "red"}, "colour"),
     ("shell", {"cmd": "rm -rf /"}, {}, "args.cmd"),
     ("shell", {"cmd": []}, {}, "args.cmd"),
