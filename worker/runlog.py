@@ -62,7 +62,7 @@ class RunLogBuffer:
         budget.lines += 1
         budget.bytes += len(encoded)
         if keyring is not None:
-            message = keyring.encrypt_text(message, "message")
+            message = keyring.encrypt_text(message, "message", (job.task, job.queue))
         self.rows.append((job.id, job.attempts, datetime.now(timezone.utc), stream, level, message))
 
     def finish(self, job: Job, keyring: Keyring | None = None) -> None:
@@ -78,7 +78,7 @@ class RunLogBuffer:
                 f"(cap {MAX_LINES_PER_RUN} lines / {MAX_BYTES_PER_RUN} bytes per run)"
             )
             if keyring is not None:  # every line of an encrypted job's log is an envelope
-                marker = keyring.encrypt_text(marker, "message")
+                marker = keyring.encrypt_text(marker, "message", (job.task, job.queue))
             self.rows.append((job.id, job.attempts, datetime.now(timezone.utc), "system", "warning", marker))
 
     def take(self) -> dict[str, list[Any]] | None:
