@@ -217,7 +217,8 @@ def _keeps_credentials(old: SplitResult, new: SplitResult) -> bool:
     same origin, or from http to https on the same host; never to another host nor down to http."""
     if _origin(old) == _origin(new):
         return True
-    return old.scheme == "http" and new.scheme == "https" and old.hostname == new.hostname and not old.port
+    upgrade = old.scheme == "http" and new.scheme == "https" and not old.port and not new.port
+    return upgrade and old.hostname == new.hostname
 
 
 def _without_userinfo(url: str) -> str:
@@ -256,8 +257,9 @@ async def http_request(args: dict[str, Any], *, allow_private: bool) -> dict[str
                 raise NotRetryable(f"refused: {_without_userinfo(url)} is not an http(s) URL")
             port = parts.port or (443 if parts.scheme == "https" else 80)
             address = await resolve_target(parts.hostname, port, allow_private=allow_private)
-            sent = {"Host": _host_header(parts), **headers}
-            if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
+            given = {k.lower() for k in headers}
+            sent = {**({} if "host" in given else {"Host": _host_header(parts)}), **headers}
+            if parts.username is not None and "authorization" not in given:
                 pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
                 sent["Authorization"] = "Basic " + base64.b64encode(pair).decode()
             literal = f"[{address.replace('%', '%25')}]" if ":" in address else address
