@@ -26,11 +26,12 @@ import psycopg
 
 from . import crypto, migrations, queries, rotation
 from .client import App, import_app
-from .config import Settings, env_name, flag_name, load_settings, option_help
+from .config import Settings, env_name, flag_name, load_settings, masked_dsn, option_help
 from .db import configure_adapters, job_row, resolve_dsn
 from .errors import PgschedError
 from .jobs import STATES, Job
 from .maintenance import Maintenance, default_services
+from .protect import protect_process
 
 JSON_FLAG: Callable[[Any], Any] = click.option(
     "--json", "as_json", is_flag=True, help="Print JSON for programs instead of a table."
@@ -179,6 +180,7 @@ def up(settings: Settings) -> None:
     Stays in the foreground until Ctrl-C / SIGTERM; then the worker finishes
     its running jobs and the embedded server it started is stopped.
     """
+    protect_process()  # before any job (or the user's app) runs: see pgsched/protect.py
     stop = threading.Event()  # a signal during start-up: start nothing more
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
@@ -193,17 +195,25 @@ def up(settings: Settings) -> None:
         app.settings = msgspec.structs.replace(app.settings, queues=queues)
     app.open()
     click.echo(f"pgsched is up on the {where}")
-    click.echo(f"  database:   {dsn}")
+    # Never the password: this goes to terminals and service logs.
+    click.echo(f"  database:   {masked_dsn(dsn)}")
     click.echo(f"  schema:     version {len(migrations.available())}" + (f" ({len(done)} applied now)" if done else ""))
     click.echo(f"  tasks:      {', '.join(sorted(app.tasks)) or '(none: pass --app module:app)'}")
     click.echo(f"  worker:     queues {app.settings.queues}, concurrency {app.settings.concurrency}")
-    click.echo(f"  psql:       psql '{dsn}'")
+    click.echo(f"  psql:       psql '{masked_dsn(dsn)}'")
     click.echo("  running:    database, migrations, worker, scheduler (Ctrl-C stops)")
     sys.stdout.flush()
     app.settings = msgspec.structs.replace(app.settings, with_scheduler=True)
     app._run_worker_in_own_loop(app.settings, stopped=stop)
     app.close()
     click.echo("pgsched stopped")
+
+
+def _secrets_from_stdin(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    # Before the settings are read (an eager option's callback runs while the command line is
+    # parsed): the supervisor sends a child its secret variables this way, not in its environment.
+    if value:
+        os.environ.update(json.loads(sys.stdin.buffer.read() or b"{}"))
 
 
 WORKER_OPTIONS = (
@@ -226,8 +236,12 @@ WORKER_OPTIONS = (
 
 @main.command()
 @with_settings(*WORKER_OPTIONS)
+@click.option(
+    "--secrets-on-stdin", is_flag=True, hidden=True, is_eager=True, expose_value=False, callback=_secrets_from_stdin
+)
 def worker(settings: Settings) -> None:
     """Claim and run jobs (SIGTERM/Ctrl-C: finish running jobs, then stop; twice: stop now)."""
+    protect_process()  # before any job (or the user's app) runs: see pgsched/protect.py
     settings.check_worker()
     configure_logging(settings)
     if settings.processes > 1:

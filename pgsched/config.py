@@ -101,10 +101,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = False
 
     def __repr__(self) -> str:
-        # Settings end up in tracebacks and debug output: never show the key material.
+        # Settings end up in tracebacks and debug output: never show the key material nor a password.
         fields = msgspec.structs.asdict(self)
         if fields["encryption_keys"]:
             fields["encryption_keys"] = "<hidden>"
+        if fields["dsn"]:
+            fields["dsn"] = masked_dsn(fields["dsn"])
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def check_worker(self) -> None:
@@ -127,6 +129,19 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 OPTION_NAMES: tuple[str, ...] = Settings.__struct_fields__
+
+# A password in a DSN: URI userinfo (postgresql://user:PASSWORD@...), a URI parameter (?password=...)
+# and a key=value pair (password=... or password='...').
+_URI_PASSWORD = re.compile(r"^(\w+://[^:@/?#]*:)([^/?#]+)(@)")
+_PARAMETER_PASSWORD = re.compile(r"([?&]password=)([^&#]+)")
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)")
+
+
+def masked_dsn(dsn: str) -> str:
+    """``dsn`` with its password, if any, replaced by ``***`` (for printing and logging)."""
+    if "://" in dsn:
+        return _PARAMETER_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***\3", dsn))
+    return _KEYWORD_PASSWORD.sub(r"\1***", dsn)
 
 
 def env_name(option: str) -> str:

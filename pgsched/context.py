@@ -79,7 +79,7 @@ class Context:
             encoded = encode_json_object(progress, "progress", PROGRESS_MAX_BYTES)
         else:
             plain = encode_json_object(progress, "progress", ENCRYPTED_PROGRESS_MAX_BYTES)
-            encoded = self._keyring.encrypt_encoded(plain, "progress")
+            encoded = self._keyring.encrypt_encoded(plain, "progress", (self.job.task, self.job.queue))
         self.job.progress = progress
         self._sink.progress(self.job, encoded)
 

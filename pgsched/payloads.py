@@ -14,7 +14,7 @@ from collections.abc import Callable
 import msgspec
 
 from .crypto import Keyring, is_envelope
-from .errors import MissingKeyError, ValidationError
+from .errors import EncryptionError, ValidationError
 from .jobs import Job
 from .queues import QueueSettings
 from .schedules import Schedule
@@ -44,7 +44,7 @@ class Payloads:
         """Encrypt a validated job's args when its task or its queue asks for it."""
         keyring = self.keyring_for(job.task, job.queue, defaults.encrypt)
         if keyring is not None:
-            job.args_json = keyring.encrypt_encoded(job.args_json, "args")
+            job.args_json = keyring.encrypt_encoded(job.args_json, "args", (job.task, job.queue))
             if len(job.args_json) > ARGS_MAX_BYTES:
                 raise ValidationError(
                     "args", f"is {len(job.args_json):,} bytes encrypted; the limit is {ARGS_MAX_BYTES:,}"
@@ -57,18 +57,22 @@ class Payloads:
         keyring = self.keyring_for(schedule.task, schedule.queue, defaults.encrypt)
         if keyring is None:
             return schedule
-        return msgspec.structs.replace(schedule, args=keyring.encrypt_json(schedule.args, "args"))
+        return msgspec.structs.replace(
+            schedule, args=keyring.encrypt_json(schedule.args, "args", (schedule.task, schedule.queue))
+        )
 
     def readable(self, job: Job) -> Job:
-        """The job with its payloads decrypted where this app has the key (else left as envelopes)."""
+        """The job with its payloads decrypted where this app can (else left as envelopes)."""
         keyring = self._keyring()
         if keyring is None:
             return job
         for field in ("args", "result", "progress", "error"):
             value = getattr(job, field)
             if is_envelope(value):
-                with contextlib.suppress(MissingKeyError):
-                    setattr(job, field, keyring.decrypt(value, field))
+                # Left sealed: a key this app lacks, or an envelope that fails authentication (moved
+                # from another job's task or queue, tampered with): the job stays readable.
+                with contextlib.suppress(EncryptionError):
+                    setattr(job, field, keyring.decrypt(value, field, (job.task, job.queue)))
         return job
 
     def note(self, settings: QueueSettings) -> QueueSettings:

@@ -1,4 +1,5 @@
-"""Key rotation: re-encrypt live jobs (and schedule templates) with the newest key.
+"""Key rotation: re-encrypt live jobs (and schedule templates) with the newest key, and rewrite
+version 1 envelopes (which bind no task and queue) as version 2.
 
 ``pgsched keys rotate`` calls ``rotate``. It is safe while workers run:
 
@@ -25,18 +26,19 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from .crypto import Keyring
+from .crypto import Keyring, Scope
 from .errors import MissingKeyError
 
-# Live jobs with a payload encrypted under another key than %(kid)s, by primary key from
-# %(after)s: a full pass over the table, which a command an operator runs now and then can afford.
+# Live jobs with a payload encrypted under another key than %(kid)s, or in a version 1 envelope
+# (no task and queue bound), by primary key from %(after)s: a full pass over the table, which a
+# command an operator runs now and then can afford.
 STALE_JOBS = """
-SELECT id, args, progress, result, error FROM pgsched.jobs
+SELECT id, task, queue, args, progress, result, error FROM pgsched.jobs
 WHERE id > %(after)s AND state IN ('waiting', 'scheduled', 'queued', 'running')
-  AND ((args @> '{"pgsched_encrypted": 1}' AND args ->> 'kid' <> %(kid)s)
-    OR (progress @> '{"pgsched_encrypted": 1}' AND progress ->> 'kid' <> %(kid)s)
-    OR (result @> '{"pgsched_encrypted": 1}' AND result ->> 'kid' <> %(kid)s)
-    OR (error LIKE 'pgsched:enc:1:%%' AND split_part(error, ':', 4) <> %(kid)s))
+  AND ((args @> '{"pgsched_encrypted": 1}' AND (args ->> 'kid' <> %(kid)s OR NOT args @> '{"v": 2}'))
+    OR (progress @> '{"pgsched_encrypted": 1}' AND (progress ->> 'kid' <> %(kid)s OR NOT progress @> '{"v": 2}'))
+    OR (result @> '{"pgsched_encrypted": 1}' AND (result ->> 'kid' <> %(kid)s OR NOT result @> '{"v": 2}'))
+    OR (error LIKE 'pgsched:enc:%%' AND (split_part(error, ':', 4) <> %(kid)s OR error NOT LIKE 'pgsched:enc:2:%%')))
 ORDER BY id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
@@ -48,8 +50,8 @@ WHERE id = %(id)s
 """
 
 STALE_SCHEDULES = """
-SELECT id, args FROM pgsched.schedules
-WHERE id > %(after)s AND args @> '{"pgsched_encrypted": 1}' AND args ->> 'kid' <> %(kid)s
+SELECT id, task, queue, args FROM pgsched.schedules
+WHERE id > %(after)s AND args @> '{"pgsched_encrypted": 1}' AND (args ->> 'kid' <> %(kid)s OR NOT args @> '{"v": 2}')
 ORDER BY id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
@@ -71,9 +73,9 @@ class Rotation:
     missing: dict[str, int] = field(default_factory=dict)
 
 
-def _reencrypted(keyring: Keyring, values: dict[str, Any], rotation: Rotation) -> dict[str, Any] | None:
+def _reencrypted(keyring: Keyring, values: dict[str, Any], scope: Scope, rotation: Rotation) -> dict[str, Any] | None:
     try:
-        return {name: keyring.reencrypt(value, name) for name, value in values.items()}
+        return {name: keyring.reencrypt(value, name, scope) for name, value in values.items()}
     except MissingKeyError as exc:
         rotation.missing[exc.kid] = rotation.missing.get(exc.kid, 0) + 1
         return None
@@ -96,13 +98,13 @@ def _rotate_rows(
     update: str,
     fields: tuple[str, ...],
 ) -> int:
-    """One table: batches of ``select`` (id first, then ``fields``), each written back by ``update``."""
+    """One table: batches of ``select`` (id, task, queue, then ``fields``), each written back by ``update``."""
     count = after = 0
     while True:
         with conn.transaction():
             rows = conn.execute(select, {"after": after, "kid": keyring.current, "limit": batch}).fetchall()
-            for row_id, *values in rows:
-                new = _reencrypted(keyring, dict(zip(fields, values, strict=True)), rotation)
+            for row_id, task, queue, *values in rows:
+                new = _reencrypted(keyring, dict(zip(fields, values, strict=True)), (task, queue), rotation)
                 if new is not None:
                     params = {k: v if k == "error" or v is None else Jsonb(v) for k, v in new.items()}
                     conn.execute(update, {"id": row_id, **params})

@@ -59,3 +59,29 @@ def test_data_dir_default_and_override() -> None:
     assert load_settings(environ={"PGSCHED_DATA_DIR": "/tmp/x/pg"}).embedded_data_dir.as_posix() == "/tmp/x/pg"
     assert load_settings(environ={}).embedded_data_dir == default_data_dir()
     assert default_data_dir().name == "pg18"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://bob:s3cret@db.example:5432/app", "postgresql://bob:***@db.example:5432/app"),
+        ("postgres://bob:s3@cret@db/app?sslmode=require", "postgres://bob:***@db/app?sslmode=require"),
+        (
+            "postgresql://db/app?user=bob&password=s3cret&sslmode=require",
+            "postgresql://db/app?user=bob&password=***&sslmode=require",
+        ),
+        ("host=db user=bob password=s3cret dbname=app", "host=db user=bob password=*** dbname=app"),
+        ("host=db password = 's3 \\' cret' dbname=app", "host=db password = *** dbname=app"),
+        # Nothing to hide: left as it is (the embedded server's DSN has an empty password).
+        (
+            "postgresql://postgres:@/postgres?host=/var/lib/pgsched",
+            "postgresql://postgres:@/postgres?host=/var/lib/pgsched",
+        ),
+        ("postgresql://bob@db:5432/app", "postgresql://bob@db:5432/app"),
+    ],
+)
+def test_settings_repr_never_shows_a_dsn_password(dsn: str, shown: str) -> None:
+    settings = load_settings(environ={"PGSCHED_DSN": dsn})
+    assert settings.dsn == dsn  # the value itself is intact
+    assert f"dsn={shown!r}" in repr(settings)
+    assert "s3" not in repr(settings) and "cret" not in repr(settings)

@@ -6,6 +6,7 @@ about 107 bytes) and stops the server it started, by ``pgsched db stop``.
 
 from __future__ import annotations
 
+import base64
 import os
 import queue
 import shutil
@@ -380,5 +381,26 @@ def test_up_runs_a_worker_for_the_app(embedded_env: tuple[dict[str, str], Path],
         assert done[add] == 5 and done[report] == {"day": "2026-12-01", "status": "sent"}
         returncode, rest = up.stop(signal.SIGTERM)
         assert returncode == 0 and "pgsched stopped" in rest, up.stderr()
+    finally:
+        up.close()
+
+
+def test_up_starts_the_embedded_server_without_its_secrets(
+    embedded_env: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    env, data_dir = embedded_env
+    key = base64.b64encode(bytes(range(7, 39))).decode()
+    env = {**env, "PGSCHED_ENCRYPTION_KEYS": f"k1:{key}", "PGPASSWORD": "pgpassword-marker-5e1d"}
+    up = Up(env, tmp_path / "up.err")
+    try:
+        up.wait_for_dsn()
+        pid = postmaster_pid(data_dir)
+        assert pid is not None and alive(pid)
+        # The server runs as another user, with an environment of its own: none of up's secrets in it.
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert key.encode() not in environ and b"pgpassword-marker-5e1d" not in environ
+        assert key.encode() not in Path(f"/proc/{up.proc.pid}/environ").read_bytes()
+        returncode, _ = up.stop(signal.SIGTERM)
+        assert returncode == 0, up.stderr()
     finally:
         up.close()

@@ -4,6 +4,7 @@ a worker without the key, and key rotation while a worker runs."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from psycopg.types.json import Jsonb
 
 import pgsched
 from pgsched import Context, Settings, embedded, rotation
@@ -97,7 +100,7 @@ def test_a_secret_written_through_every_path_never_reaches_the_database_or_the_l
         assert stats.succeeded == 6 and stats.failed == 2
 
         dump = pg_dump(dsn)
-        assert SECRET not in dump and "pgsched_encrypted" in dump and "pgsched:enc:1:k1:" in dump
+        assert SECRET not in dump and "pgsched_encrypted" in dump and "pgsched:enc:2:k1:" in dump
 
         done = app.get(downstream.id)  # decrypted for an app holding the key
         assert done.result == {"kept": SECRET, "dependencies": [{"kept": SECRET, "dependencies": []}]}
@@ -109,10 +112,10 @@ def test_a_secret_written_through_every_path_never_reaches_the_database_or_the_l
         assert app.get(shell.id).state == "succeeded"
         ring = Keyring.parse(KEY1)
         messages = conn.execute("SELECT job_id, message FROM pgsched.run_logs ORDER BY logged_at").fetchall()
-        assert messages and all(m.startswith("pgsched:enc:1:k1:") for _, m in messages)
-        opened = [ring.decrypt_text(m, "message") for job_id, m in messages if job_id == single.id]
+        assert messages and all(m.startswith("pgsched:enc:2:k1:") for _, m in messages)
+        opened = [ring.decrypt_text(m, "message", ("keep", "default")) for job_id, m in messages if job_id == single.id]
         assert opened[0] == f"ctx.log {SECRET}" and opened[1].endswith(f"logging {SECRET}")
-        assert ring.decrypt_text(dict(messages)[shell.id], "message") == SECRET
+        assert ring.decrypt_text(dict(messages)[shell.id], "message", ("shell", "vault")) == SECRET
         (run_error,) = conn.execute("SELECT error FROM pgsched.runs WHERE job_id = %s", (failing.id,)).fetchone()
         assert is_envelope(run_error)
 
@@ -218,3 +221,69 @@ def test_rotation_re_encrypts_live_jobs_while_a_worker_runs(
         job = both.get(job_id)
         assert (job.state, job.args, job.result) == ("succeeded", {"i": i}, {"i": i})
     both.close()
+
+
+def test_an_envelope_moved_to_a_job_of_another_task_or_queue_fails_that_job_unopened(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    conn.execute("INSERT INTO pgsched.queues (name, encrypt) VALUES ('vault', true)")
+    app = declare(keyed_app(dsn, KEY1))
+
+    @app.task(encrypt=True)
+    def reveal(secret: str = "") -> str:
+        return secret
+
+    with app:
+        victim = app.enqueue("keep", {"secret": SECRET})
+        other_task = app.enqueue("reveal", {"secret": "mine"}, max_attempts=3)
+        other_queue = app.enqueue("keep", {"secret": "mine"}, queue="vault", max_attempts=3)
+        # Someone who may write the table copies the victim's sealed args into the other jobs.
+        conn.execute(
+            "UPDATE pgsched.jobs SET args = (SELECT args FROM pgsched.jobs WHERE id = %s) WHERE id = ANY(%s)",
+            (victim.id, [other_task.id, other_queue.id]),
+        )
+        burst(app, queues="default,vault")
+        assert app.get(victim.id).result["kept"] == SECRET
+        for moved in (other_task, other_queue):
+            row = app.get(moved.id)
+            assert (row.state, row.attempts, row.result) == ("failed", 1, None)  # not retried: it cannot succeed
+            assert row.error.startswith("args: the encrypted value cannot be decrypted with key 'k1'")
+        assert conn.execute(
+            "SELECT count(*) FROM pgsched.run_logs WHERE job_id = %s", (other_queue.id,)
+        ).fetchone() == (0,)
+
+
+def insert_version_1_job(conn: psycopg.Connection[Any]) -> int:
+    """A ``keep`` job whose args are sealed as before task and queue were bound (the field only)."""
+    key = base64.b64decode(KEY1.split(":", 1)[1])
+    nonce = bytes(range(12))
+    data = AESGCM(key).encrypt(nonce, f'{{"secret": "{SECRET}"}}'.encode(), b"pgsched:1:args")
+    envelope = {
+        "pgsched_encrypted": 1,
+        "kid": "k1",
+        "nonce": base64.b64encode(nonce).decode(),
+        "data": base64.b64encode(data).decode(),
+    }
+    (job_id,) = conn.execute(
+        "INSERT INTO pgsched.jobs (task, args) VALUES ('keep', %s) RETURNING id", (Jsonb(envelope),)
+    ).fetchone()
+    return job_id
+
+
+def test_a_job_sealed_before_task_and_queue_were_bound_still_runs(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    job_id = insert_version_1_job(conn)
+    with declare(keyed_app(dsn, KEY1)) as app:
+        burst(app)
+        assert app.get(job_id).result["kept"] == SECRET
+    (result,) = conn.execute("SELECT result FROM pgsched.jobs WHERE id = %s", (job_id,)).fetchone()
+    assert result["v"] == 2  # what the worker writes is bound to the job's task and queue
+
+
+def test_rotation_rewrites_version_1_envelopes_under_the_current_key(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    job_id = insert_version_1_job(conn)
+    ring = Keyring.parse(KEY1)  # the same key: only the envelope's version is stale
+    assert rotation.rotate(conn, ring).jobs == 1
+    (args,) = conn.execute("SELECT args FROM pgsched.jobs WHERE id = %s", (job_id,)).fetchone()
+    assert (args["v"], args["kid"]) == (2, "k1")
+    assert ring.decrypt(args, "args", ("keep", "default")) == {"secret": SECRET}
+    assert rotation.rotate(conn, ring).jobs == 0

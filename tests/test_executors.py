@@ -4,14 +4,19 @@ real HTTP server on loopback; the SSRF check as a pure function."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from werkzeug import Request, Response
 import pgsched
 from pgsched.config import replace_settings
 from pgsched.worker.executors import HTTP_BODY_MAX_BYTES, NotRetryable, check_target, run_shell
+from pgsched.worker.runlog import MAX_LINE_BYTES
 from pgsched.worker.runtime import Worker
 
 from .conftest import wait_until
@@ -517,3 +523,209 @@ def test_check_target_lets_public_addresses_through(host: str) -> None:
 def test_check_target_refuses_non_global_shared_address_space() -> None:
     with pytest.raises(NotRetryable, match="refused"):
         check_target("100.100.100.200", 80, allow_private=False)
+
+
+# -- a raw loopback HTTP server (dripping bodies, TLS and plain HTTP on one port) -------------------
+
+
+class RawServer:
+    """An HTTP/1.1 server on a loopback socket, written by hand so a test controls every byte: each
+    request is recorded as ``(tls, method, path, headers)`` and answered by ``respond(request, conn,
+    stopped)``. With ``tls``, a connection that starts with a TLS handshake is served over TLS and
+    any other one in clear, on the same port (so a test can redirect https://localhost:P to
+    http://localhost:P, the same host and port)."""
+
+    def __init__(self, respond: Any, tls: ssl.SSLContext | None = None) -> None:
+        self.respond = respond
+        self.tls = tls
+        self.requests: list[tuple[bool, str, str, dict[str, str]]] = []
+        self.ended: list[tuple[bool, str, str, dict[str, str]]] = []
+        self.stopped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            tls = self.tls is not None and conn.recv(1, socket.MSG_PEEK) == b"\x16"
+            if tls:
+                assert self.tls is not None
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                self.connections.append(conn)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            method, path, _ = head[0].split(" ", 2)
+            headers = dict(line.split(": ", 1) for line in head[1:])
+            request = (tls, method, path, headers)
+            self.requests.append(request)
+            try:
+                self.respond(request, conn, self.stopped)
+            finally:
+                self.ended.append(request)  # answered, or the client went away
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+@contextmanager
+def raw_server(respond: Any, tls: ssl.SSLContext | None = None) -> Iterator[RawServer]:
+    server = RawServer(respond, tls)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def drip(request: Any, conn: socket.socket, stopped: threading.Event) -> None:
+    """Headers promising a large body, then one byte every 0.2 s until the server stops."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+    while not stopped.wait(0.2):
+        conn.sendall(b"x")
+
+
+def test_http_job_of_a_dripping_server_ends_at_its_deadline_and_does_not_starve_sync_tasks(
+    app: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with worker_in_thread(app, concurrency=2, allow_private_http=True), raw_server(drip) as server:
+        url = f"http://127.0.0.1:{server.port}/slow"
+        # As many dripping requests as the worker has slots: before, each one kept a thread of the
+        # sync tasks' pool after its timeout, for as long as the server kept dripping.
+        slow = [app.enqueue("http", {"url": url}, timeout=1, max_attempts=1) for _ in range(2)]
+        for job in slow:
+            wait_until(lambda job=job: state(conn, job.id) == "failed", message=f"http job {job.id} to time out")
+            assert [outcome for _, outcome, _ in runs(conn, job.id)] == ["timeout"]
+        sums = [app.enqueue("add", {"a": i, "b": 1}) for i in range(4)]
+        for job in sums:
+            wait_until(lambda job=job: state(conn, job.id) == "succeeded", message=f"sync job {job.id} to run")
+        assert [app.get(job.id).result for job in sums] == [1, 2, 3, 4]
+
+
+def test_http_cancel_closes_the_connection_at_once(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    with worker_in_thread(app, allow_private_http=True), raw_server(drip) as server:
+        job = app.enqueue("http", {"url": f"http://127.0.0.1:{server.port}/slow"})
+        wait_until(lambda: server.requests, message="the request to arrive")
+        app.cancel(job.id, reason="enough")
+        wait_until(lambda: state(conn, job.id) == "cancelled", message="the job to be cancelled")
+        # Before, the request went on in its thread, reading the drip for as long as it lasted.
+        wait_until(lambda: server.ended, message="the worker to close the connection")
+    assert [outcome for _, outcome, _ in runs(conn, job.id)] == ["cancelled"]
+
+
+def test_http_url_userinfo_is_sent_as_basic_authorization_never_in_host(
+    app: pgsched.App, httpserver: HTTPServer
+) -> None:
+    httpserver.expect_request("/private").respond_with_data("welcome")
+    url = f"http://al%40ice:p%3Ass@localhost:{httpserver.port}/private"
+    job = app.enqueue("http", {"url": url})
+    app.run_worker(allow_private_http=True, **WORKER)
+    done = app.get(job.id)
+    assert done.state == "succeeded", done.error
+    [(request, _)] = httpserver.log
+    assert request.headers["Host"] == f"localhost:{httpserver.port}"
+    assert request.headers["Authorization"] == "Basic " + base64.b64encode(b"al@ice:p:ss").decode()
+    assert "p%3Ass" not in json.dumps(done.result)  # nor in the stored result's url
+
+
+def self_signed_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for "localhost" and the certificate file that makes clients trust it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
+
+
+@pytest.mark.parametrize("given_as", ["header", "userinfo"])
+def test_http_redirect_from_https_to_http_on_the_same_host_drops_the_credentials(
+    given_as: str, app: pgsched.App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls, trusted = self_signed_tls(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))  # the worker (in this process) trusts the test certificate
+
+    def respond(request: Any, conn: socket.socket, stopped: threading.Event) -> None:
+        secure = request[0]
+        if secure:  # https://localhost:P/start -> http://localhost:P/landed: same host, same port, in clear
+            location = f"http://localhost:{port}/landed"
+            conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode())
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlanded")
+
+    with raw_server(respond, tls) as server:
+        port = server.port
+        if given_as == "header":
+            args = {"url": f"https://localhost:{port}/start", "headers": {"Authorization": "Bearer s3cret"}}
+        else:
+            args = {"url": f"https://user:s3cret@localhost:{port}/start"}
+        job = app.enqueue("http", args, max_attempts=1)
+        app.run_worker(allow_private_http=True, **WORKER)
+        done = app.get(job.id)
+        assert (done.state, done.result and done.result["body"]) == ("succeeded", "landed"), done.error
+        [(tls_first, _, first_path, first), (tls_second, _, second_path, second)] = server.requests
+        assert (tls_first, first_path, tls_second, second_path) == (True, "/start", False, "/landed")
+        assert "Authorization" in first
+        assert "Authorization" not in second
+        assert first["Host"] == second["Host"] == f"localhost:{port}"
+        assert "s3cret" not in json.dumps(done.result)
+
+
+def test_shell_line_longer_than_the_stream_limit_is_stored_truncated_and_the_job_succeeds(
+    app: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
+    job = app.enqueue("shell", {"cmd": [sys.executable, "-c", "print('x' * 300000); print('after')"]})
+    app.run_worker(allow_shell=True, **WORKER)
+    done = app.get(job.id)
+    assert (done.state, done.result) == ("succeeded", {"exit_code": 0}), done.error
+    [long, after] = output(conn, job.id, "stdout")
+    assert long == "x" * MAX_LINE_BYTES + " [line truncated]"
+    assert after == "after"

@@ -31,13 +31,17 @@ def open_payloads(app: App, job: Job, ctx: Context) -> Keyring | None:
     try:
         if keyring is None:
             raise MissingKeyError(str(kid_of(job.args)))
-        job.args = keyring.decrypt(job.args, "args")
-        job.progress = keyring.decrypt(job.progress, "progress")
+        job.args = keyring.decrypt(job.args, "args", (job.task, job.queue))
+        job.progress = keyring.decrypt(job.progress, "progress", (job.task, job.queue))
     except MissingKeyError as exc:
         raise EncryptionError(f"encryption key {exc.kid!r} is not configured on this worker") from None
     for job_id, result in ctx.dependency_results.items():
+        if not is_envelope(result):
+            continue
+        # The claim adds the dependency's own task and queue (from its row) to its sealed result.
+        scope = (str(result.get("task")), str(result.get("queue")))
         with contextlib.suppress(MissingKeyError):  # a dependency encrypted with a key we lack stays sealed
-            ctx.dependency_results[job_id] = keyring.decrypt(result, "result")
+            ctx.dependency_results[job_id] = keyring.decrypt(result, "result", scope)
     return keyring
 
 
@@ -45,7 +49,8 @@ def sealed(outcome: Outcome, keyring: Keyring) -> Outcome:
     """The outcome of an encrypted job with its result and error encrypted. A result too large
     once encrypted fails the attempt for good, as a too large plain one does."""
     if outcome.result is not None:
-        result = keyring.encrypt_encoded(outcome.result, "result")
+        scope = (outcome.job.task, outcome.job.queue)
+        result = keyring.encrypt_encoded(outcome.result, "result", scope)
         if len(result) > ARGS_MAX_BYTES:
             error = f"result is {len(result):,} bytes encrypted; the limit is {ARGS_MAX_BYTES:,}"
             outcome = failure(outcome.job, outcome.started_at, "failed", error, final=True)
@@ -54,5 +59,5 @@ def sealed(outcome: Outcome, keyring: Keyring) -> Outcome:
     if outcome.error is not None:
         # Keep the end of a long traceback: it names the exception.
         clipped = outcome.error.encode()[-ENCRYPTED_ERROR_MAX_BYTES:].decode(errors="ignore")
-        outcome.error = keyring.encrypt_text(clipped, "error")
+        outcome.error = keyring.encrypt_text(clipped, "error", (outcome.job.task, outcome.job.queue))
     return outcome

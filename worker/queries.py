@@ -5,6 +5,12 @@ from __future__ import annotations
 from pgsched.jobs import JOB_COLUMNS
 
 _J_COLUMNS = ", ".join(f"j.{c}" for c in JOB_COLUMNS.split(", "))
+# A dependency's result for ctx.dependency_results; a sealed one carries its job's task and queue,
+# taken from the row, which its envelope binds (pgsched/crypto.py).
+_DEPENDENCY_RESULT = (
+    """CASE WHEN d.result @> '{"pgsched_encrypted": 1}' """
+    "THEN d.result || jsonb_build_object('task', d.task, 'queue', d.queue) ELSE d.result END"
+)
 
 # Claim up to %(limit)s queued jobs of plain queues (no controls set), one
 # queue after the other in the order given (the worker rotates it on every
@@ -42,7 +48,7 @@ WHERE j.id = picked.id
 RETURNING {_J_COLUMNS},
     -- The results of its dependencies, for ctx.dependency_results (job_deps primary key;
     -- one index probe for a job without any).
-    (SELECT jsonb_object_agg(e.depends_on::text, d.result)
+    (SELECT jsonb_object_agg(e.depends_on::text, {_DEPENDENCY_RESULT})
      FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
      WHERE e.job_id = j.id) AS dependency_results
 """
@@ -52,7 +58,7 @@ RETURNING {_J_COLUMNS},
 # start of a rate-limited queue is allowed.
 CLAIM_CONTROLLED = f"""
 SELECT {", ".join(f"(c.job).{col}" for col in JOB_COLUMNS.split(", "))},
-    (SELECT jsonb_object_agg(e.depends_on::text, d.result)
+    (SELECT jsonb_object_agg(e.depends_on::text, {_DEPENDENCY_RESULT})
      FROM pgsched.job_deps e JOIN pgsched.jobs d ON d.id = e.depends_on
      WHERE e.job_id = (c.job).id) AS dependency_results,
     c.next_claim_in

@@ -78,7 +78,7 @@ class RunLogBuffer:
         budget.lines += 1
         budget.bytes += len(encoded)
         if keyring is not None:
-            message = keyring.encrypt_text(message, "message")
+            message = keyring.encrypt_text(message, "message", (job.task, job.queue))
         self.rows.append((job.id, job.attempts, at, stream, level, message))
 
     def open(self, job: Job) -> None:
@@ -99,7 +99,7 @@ class RunLogBuffer:
                 f"(cap {MAX_LINES_PER_RUN} lines / {MAX_BYTES_PER_RUN} bytes per run)"
             )
             if keyring is not None:  # every line of an encrypted job's log is an envelope
-                marker = keyring.encrypt_text(marker, "message")
+                marker = keyring.encrypt_text(marker, "message", (job.task, job.queue))
             with self.lock:
                 self.rows.append((job.id, job.attempts, at or datetime.now(timezone.utc), "system", "warning", marker))
 

@@ -455,7 +455,7 @@ class Worker:
                     job.args, lambda stream, line: logs.add(job, stream, None, line, ctx._keyring, attempt.db_now())
                 )
             allow_private = self.options.allow_private_http
-            return await run_http(job.args, allow_private=allow_private, threads=self.threads, timeout=job_timeout(job))
+            return await run_http(job.args, allow_private=allow_private, timeout=job_timeout(job))
         task = self.app.tasks.get(job.task)
         if task is None:
             raise NotRetryable(f"task {job.task!r} is not registered in this worker's app")

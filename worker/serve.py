@@ -10,6 +10,7 @@ from typing import Any
 
 from pgsched.client import App
 from pgsched.config import Settings
+from pgsched.protect import protect_process
 
 from .outcomes import Stats
 from .runtime import Worker
@@ -23,6 +24,10 @@ async def serve(app: App, settings: Settings, *, signals: bool = True, stopped: 
     ``stopped``: an event that, already set, means stop at once (a signal came during start-up)."""
     from pgsched.maintenance import Maintenance, default_services
 
+    if settings.allow_shell:
+        # Commands of shell jobs are children of this process (run_worker() in the user's own
+        # process too): keep its secrets out of their reach. See pgsched/protect.py.
+        protect_process()
     worker = Worker(app, settings)
     services = [Maintenance(app.dsn, default_services(settings.lease_seconds))] if settings.with_scheduler else []
     if signals:

@@ -1,12 +1,17 @@
 """``pgsched worker --processes N``: N worker processes under one supervisor that restarts a dead one.
 
 Children get the supervisor's settings through their ``PGSCHED_*`` variables
-(with ``processes=1``). SIGTERM/SIGINT are forwarded to every child, which then
-shuts down gracefully; a second signal kills them.
+(with ``processes=1``), except the secret ones (the DSN, the encryption keys,
+``DATABASE_URL``, ``PGPASSWORD``), which go through a pipe on their stdin: a
+process's environment can be read by other processes (``/proc/PID/environ``),
+and a child's would be readable from its start until it blanks it. SIGTERM/SIGINT
+are forwarded to every child, which then shuts down gracefully; a second signal
+kills them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +22,7 @@ import time
 import msgspec
 
 from pgsched.config import Settings, env_name
+from pgsched.protect import SECRET_VARIABLES
 
 log = logging.getLogger("pgsched.supervisor")
 
@@ -25,26 +31,34 @@ log = logging.getLogger("pgsched.supervisor")
 MIN_UPTIME_SECONDS = 5.0
 
 
-def child_environment(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_")}
+def child_environment(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment of a child, and the secret variables it gets on its stdin instead."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_") and k not in SECRET_VARIABLES}
+    secrets = {k: v for k, v in os.environ.items() if k in SECRET_VARIABLES and not k.startswith("PGSCHED_")}
     for name, value in msgspec.structs.asdict(settings).items():
         if value is not None:
-            env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+            variable = env_name(name)
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            (secrets if variable in SECRET_VARIABLES else env)[variable] = text
     env[env_name("processes")] = "1"
-    return env
+    return env, secrets
 
 
 def supervise(settings: Settings) -> int:
     """Run and watch the children until stopped; returns the exit status."""
-    env = child_environment(settings)
-    command = [sys.executable, "-m", "pgsched", "worker"]
+    env, secrets = child_environment(settings)
+    command = [sys.executable, "-m", "pgsched", "worker", "--secrets-on-stdin"]
     children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
     stopping = False
 
     def start(slot: int) -> None:
         # Its own process group: a Ctrl-C at the terminal reaches the supervisor only, which
         # forwards it once (a child getting it twice would take it as "exit at once").
-        children[slot] = (subprocess.Popen(command, env=env, process_group=0), time.monotonic())
+        process = subprocess.Popen(command, env=env, process_group=0, stdin=subprocess.PIPE)
+        assert process.stdin is not None
+        with process.stdin:  # a few hundred bytes: the pipe's buffer takes them without blocking
+            process.stdin.write(json.dumps(secrets).encode())
+        children[slot] = (process, time.monotonic())
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
