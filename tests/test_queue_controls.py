@@ -22,7 +22,7 @@ from pgsched.queues import parse_rate
 from pgsched.worker.queries import CLAIM, CLAIM_CONTROLLED
 from pgsched.worker.runtime import Worker
 
-from .conftest import HEAVY, job_is, row_counts, start_worker, wait_until, wait_until_async
+from .conftest import HEAVY, job_is, row_counts, start_worker, wait_until, wait_until_async, worker_incarnation
 from .processes import WorkerProcess
 from .test_cli import error_line, succeeded
 from .test_cli import pgsched as run_cli
@@ -193,7 +193,7 @@ def test_a_queue_without_controls_keeps_the_claim_plan(conn: psycopg.Connection[
     conn.execute("INSERT INTO pgsched.jobs (task, owner) SELECT 't', 'o' || (i % 7) FROM generate_series(1, 200) i")
     conn.execute("INSERT INTO pgsched.queues (name, max_running) VALUES ('other', 3)")
     conn.execute("ANALYZE pgsched.jobs")
-    params = {"queues": ["default", "b"], "tasks": ["t"], "limit": 10, "worker": uuid.uuid4(), "lease": 30.0}
+    params = {"queues": ["default", "b"], "tasks": ["t"], "limit": 10, "worker": worker_incarnation(conn, "1 minute")}
     # The claim before queue controls existed: the same statement without the anti-join on pgsched.queues.
     guard = next(line for line in CLAIM.splitlines() if "pgsched.queue_is_controlled" in line)
     before = CLAIM.replace(guard + "\n", "")
@@ -207,7 +207,7 @@ def test_a_queue_without_controls_keeps_the_claim_plan(conn: psycopg.Connection[
 
 
 def claim(conn: psycopg.Connection[Any], sql: str, queues: list[str], limit: int = 10) -> list[tuple[Any, ...]]:
-    params = {"queues": queues, "tasks": ["t"], "limit": limit, "worker": uuid.uuid4(), "lease": 30.0}
+    params = {"queues": queues, "tasks": ["t"], "limit": limit, "worker": worker_incarnation(conn, "1 minute")}
     return conn.execute(sql, params).fetchall()
 
 

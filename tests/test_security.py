@@ -200,12 +200,12 @@ def test_a_worker_cannot_rewrite_a_queued_shell_job(login: Login, conn: psycopg.
     # What a worker does still works: claim, progress, finish.
     worker.execute(
         "UPDATE pgsched.jobs SET state = 'running', attempts = attempts + 1, worker_id = gen_random_uuid(),"
-        " started_at = now(), lease_expires_at = now() + interval '1 minute' WHERE id = %s",
+        " started_at = now() WHERE id = %s",
         (job_id,),
     )
     worker.execute(
         "UPDATE pgsched.jobs SET state = 'succeeded', result = '{}', finished_at = now(), worker_id = NULL,"
-        " lease_expires_at = NULL, progress = '{}' WHERE id = %s",
+        " progress = '{}' WHERE id = %s",
         (job_id,),
     )
     assert one(conn, "SELECT state FROM pgsched.jobs WHERE id = %s", job_id) == "succeeded"

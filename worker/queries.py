@@ -35,10 +35,10 @@ WITH picked AS MATERIALIZED (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) AS p
-    WHERE NOT EXISTS (SELECT 1 FROM pgsched.queues s WHERE s.name = q.name AND pgsched.queue_is_controlled(s))
-      -- Only for a live incarnation (one primary-key probe, evaluated once): the claims of one
-      -- whose lease the rescuer took would only be rescued again.
-      AND EXISTS (SELECT 1 FROM pgsched.workers w WHERE w.id = %(worker)s AND w.lease_expires_at > pgsched.now())
+    -- Only for a live incarnation (one primary-key probe, evaluated once): the claims of one
+    -- whose lease the rescuer took would only be rescued again.
+    WHERE EXISTS (SELECT 1 FROM pgsched.workers w WHERE w.id = %(worker)s AND w.lease_expires_at > pgsched.now())
+      AND NOT EXISTS (SELECT 1 FROM pgsched.queues s WHERE s.name = q.name AND pgsched.queue_is_controlled(s))
     LIMIT %(limit)s
 )
 UPDATE pgsched.jobs j
