@@ -175,6 +175,7 @@ class Worker:
         logging.getLogger().addHandler(handler)
         try:
             await self._register()
+            await self._read_controls()  # which of its queues the plain claim must leave alone
             log.info(
                 "worker %s started: queues %s, concurrency %d",
                 self.lease,
