@@ -8,10 +8,10 @@ import io
 import pstats
 import sys
 
-from . import ceiling, enqueue, env, report, scheduling, worker
+from . import ceiling, enqueue, env, report, scheduling, steady, worker
 
 # In this order: W3 runs after W1c, to claim at the batch sizes W1c used.
-WORKLOADS = {**enqueue.WORKLOADS, **worker.WORKLOADS, **ceiling.WORKLOADS, **scheduling.WORKLOADS}
+WORKLOADS = {**enqueue.WORKLOADS, **worker.WORKLOADS, **ceiling.WORKLOADS, **scheduling.WORKLOADS, **steady.WORKLOADS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,13 @@ from .outcomes import Outcome, failure
 
 # Texts grow by a third when encrypted; the error columns hold at most 64 KiB.
 ENCRYPTED_ERROR_MAX_BYTES = 40_000
+# A job sealed with a key this worker lacks waits this long for a worker that has it.
+KEY_WAIT_SECONDS = 30.0
+
+
+class KeyNotHere(EncryptionError):
+    """The job is sealed with a key this worker lacks; another worker may have it (a staged key
+    rollout), so the job is left for one instead of failed."""
 
 
 def open_payloads(app: App, job: Job, ctx: Context) -> Keyring | None:
@@ -34,7 +41,7 @@ def open_payloads(app: App, job: Job, ctx: Context) -> Keyring | None:
         job.args = keyring.decrypt(job.args, "args", (job.task, job.queue))
         job.progress = keyring.decrypt(job.progress, "progress", (job.task, job.queue))
     except MissingKeyError as exc:
-        raise EncryptionError(f"encryption key {exc.kid!r} is not configured on this worker") from None
+        raise KeyNotHere(f"encryption key {exc.kid!r} is not configured on this worker") from None
     for job_id, result in ctx.dependency_results.items():
         if not is_envelope(result):
             continue

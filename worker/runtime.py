@@ -55,7 +55,7 @@ from .attempts import LIVE, Attempt, State
 from .controls import Controls, claimed_row
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
 from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
-from .payloads import open_payloads, sealed
+from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
 from .writer import Writer
@@ -475,6 +475,11 @@ class Worker:
                 return self._failure(job, started, "failed", f"the job's {name} cannot be read: {reason}", final=True)
         try:
             ctx._keyring = open_payloads(self.app, job, ctx)
+        except KeyNotHere as exc:
+            # Left for a worker that has the key (the attempt does not count), not failed: during
+            # a staged key rollout some workers have a new key before others.
+            log.warning("job %d: %s; it waits %g s for a worker that has it", job.id, exc, KEY_WAIT_SECONDS)
+            return ended(job, started, "scheduled", "snoozed", delay=KEY_WAIT_SECONDS, error=str(exc))
         except EncryptionError as exc:
             # Not retried: another attempt on a worker without the key fails the same way.
             return self._failure(job, started, "failed", str(exc), final=True)
