@@ -447,6 +447,38 @@ def test_a_task_max_per_key_caps_each_key_in_any_queue(
     assert max_overlap(run_intervals(conn, "default")) == 2  # the two keys ran side by side
 
 
+def test_an_app_that_only_enqueues_a_capped_task_does_not_lift_its_cap(
+    controls_app: pgsched.App, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    def catalog_cap() -> Any:
+        sql = "SELECT options FROM pgsched.tasks WHERE name = 'per_customer'"
+        return conn.execute(sql).fetchone()[0].get("max_per_key")
+
+    async def scenario() -> None:
+        worker, task = await start_worker(controls_app, queues="default", concurrency=8, poll_seconds=0.1)
+        client = pgsched.App(dsn)
+
+        @client.task(name="per_customer")
+        async def per_customer(ms: float = 0) -> None:
+            """The same task, registered without max_per_key."""
+
+        try:
+            await wait_until_async(lambda: catalog_cap() == 1, message="the worker's registration")
+            # Another service enqueues the same task; its code has no cap (or an older version of it).
+            await client.open_async()
+            assert catalog_cap() == 1  # the workers' cap stands
+            await client.enqueue_many_async(
+                {"task": "per_customer", "args": {"ms": 100}, "concurrency_key": "a"} for _ in range(6)
+            )
+            await wait_until_async(lambda: count(conn, "state = 'succeeded'") == 6, message="six jobs")
+        finally:
+            await client.close_async()
+            await _stop(worker, task)
+
+    asyncio.run(scenario())
+    assert max_overlap(run_intervals(conn, "default", key="a")) == 1
+
+
 @HEAVY
 def test_a_fair_queue_does_not_starve_an_owner_behind_a_burst(
     controls_app: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
