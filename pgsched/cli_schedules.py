@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -12,6 +11,8 @@ import click
 from .cli import JSON_FLAG, load_app, print_json, print_table, with_settings
 from .client import App
 from .config import Settings
+from .errors import ValidationError
+from .validation import loads_json
 
 
 @click.group("schedules")
@@ -52,9 +53,9 @@ def _print_schedules(items: list[Any], as_json: bool) -> None:
 def add_schedule(settings: Settings, name: str, args_json: str, tz: str, as_json: bool, **fields: Any) -> None:
     """Create (or replace) the schedule NAME."""
     try:
-        fields["args"] = json.loads(args_json)
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"args: not valid JSON ({exc})") from None
+        fields["args"] = loads_json(args_json, "args")
+    except ValidationError as exc:
+        raise click.ClickException(str(exc)) from None
     for key in ("start_at", "end_at"):
         if fields[key] is not None:
             try:
