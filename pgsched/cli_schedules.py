@@ -24,9 +24,12 @@ def _print_schedules(items: list[Any], as_json: bool) -> None:
     if as_json:
         print_json(items)
         return
-    headers = ("name", "task", "timetable", "timezone", "next_run_at", "paused", "enabled", "source")
+    headers = ("name", "task", "timetable", "timezone", "next_run_at", "paused", "enabled", "source", "invalid")
     rows = [
-        [s.name, s.task, s.cron or f"every {s.every}", s.timezone, s.next_run_at, s.paused, s.enabled, s.source]
+        [
+            *(s.name, s.task, s.cron or f"every {s.every}", s.timezone, s.next_run_at, s.paused, s.enabled, s.source),
+            s.invalid_reason,  # why the scheduler cannot evaluate it (it fires nothing until written again)
+        ]
         for s in items
     ]
     print_table(rows, headers)
