@@ -303,7 +303,7 @@ def _first_occurrences(spec: CronSpec, zone: zoneinfo.ZoneInfo, after: datetime,
                 return slots
         if resume is not None:
             walls.set_current(resume, force=True)
-    raise AssertionError(f"next_fire_times did not converge for {cron!r} in {timezone} after {after}")
+    raise AssertionError(f"next_fire_times did not converge for {spec.fields!r} in {zone.key} after {after}")
 
 
 @functools.lru_cache(maxsize=1024)

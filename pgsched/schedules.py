@@ -181,7 +181,8 @@ RETURNING id
 
 def from_row(row: tuple[Any, ...]) -> Schedule:
     (id_, name, task, args, cron_, every, tz, queue, priority, max_attempts, timeout, owner, misfire, window,
-     overlap, jitter, start_at, end_at, paused, enabled, source, next_run_at, last_slot, invalid_reason) = row  # fmt: skip
+     overlap, jitter, start_at, end_at, paused, enabled, source, next_run_at, last_slot,
+     invalid_reason) = row  # fmt: skip
     return Schedule(
         id=id_, name=name, task=task, args=args, cron=cron_, every=every, timezone=tz, queue=queue,
         priority=priority, max_attempts=max_attempts, timeout=timeout, owner=owner, misfire=misfire,
