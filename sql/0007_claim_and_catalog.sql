@@ -103,8 +103,19 @@ LANGUAGE sql STABLE AS $$
     END
 $$;
 
+-- The number of rows of each queue in queue_starts, kept by claim_controlled
+-- (under the queue's lock) as it deletes and adds them: counting the window on
+-- every claim cost 7 ms at 100,000 starts per period, inside the lock.
+CREATE TABLE pgsched.queue_windows (
+    queue  text PRIMARY KEY,
+    starts integer NOT NULL
+);
+COMMENT ON TABLE pgsched.queue_windows IS
+    'How many rows each queue has in queue_starts (the rate window), kept by claim_controlled; write neither table by hand';
+
 -- As in version 3, but a queue without fairness or keys takes its jobs from
--- first_queued (slice by slice) instead of filtering the claim order by task.
+-- first_queued (slice by slice) instead of filtering the claim order by task,
+-- and the rate window is counted by queue_windows instead of count(*).
 CREATE OR REPLACE FUNCTION pgsched.claim_controlled(
     queues  text[],
     tasks   text[],
@@ -123,6 +134,7 @@ DECLARE
     window_oldest timestamptz;
     picked bigint[];
     claimed integer;
+    expired integer;
     keyed boolean;
 BEGIN
     FOREACH q IN ARRAY queues LOOP
@@ -138,8 +150,16 @@ BEGIN
         END IF;
         IF settings.rate_limit IS NOT NULL THEN
             DELETE FROM pgsched.queue_starts w WHERE w.queue = q AND w.started_at <= started - settings.rate_period;
-            SELECT count(*), min(w.started_at) INTO window_count, window_oldest
-            FROM pgsched.queue_starts w WHERE w.queue = q;
+            GET DIAGNOSTICS expired = ROW_COUNT;
+            UPDATE pgsched.queue_windows c SET starts = c.starts - expired WHERE c.queue = q
+            RETURNING c.starts INTO window_count;
+            IF NOT FOUND THEN  -- the queue's first rate-limited claim since this migration: count once
+                INSERT INTO pgsched.queue_windows (queue, starts)
+                SELECT q, count(*) FROM pgsched.queue_starts w WHERE w.queue = q
+                RETURNING starts INTO window_count;
+            END IF;
+            -- The oldest start: the first entry of queue_starts_queue_idx.
+            SELECT min(w.started_at) INTO window_oldest FROM pgsched.queue_starts w WHERE w.queue = q;
             room := LEAST(room, settings.rate_limit - window_count);
         END IF;
         IF room > 0 THEN
@@ -172,6 +192,7 @@ BEGIN
             IF settings.rate_limit IS NOT NULL AND claimed > 0 THEN
                 INSERT INTO pgsched.queue_starts (queue, started_at)
                 SELECT q, started FROM generate_series(1, claimed);
+                UPDATE pgsched.queue_windows c SET starts = c.starts + claimed WHERE c.queue = q;
                 window_oldest := COALESCE(window_oldest, started);
                 window_count := window_count + claimed;
             END IF;
@@ -239,5 +260,7 @@ COMMENT ON COLUMN pgsched.tasks.options IS
     'Default job options (priority, max_attempts, timeout, encrypt: from the app that last registered the task) '
     'and execution options (max_per_key, backoff: only from an app that runs the task, i.e. a worker)';
 
+GRANT SELECT, INSERT, UPDATE ON pgsched.queue_windows TO pgsched_worker;
+GRANT ALL ON pgsched.queue_windows TO pgsched_admin;
 REVOKE EXECUTE ON FUNCTION pgsched.first_queued(text, text[], integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgsched.first_queued(text, text[], integer) TO pgsched_worker, pgsched_admin;

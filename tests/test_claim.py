@@ -110,3 +110,24 @@ def test_the_plain_claim_leaves_a_task_capped_since_to_the_controlled_claim(conn
     assert conn.execute(CLAIM_CONTROLLED, {**params, "tasks": ["capped"]}).fetchall() == []
     assert conn.execute(CLAIM, params).fetchall() == []
     assert conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'running'").fetchone()[0] == 2
+
+
+def test_a_rate_limited_claim_does_not_count_its_window(conn: psycopg.Connection[Any]) -> None:
+    """At 200,000 starts per hour the window holds 100,000 rows: a claim reads a counter, not them."""
+    conn.execute("INSERT INTO pgsched.jobs (task, queue) SELECT 't', 'r' FROM generate_series(1, 100)")
+    conn.execute("INSERT INTO pgsched.queues (name, rate_limit, rate_period) VALUES ('r', 200000, '1 hour')")
+    conn.execute(
+        "INSERT INTO pgsched.queue_starts SELECT 'r', now() - interval '30 minutes' + i * interval '1 ms'"
+        " FROM generate_series(1, 100000) AS i"
+    )
+    conn.execute("VACUUM ANALYZE pgsched.queue_starts")
+    params = {"queues": ["r"], "tasks": ["t"], "limit": 10, "worker": uuid.uuid4(), "lease": 30.0}
+    assert len(conn.execute(CLAIM_CONTROLLED, params).fetchall()) == 10  # the first claim counts once
+    nodes = _analyze(conn, CLAIM_CONTROLLED, params)
+    # About 190 for claiming 10 jobs (their rows and index entries); counting the window adds 550.
+    assert nodes[0]["Shared Hit Blocks"] + nodes[0]["Shared Read Blocks"] < 400, nodes[0]
+    # The count stays exact: slid-out starts leave it, claimed ones join it.
+    conn.execute("SET pgsched.clock_offset = '32 minutes'")  # the 100,000 old starts slide out
+    assert len(conn.execute(CLAIM_CONTROLLED, params).fetchall()) == 10
+    window = conn.execute("SELECT count(*) FROM pgsched.queue_starts WHERE queue = 'r'").fetchone()[0]
+    assert window == 20 and conn.execute("SELECT starts FROM pgsched.queue_windows").fetchone()[0] == 20
