@@ -20,7 +20,10 @@ due schedules locked with SKIP LOCKED:
 - jobs are inserted with ``ON CONFLICT (schedule_id, slot) DO NOTHING`` and
   ``next_run_at`` moves to the first slot after now by compare-and-set, so a
   slot fires at most once even when two schedulers process the same schedule.
-  Jitter delays ``run_at``, never the slot.
+  Jitter delays ``run_at``, never the slot;
+- a schedule that cannot be evaluated (a cron or zone pgsched cannot read) is
+  marked ``invalid_reason`` once, logged once, and passed over until it is
+  written again.
 """
 
 from __future__ import annotations
@@ -172,15 +175,16 @@ class Materializer(Service):
             live.setdefault(schedule_id, []).append((job_id, state))
         fire_ids, fire_slots, fire_run_ats, cancel = [], [], [], []
         ids, seen, nexts, lasts = [], [], [], []
-        invalid: tuple[list[Any], list[Any], list[str]] = ([], [], [])
+        invalid_ids, invalid_seen, invalid_reasons = [], [], []
         for schedule, created_at in schedules:
             try:
                 fire, following, to_cancel = plan(schedule, db_now, created_at, live.get(schedule.id or 0, []))
             except ValidationError as exc:  # a bad row written by plain SQL, or a zone gone from the system
                 log.warning("schedule %r cannot be evaluated; marked invalid until it is written again: %s",
                             schedule.name, exc)  # fmt: skip
-                for column, value in zip(invalid, (schedule.id, schedule.next_run_at, str(exc)), strict=True):
-                    column.append(value)
+                invalid_ids.append(schedule.id)
+                invalid_seen.append(schedule.next_run_at)
+                invalid_reasons.append(str(exc))
                 continue
             for slot in fire:
                 fire_ids.append(schedule.id)
@@ -199,6 +203,6 @@ class Materializer(Service):
             cur = await conn.execute(INSERT_JOBS, (fire_ids, fire_slots, fire_run_ats))
             inserted = len(await cur.fetchall())
         await conn.execute(ADVANCE, (ids, seen, nexts, lasts))
-        if invalid[0]:
-            await conn.execute(MARK_INVALID, invalid)
-        return {"fired": inserted, "schedules": len(rows), "invalid": len(invalid[0])}
+        if invalid_ids:
+            await conn.execute(MARK_INVALID, (invalid_ids, invalid_seen, invalid_reasons))
+        return {"fired": inserted, "schedules": len(rows), "invalid": len(invalid_ids)}
