@@ -28,10 +28,11 @@ from . import crypto, migrations, queries, rotation
 from .client import App, import_app
 from .config import Settings, env_name, flag_name, load_settings, masked_dsn, option_help
 from .db import configure_adapters, job_row, resolve_dsn
-from .errors import PgschedError
+from .errors import PgschedError, ValidationError
 from .jobs import STATES, Job
 from .maintenance import Maintenance, default_services
 from .protect import protect_process
+from .validation import loads_json
 
 JSON_FLAG: Callable[[Any], Any] = click.option(
     "--json", "as_json", is_flag=True, help="Print JSON for programs instead of a table."
@@ -311,9 +312,9 @@ def configure_logging(settings: Settings) -> None:
 def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:
     """Enqueue one job of TASK."""
     try:
-        args = json.loads(args_json)
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"args: not valid JSON ({exc})") from None
+        args = loads_json(args_json, "args")
+    except ValidationError as exc:
+        raise click.ClickException(str(exc)) from None
     if run_at is not None:
         try:
             options["run_at"] = datetime.fromisoformat(run_at)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -12,6 +11,8 @@ import click
 from .cli import JSON_FLAG, load_app, print_json, print_table, with_settings
 from .client import App
 from .config import Settings
+from .errors import ValidationError
+from .validation import loads_json
 
 
 @click.group("schedules")
@@ -23,9 +24,12 @@ def _print_schedules(items: list[Any], as_json: bool) -> None:
     if as_json:
         print_json(items)
         return
-    headers = ("name", "task", "timetable", "timezone", "next_run_at", "paused", "enabled", "source")
+    headers = ("name", "task", "timetable", "timezone", "next_run_at", "paused", "enabled", "source", "invalid")
     rows = [
-        [s.name, s.task, s.cron or f"every {s.every}", s.timezone, s.next_run_at, s.paused, s.enabled, s.source]
+        [
+            *(s.name, s.task, s.cron or f"every {s.every}", s.timezone, s.next_run_at, s.paused, s.enabled, s.source),
+            s.invalid_reason,  # why the scheduler cannot evaluate it (it fires nothing until written again)
+        ]
         for s in items
     ]
     print_table(rows, headers)
@@ -52,9 +56,9 @@ def _print_schedules(items: list[Any], as_json: bool) -> None:
 def add_schedule(settings: Settings, name: str, args_json: str, tz: str, as_json: bool, **fields: Any) -> None:
     """Create (or replace) the schedule NAME."""
     try:
-        fields["args"] = json.loads(args_json)
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"args: not valid JSON ({exc})") from None
+        fields["args"] = loads_json(args_json, "args")
+    except ValidationError as exc:
+        raise click.ClickException(str(exc)) from None
     for key in ("start_at", "end_at"):
         if fields[key] is not None:
             try:

@@ -302,14 +302,23 @@ class App(Administration):
             periodics = [self.payloads.seal_schedule(s, self.tasks[s.task].defaults) for s in self.periodics.values()]
             yield from schedules.op_sync(periodics, self.name)
 
-    def _op_register(self, tasks: list[Task[Any, Any]]) -> Operation[None]:
-        """Write the app's tasks to the catalog (one statement)."""
+    async def register_runner_async(self) -> None:
+        """Record in the task catalog that this process runs the app's tasks (a worker calls it at
+        start): their execution options (``max_per_key``, ``backoff``) replace the catalog's. Opening
+        an app writes only its tasks' parameters and enqueue defaults, so an app that merely enqueues
+        a task cannot lift the cap of the workers that run it."""
+        if self.tasks:
+            await self._execute_async(self._op_register(list(self.tasks.values()), runs=True), None)
+
+    def _op_register(self, tasks: list[Task[Any, Any]], runs: bool = False) -> Operation[None]:
+        """Write the app's tasks to the catalog (one statement); execution options only if it ``runs`` them."""
         yield Query(
             queries.CATALOG_UPSERT,
             {
+                "runs": runs,
                 "names": [t.name for t in tasks],
                 "queues": [t.defaults.queue for t in tasks],
-                "options": [msgspec.json.encode(t.catalog_options()).decode() for t in tasks],
+                "options": [msgspec.json.encode(t.catalog_options(runs=runs)).decode() for t in tasks],
                 "parameters": [msgspec.json.encode(t.parameters()).decode() for t in tasks],
                 "descriptions": [(t.__doc__ or "").strip().split("\n")[0] or None for t in tasks],
                 "apps": [getattr(t.fn, "__module__", None) for t in tasks],

@@ -20,7 +20,14 @@ Daylight saving: cron fields describe wall-clock times in the schedule's zone;
   after it, the transition itself (03:00 EDT = 07:00 UTC); several matches in
   one gap collapse into that single slot;
 - a wall time that occurs twice (01:30 on 2026-11-01 in New York) fires once,
-  at its first occurrence (01:30 EDT = 05:30 UTC), never at the second.
+  at its first occurrence (01:30 EDT = 05:30 UTC), when the hour field names
+  hours ("30 1 * * *", "0 1-3 * * *"): a job of a fixed hour runs once a day;
+- but when the hour field is a wildcard (it starts with ``*``: "*/30 * * * *",
+  "0 * * * *", "@hourly", "0 */2 * * *"), it fires at both occurrences
+  (05:30 and 06:30 UTC): such an expression means "every so often", and
+  skipping the second pass would leave a gap of two hours in an hourly job.
+  This is Vixie cron's rule for the hour field; unlike Vixie cron, a wildcard
+  minute with a fixed hour ("*/20 1 * * *") still fires once per wall time.
 
 croniter's own handling of aware datetimes at transitions is not this rule (it
 can skip or repeat), so croniter only generates naive wall times here and the
@@ -241,6 +248,43 @@ def _compute_fire_times(cron: str, timezone: str, after: datetime, n: int) -> li
     zone = load_zone(timezone)
     after = _check_aware(after, "after")
     check_int(n, "n", 1, MAX_FIRE_TIMES)
+    slots = _first_occurrences(spec, zone, after, n)
+    if _wildcard_hour(spec):
+        # The second passes of repeated hours come on top; the first n of both are the answer.
+        slots = sorted({*slots, *_second_occurrences(spec, zone, after, slots[-1])})[:n]
+    return slots
+
+
+def _wildcard_hour(spec: CronSpec) -> bool:
+    return spec.fields.split()[2 if spec.seconds else 1].startswith("*")
+
+
+def _second_occurrences(spec: CronSpec, zone: zoneinfo.ZoneInfo, after: datetime, until: datetime) -> list[datetime]:
+    """The second occurrence of every matching wall time of a repeated hour, in (after, until]."""
+    found: list[datetime] = []
+    # From a day before: `after` may lie in the second pass of a repeated hour. Offsets change at
+    # most a few times a year and never twice within a day: a daily probe finds every fall-back
+    # (its offset drops) with one bisection each.
+    day = after - timedelta(days=1)
+    offset = _offset(day.astimezone(zone))
+    while day < until:
+        following = min(day + timedelta(days=1), until)
+        new = _offset(following.astimezone(zone))
+        if new < offset:
+            change = _transition(zone, day, following)
+            first_wall = (change + new).replace(tzinfo=None)  # the repeated walls: [first_wall, + repeat)
+            # Only the walls whose second occurrence lies in (after, until]: get_next is strictly after.
+            walls = _walker(spec, max(first_wall - timedelta(seconds=1), (after + new).replace(tzinfo=None)))
+            while (wall := walls.get_next(datetime)) < first_wall + (offset - new):
+                slot = (wall - new).replace(tzinfo=UTC)
+                if slot > until:
+                    break
+                found.append(slot)
+        day, offset = following, new
+    return found
+
+
+def _first_occurrences(spec: CronSpec, zone: zoneinfo.ZoneInfo, after: datetime, n: int) -> list[datetime]:
     walls = _walker(spec, _first_wall(after, zone))
     slots: list[datetime] = []
     last = after
@@ -259,7 +303,7 @@ def _compute_fire_times(cron: str, timezone: str, after: datetime, n: int) -> li
                 return slots
         if resume is not None:
             walls.set_current(resume, force=True)
-    raise AssertionError(f"next_fire_times did not converge for {cron!r} in {timezone} after {after}")
+    raise AssertionError(f"next_fire_times did not converge for {spec.fields!r} in {zone.key} after {after}")
 
 
 @functools.lru_cache(maxsize=1024)

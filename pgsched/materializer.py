@@ -20,7 +20,10 @@ due schedules locked with SKIP LOCKED:
 - jobs are inserted with ``ON CONFLICT (schedule_id, slot) DO NOTHING`` and
   ``next_run_at`` moves to the first slot after now by compare-and-set, so a
   slot fires at most once even when two schedulers process the same schedule.
-  Jitter delays ``run_at``, never the slot.
+  Jitter delays ``run_at``, never the slot;
+- a schedule that cannot be evaluated (a cron or zone pgsched cannot read) is
+  marked ``invalid_reason`` once, logged once, and passed over until it is
+  written again.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ MAX_SLOTS_PER_PASS = 1000
 DUE = """
 SELECT id, name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner,
        misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, paused, enabled, source,
-       next_run_at, last_slot, created_at
+       next_run_at, last_slot, invalid_reason, created_at
 FROM pgsched.schedules
-WHERE enabled AND NOT paused
+WHERE enabled AND NOT paused AND invalid_reason IS NULL
   AND (next_run_at IS NULL OR (next_run_at <= pgsched.now() AND (end_at IS NULL OR next_run_at <= end_at)))
   -- Schedules of command jobs fire only where this role may create such jobs (the jobs table's
   -- guard would refuse them, and with them the whole batch).
@@ -77,6 +80,15 @@ FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[]) AS f(schedule_id
 JOIN pgsched.schedules s ON s.id = f.schedule_id
 ON CONFLICT (schedule_id, slot) WHERE schedule_id IS NOT NULL DO NOTHING
 RETURNING id
+"""
+
+# A schedule this pass could not evaluate is marked once and passed over from then on (it no
+# longer matches DUE), so it neither warns every pass nor holds a place in every batch. Fenced
+# like ADVANCE: a schedule rewritten since this pass read it is left to the next pass.
+MARK_INVALID = """
+UPDATE pgsched.schedules s SET invalid_reason = v.reason, updated_at = pgsched.now()
+FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[]) AS v(id, seen, reason)
+WHERE s.id = v.id AND s.next_run_at IS NOT DISTINCT FROM v.seen AND s.invalid_reason IS NULL
 """
 
 # Compare-and-set: only if next_run_at is still what this pass read.
@@ -156,18 +168,23 @@ class Materializer(Service):
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
         rows = await (await conn.execute(DUE, (BATCH,))).fetchall()
         if not rows:
-            return {"fired": 0, "schedules": 0}
+            return {"fired": 0, "schedules": 0, "invalid": 0}
         schedules = [(from_row(row[:-1]), row[-1]) for row in rows]
         live: dict[int, list[tuple[int, str]]] = {}
         for schedule_id, job_id, state in await (await conn.execute(LIVE, ([s.id for s, _ in schedules],))).fetchall():
             live.setdefault(schedule_id, []).append((job_id, state))
         fire_ids, fire_slots, fire_run_ats, cancel = [], [], [], []
         ids, seen, nexts, lasts = [], [], [], []
+        invalid_ids, invalid_seen, invalid_reasons = [], [], []
         for schedule, created_at in schedules:
             try:
                 fire, following, to_cancel = plan(schedule, db_now, created_at, live.get(schedule.id or 0, []))
-            except ValidationError as exc:  # only possible for a bad row written by plain SQL
-                log.warning("schedule %r cannot be evaluated, skipping it: %s", schedule.name, exc)
+            except ValidationError as exc:  # a bad row written by plain SQL, or a zone gone from the system
+                log.warning("schedule %r cannot be evaluated; marked invalid until it is written again: %s",
+                            schedule.name, exc)  # fmt: skip
+                invalid_ids.append(schedule.id)
+                invalid_seen.append(schedule.next_run_at)
+                invalid_reasons.append(str(exc))
                 continue
             for slot in fire:
                 fire_ids.append(schedule.id)
@@ -186,4 +203,6 @@ class Materializer(Service):
             cur = await conn.execute(INSERT_JOBS, (fire_ids, fire_slots, fire_run_ats))
             inserted = len(await cur.fetchall())
         await conn.execute(ADVANCE, (ids, seen, nexts, lasts))
-        return {"fired": inserted, "schedules": len(rows)}
+        if invalid_ids:
+            await conn.execute(MARK_INVALID, (invalid_ids, invalid_seen, invalid_reasons))
+        return {"fired": inserted, "schedules": len(rows), "invalid": len(invalid_ids)}

@@ -70,7 +70,10 @@ ENCRYPTED_QUEUES = "SELECT name FROM pgsched.queues WHERE encrypt"
 # Task catalog: defaults of names the app does not define itself (primary key).
 CATALOG_DEFAULTS = "SELECT name, queue, options FROM pgsched.tasks WHERE name = ANY(%s)"
 
-# Registering the app's tasks when it connects.
+# Registering the app's tasks (primary key). The execution options (max_per_key, backoff) are
+# written only by an app that runs the task (%(runs)s: a worker at start); another app's
+# registration (a client opening, an enqueuer) sends only the enqueue defaults, merged over the
+# stored options, so the execution options stay the workers'.
 CATALOG_UPSERT = """
 INSERT INTO pgsched.tasks AS t (name, queue, options, parameters, description, app, last_seen_at)
 SELECT name, queue, options, parameters, description, app, pgsched.now()
@@ -78,6 +81,8 @@ FROM unnest(%(names)s::text[], %(queues)s::text[], %(options)s::jsonb[], %(param
             %(descriptions)s::text[], %(apps)s::text[])
      AS r(name, queue, options, parameters, description, app)
 ON CONFLICT (name) DO UPDATE
-SET queue = excluded.queue, options = excluded.options, parameters = excluded.parameters,
-    description = excluded.description, app = excluded.app, last_seen_at = excluded.last_seen_at
+SET queue = excluded.queue,
+    options = CASE WHEN %(runs)s THEN excluded.options ELSE t.options || excluded.options END,
+    parameters = excluded.parameters, description = excluded.description, app = excluded.app,
+    last_seen_at = excluded.last_seen_at
 """

@@ -59,6 +59,8 @@ class Schedule(msgspec.Struct, kw_only=True):
     id: int | None = None
     next_run_at: datetime | None = None
     last_slot: datetime | None = None
+    # Why the materializer cannot evaluate it (set once; writing the schedule again clears it).
+    invalid_reason: str | None = None
 
 
 def validate(schedule: Schedule, *, now: datetime | None = None) -> Schedule:
@@ -132,7 +134,7 @@ def for_task(task: Any, *, args: Any = None, **fields: Any) -> Schedule:
 _COLUMNS = (
     "id, name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner, "
     "misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, paused, enabled, source, "
-    "next_run_at, last_slot"
+    "next_run_at, last_slot, invalid_reason"
 )
 
 # A changed timetable clears next_run_at; the materializer then starts it from now.
@@ -150,7 +152,7 @@ ON CONFLICT (name) DO UPDATE SET
     misfire_policy = excluded.misfire_policy, catch_up_window = excluded.catch_up_window,
     overlap_policy = excluded.overlap_policy, jitter_seconds = excluded.jitter_seconds,
     start_at = excluded.start_at, end_at = excluded.end_at, source = excluded.source, options = excluded.options,
-    enabled = true, updated_at = pgsched.now(),
+    enabled = true, updated_at = pgsched.now(), invalid_reason = NULL,
     next_run_at = CASE WHEN (s.cron, s.every, s.timezone, s.start_at) IS DISTINCT FROM
                             (excluded.cron, excluded.every, excluded.timezone, excluded.start_at)
                        THEN NULL ELSE s.next_run_at END
@@ -179,12 +181,14 @@ RETURNING id
 
 def from_row(row: tuple[Any, ...]) -> Schedule:
     (id_, name, task, args, cron_, every, tz, queue, priority, max_attempts, timeout, owner, misfire, window,
-     overlap, jitter, start_at, end_at, paused, enabled, source, next_run_at, last_slot) = row  # fmt: skip
+     overlap, jitter, start_at, end_at, paused, enabled, source, next_run_at, last_slot,
+     invalid_reason) = row  # fmt: skip
     return Schedule(
         id=id_, name=name, task=task, args=args, cron=cron_, every=every, timezone=tz, queue=queue,
         priority=priority, max_attempts=max_attempts, timeout=timeout, owner=owner, misfire=misfire,
         catch_up_window=window, overlap=overlap, jitter_seconds=jitter, start_at=start_at, end_at=end_at,
         paused=paused, enabled=enabled, source=source, next_run_at=next_run_at, last_slot=last_slot,
+        invalid_reason=invalid_reason,
     )  # fmt: skip
 
 

@@ -127,18 +127,21 @@ class Task(Generic[P, R]):
             for p in self.signature.parameters.values()
         ]
 
-    def catalog_options(self) -> dict[str, Any]:
-        """The task's defaults as stored in ``pgsched.tasks.options`` (the claim reads ``max_per_key``)."""
-        options = {
+    def catalog_options(self, *, runs: bool = True) -> dict[str, Any]:
+        """The task's options as stored in ``pgsched.tasks.options``: its enqueue defaults and, when
+        this app ``runs`` the task (a worker), the options that govern its execution (``backoff``, and
+        ``max_per_key``, which the claim reads): an app that only enqueues it cannot lift a cap."""
+        options: dict[str, Any] = {
             "priority": self.defaults.priority,
             "max_attempts": self.defaults.max_attempts,
             "timeout": self.defaults.timeout,
-            "backoff": msgspec.to_builtins(self.backoff),
             # So that an app enqueueing this task by name encrypts its args too.
             "encrypt": self.defaults.encrypt,
         }
-        if self.max_per_key is not None:
-            options["max_per_key"] = self.max_per_key
+        if runs:
+            options["backoff"] = msgspec.to_builtins(self.backoff)
+            if self.max_per_key is not None:
+                options["max_per_key"] = self.max_per_key
         return options
 
 

@@ -8,6 +8,7 @@ those constraint names back to the same fields.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import uuid
@@ -30,6 +31,10 @@ MAX_INTEGER = 2**31 - 1
 # Each dependency is locked by the enqueuing transaction until it ends and walked by the cycle
 # check; the database refuses more too (sql/0005_security.sql). Wider fan-ins are a tree of jobs.
 MAX_DEPENDENCIES = 100
+# Args (and schedule args, progress) nest objects and arrays at most this deep; the args object
+# itself is level 1. jsonb holds far deeper values, but every JSON decoder of the path (the
+# worker's included) recurses once per level: deeper input is refused at enqueue.
+MAX_JSON_DEPTH = 64
 # run_at outside [EARLIEST_RUN_AT, now + LATEST_RUN_AT_AHEAD] is a mistake, not a plan.
 EARLIEST_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_RUN_AT_AHEAD = timedelta(days=366 * 100)
@@ -84,38 +89,70 @@ class NewJob(msgspec.Struct, kw_only=True):
 
 
 def check_json_value(value: Any, field: str) -> None:
-    """Refuse what JSON (or PostgreSQL's jsonb) cannot hold faithfully: NaN/Infinity, NUL characters, odd types."""
-    _check_json(value, field, ())
+    """Refuse what JSON (or PostgreSQL's jsonb) cannot hold faithfully: NaN/Infinity, NUL characters, odd
+    types, and nesting deeper than ``MAX_JSON_DEPTH``."""
+    _check_json(value, field)
 
 
 _SCALARS = (str, int, bool, type(None))
 
 
-def _check_json(item: Any, field: str, path: tuple[Any, ...]) -> None:
-    # The path is only turned into text for an error: valid input (the common case) pays nothing for it.
-    kind = type(item)
-    if kind is str:
-        if "\x00" in item:
-            raise ValidationError(_path(field, path), "text must not contain the NUL character (\\u0000)")
-    elif kind is float:
-        if not math.isfinite(item):
-            raise ValidationError(_path(field, path), f"{item} is not a valid JSON number")
-    elif kind is dict or isinstance(item, Mapping):
-        for key, sub in item.items():
-            if type(key) is not str:
-                raise ValidationError(_path(field, path), f"object keys must be strings, not {type(key).__name__}")
-            if "\x00" in key:
-                raise ValidationError(_path(field, path), "keys must not contain the NUL character (\\u0000)")
-            if type(sub) not in _SCALARS or (type(sub) is str and "\x00" in sub):
-                _check_json(sub, field, (*path, key))
-    elif kind is list or kind is tuple:
-        for index, sub in enumerate(item):
-            if type(sub) not in _SCALARS or (type(sub) is str and "\x00" in sub):
-                _check_json(sub, field, (*path, index))
-    elif not isinstance(item, _SCALARS) and not isinstance(item, float):
-        raise ValidationError(
-            _path(field, path), f"{type(item).__name__} is not JSON (use str, int, float, bool, None, list, dict)"
-        )
+def _too_deep(field: str) -> ValidationError:
+    return ValidationError(field, f"nests objects and arrays more than {MAX_JSON_DEPTH} levels deep")
+
+
+def _check_json(root: Any, field: str) -> None:
+    # Iterative, with its own stack: a value nested thousands of levels deep gets a ValidationError,
+    # not a RecursionError. The path is only turned into text for an error: valid input (the common
+    # case) pays nothing for it.
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        item, path = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item:
+                raise ValidationError(_path(field, path), "text must not contain the NUL character (\\u0000)")
+        elif kind is float:
+            if not math.isfinite(item):
+                raise ValidationError(_path(field, path), f"{item} is not a valid JSON number")
+        elif kind is dict or isinstance(item, Mapping):
+            if len(path) >= MAX_JSON_DEPTH:
+                raise _too_deep(field)
+            for key, sub in item.items():
+                if type(key) is not str:
+                    raise ValidationError(_path(field, path), f"object keys must be strings, not {type(key).__name__}")
+                if "\x00" in key:
+                    raise ValidationError(_path(field, path), "keys must not contain the NUL character (\\u0000)")
+                if type(sub) not in _SCALARS or (type(sub) is str and "\x00" in sub):
+                    stack.append((sub, (*path, key)))
+        elif kind is list or kind is tuple:
+            if len(path) >= MAX_JSON_DEPTH:
+                raise _too_deep(field)
+            for index, sub in enumerate(item):
+                if type(sub) not in _SCALARS or (type(sub) is str and "\x00" in sub):
+                    stack.append((sub, (*path, index)))
+        elif not isinstance(item, _SCALARS) and not isinstance(item, float):
+            raise ValidationError(
+                _path(field, path), f"{type(item).__name__} is not JSON (use str, int, float, bool, None, list, dict)"
+            )
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKETS = re.compile(r"[][{}]")
+
+
+def loads_json(text: str, field: str) -> Any:
+    """Parse JSON text given on the command line; too deep a nesting is refused before parsing (the
+    parser recurses once per level) and invalid JSON is a ValidationError too."""
+    depth = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep(field)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(field, f"not valid JSON ({exc})") from None
 
 
 def _path(field: str, path: tuple[Any, ...]) -> str:

@@ -187,8 +187,10 @@ def test_enqueue_refuses_a_second_live_job_with_the_same_dedupe_key(
         (["send_report", "--run-at", "2026-12-01T10:00+02:00", "--delay", "60"], "delay"),
         (["send_report", "--depends-on", str(2**64)], "depends_on"),
         (["send_report", "--max-attempts", str(2**40)], "max_attempts"),
+        (["send_report", "--args", '{"a":' * 2000 + "1" + "}" * 2000], "args"),  # once a RecursionError
+        (["send_report", "--args", '{"a":' * 65 + "1" + "}" * 65], "args"),
     ],
-    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+    ids=lambda v: " ".join(v)[:60] if isinstance(v, list) else None,
 )
 def test_bad_enqueue_input_names_the_field_and_writes_nothing(
     cli_env: dict[str, str], conn: psycopg.Connection[Any], report_task: str, options: list[str], field: str

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.process
 
 NAME = "nightly-cleanup"
 SHELL_ARGS = '{"cmd":["true"]}'
-HEADERS = ["NAME", "TASK", "TIMETABLE", "TIMEZONE", "NEXT_RUN_AT", "PAUSED", "ENABLED", "SOURCE"]
+HEADERS = ["NAME", "TASK", "TIMETABLE", "TIMEZONE", "NEXT_RUN_AT", "PAUSED", "ENABLED", "SOURCE", "INVALID"]
 ADD = ("schedules", "add", NAME, "--task", "shell", "--args", SHELL_ARGS, "--cron", "0 3 * * *")
 
 
@@ -81,8 +81,8 @@ def test_list_prints_a_table_for_people(cli_env: dict[str, str], added: dict[str
     def cells(line: str) -> list[str]:
         return [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
 
-    assert cells(lines[1]) == ["every-minute", "shell", "every 0:01:00", "UTC", "", "False", "True", "cli"]
-    assert cells(lines[2]) == [NAME, "shell", "0 3 * * *", "Europe/Paris", "", "False", "True", "cli"]
+    assert cells(lines[1]) == ["every-minute", "shell", "every 0:01:00", "UTC", "", "False", "True", "cli", ""]
+    assert cells(lines[2]) == [NAME, "shell", "0 3 * * *", "Europe/Paris", "", "False", "True", "cli", ""]
 
 
 def test_list_json_for_programs(cli_env: dict[str, str], added: dict[str, Any]) -> None:

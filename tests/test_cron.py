@@ -82,17 +82,53 @@ def test_seconds_in_a_skipped_hour_fire_once_then_resume_after_it() -> None:
     assert slots == [utc(2026, 3, 8, 7, 0, 0), utc(2026, 3, 8, 7, 0, 20), utc(2026, 3, 8, 7, 0, 40)]
 
 
+def test_a_wildcard_hour_fires_in_both_passes_of_the_repeated_autumn_hour() -> None:
+    """Vixie cron's rule for the hour field: on 2026-10-25 Paris repeats 02:00-03:00 (CEST, then CET)."""
+    after = utc(2026, 10, 24, 23, 45)  # 01:45 CEST
+    assert next_fire_times("*/30 * * * *", "Europe/Paris", after, n=6) == [
+        utc(2026, 10, 25, 0, 0),  # 02:00 CEST
+        utc(2026, 10, 25, 0, 30),  # 02:30 CEST
+        utc(2026, 10, 25, 1, 0),  # 02:00 CET
+        utc(2026, 10, 25, 1, 30),  # 02:30 CET
+        utc(2026, 10, 25, 2, 0),  # 03:00 CET
+        utc(2026, 10, 25, 2, 30),
+    ]
+    hourly = [utc(2026, 10, 25, h) for h in (0, 1, 2, 3)]  # no two-hour gap
+    assert next_fire_times("0 * * * *", "Europe/Paris", after, n=4) == hourly
+    assert next_fire_times("@hourly", "Europe/Paris", after, n=4) == hourly
+    # A fixed hour runs once a day: at the first pass.
+    assert next_fire_times("30 2 * * *", "Europe/Paris", after, n=2) == [
+        utc(2026, 10, 25, 0, 30),
+        utc(2026, 10, 26, 1, 30),
+    ]
+    assert next_fire_times("*/30 2 * * *", "Europe/Paris", after, n=3) == [
+        utc(2026, 10, 25, 0, 0),
+        utc(2026, 10, 25, 0, 30),
+        utc(2026, 10, 26, 1, 0),
+    ]
+    # Asked from inside the second pass, a wildcard hour goes on with it.
+    assert next_fire_times("*/30 * * * *", "Europe/Paris", utc(2026, 10, 25, 1, 10)) == [utc(2026, 10, 25, 1, 30)]
+
+
 def test_seconds_asked_from_inside_a_repeated_hour_resume_after_it() -> None:
-    # 06:30 UTC is 01:30 EST, the second pass of 01:00-02:00: those wall seconds already fired in the first pass.
-    assert next_fire_times("* * * * * *", NEW_YORK, after=utc(2026, 11, 1, 6, 30), n=2) == [
+    # 06:30 UTC is 01:30 EST, the second pass of 01:00-02:00: with a fixed hour those wall seconds
+    # already fired in the first pass; with a wildcard hour they fire again.
+    assert next_fire_times("* * 1,2 * * *", NEW_YORK, after=utc(2026, 11, 1, 6, 30), n=2) == [
         utc(2026, 11, 1, 7, 0, 0),
         utc(2026, 11, 1, 7, 0, 1),
+    ]
+    assert next_fire_times("* * * * * *", NEW_YORK, after=utc(2026, 11, 1, 6, 30), n=2) == [
+        utc(2026, 11, 1, 6, 30, 1),
+        utc(2026, 11, 1, 6, 30, 2),
     ]
 
 
 # Every slot around every transition of 2026-2027, checked against a minute-by-minute scan of UTC.
 
-SCANNED_CRONS = ["0 * * * *", "*/15 * * * *", "30 2 * * *", "30 1 * * *", "0 0 * * *", "45 23 * * *"]
+SCANNED_CRONS = [
+    *("0 * * * *", "*/15 * * * *", "0 */2 * * *", "*/20 1 * * *"),
+    *("30 2 * * *", "30 1 * * *", "0 0 * * *", "45 23 * * *"),
+]
 
 
 def _transitions(zone: zoneinfo.ZoneInfo) -> list[datetime]:
@@ -111,9 +147,9 @@ def _transitions(zone: zoneinfo.ZoneInfo) -> list[datetime]:
 
 def _scan(
     zone: zoneinfo.ZoneInfo, start: datetime, end: datetime
-) -> list[tuple[datetime, datetime | None, list[datetime]]]:
-    """Each UTC minute of [start, end] with its wall time (None on a second occurrence) and the wall times
-    skipped by a gap that ends at it."""
+) -> list[tuple[datetime, datetime, bool, list[datetime]]]:
+    """Each UTC minute of [start, end] with its wall time, whether that is the wall time's second
+    occurrence, and the wall times skipped by a gap that ends at it."""
     minutes = []
     moment = start
     while moment <= end:
@@ -121,20 +157,26 @@ def _scan(
         skipped = local.utcoffset() - (moment - timedelta(minutes=1)).astimezone(zone).utcoffset()  # type: ignore[operator]
         wall = local.replace(tzinfo=None)
         gap = [wall - skipped + timedelta(minutes=i) for i in range(int(skipped / timedelta(minutes=1)))]
-        minutes.append((moment, None if local.fold else wall, gap))
+        minutes.append((moment, wall, bool(local.fold), gap))
         moment += timedelta(minutes=1)
     return minutes
 
 
-def _expected(cron: str, scan: list[tuple[datetime, datetime | None, list[datetime]]]) -> list[datetime]:
-    """The rule, stated over instants: a minute fires if its wall time matches on its first occurrence,
-    or if it ends a gap in which some skipped wall time matches."""
+def _expected(cron: str, scan: list[tuple[datetime, datetime, bool, list[datetime]]]) -> list[datetime]:
+    """The rule, stated over instants: a minute fires if its wall time matches on its first occurrence
+    (on its second too when the hour field is a wildcard), or if it ends a gap in which some skipped
+    wall time matches."""
     minutes, hours = (set(values) for values in croniter.expand(cron)[0][:2])
+    wildcard_hour = cron.split()[1].startswith("*")
 
-    def matches(wall: datetime | None) -> bool:
-        return wall is not None and ("*" in minutes or wall.minute in minutes) and ("*" in hours or wall.hour in hours)
+    def matches(wall: datetime) -> bool:
+        return ("*" in minutes or wall.minute in minutes) and ("*" in hours or wall.hour in hours)
 
-    return [moment for moment, wall, gap in scan if matches(wall) or any(map(matches, gap))]
+    return [
+        moment
+        for moment, wall, second, gap in scan
+        if (matches(wall) and (wildcard_hour or not second)) or any(map(matches, gap))
+    ]
 
 
 @pytest.mark.parametrize("zone_name", [*DST_ZONES, "Asia/Kolkata"])
@@ -392,7 +434,7 @@ def test_after_may_be_in_any_zone_and_n_up_to_1000() -> None:
     assert next_fire_times("0 * * * *", "UTC", paris) == [utc(2026, 1, 1, 1)]
     slots = next_fire_times("* * * * * *", NEW_YORK, utc(2026, 11, 1, 5, 50), n=1000)
     assert len(set(slots)) == 1000
-    assert slots[-1] == utc(2026, 11, 1, 7, 6, 40)  # 01:50:01-01:59:59 EDT, then from 02:00 EST on
+    assert slots[-1] == utc(2026, 11, 1, 6, 6, 40)  # 01:50:01-01:59:59 EDT, then 01:00:00 EST on (wildcard hour)
 
 
 def test_no_slot_before_the_end_of_the_calendar_is_a_clear_error() -> None:

@@ -160,9 +160,7 @@ def test_queue_level_encryption_and_the_database_safety_net(dsn: str, conn: psyc
     assert conn.execute("SELECT count(*) FROM pgsched.jobs WHERE queue = 'late'").fetchone()[0] == 0
 
 
-def test_a_worker_without_the_key_leaves_the_job_for_one_that_has_it(
-    dsn: str, conn: psycopg.Connection[Any]
-) -> None:
+def test_a_worker_without_the_key_leaves_the_job_for_one_that_has_it(dsn: str, conn: psycopg.Connection[Any]) -> None:
     """A staged key rollout: a worker that lacks the job's key neither fails it nor counts an
     attempt; the job waits, and a worker that has the key runs it."""
     with declare(keyed_app(dsn, KEY2)) as client:

@@ -13,7 +13,7 @@ import pytest
 import pgsched
 from pgsched.maintenance import LEADER_KEY, Promoter, Pruner, Rescuer
 
-from .conftest import worker_incarnation
+from .conftest import wait_until, worker_incarnation
 
 pytestmark = pytest.mark.db
 
@@ -314,3 +314,35 @@ def test_async_workflow(app: pgsched.App) -> None:
 
     wf = asyncio.run(build())
     assert [j.job.state for j in wf.jobs] == ["queued", "waiting"]
+
+
+@pytest.mark.parametrize("first", ["finish", "retry"])
+def test_retry_workflow_and_a_finishing_dependency_leave_no_job_waiting(
+    dsn: str, conn: psycopg.Connection[Any], first: str
+) -> None:
+    """A dependency finishes while the workflow is retried, in either order: the retried job that
+    depends on it ends queued, never waiting for a dependency that already succeeded."""
+    dependency = conn.execute("SELECT id FROM pgsched.enqueue('t')").fetchone()[0]
+    workflow = conn.execute("SELECT gen_random_uuid()").fetchone()[0]
+    dependent = conn.execute(
+        "SELECT id FROM pgsched.enqueue('t', depends_on => ARRAY[%s]::bigint[], workflow_id => %s)",
+        (dependency, workflow),
+    ).fetchone()[0]
+    conn.execute("SELECT pgsched.cancel(%s)", (dependent,))
+    finish = "UPDATE pgsched.jobs SET state = 'succeeded', finished_at = now() WHERE id = %s"
+    statements = {"finish": (finish, (dependency,)), "retry": ("SELECT pgsched.retry_workflow(%s)", (workflow,))}
+    second = "retry" if first == "finish" else "finish"
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as racer:
+        holder.execute(*statements[first])  # its transaction stays open
+        racer_pid = racer.info.backend_pid
+        thread = threading.Thread(target=lambda: racer.execute(*statements[second]))
+        thread.start()
+        waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+        wait_until(
+            lambda: not thread.is_alive() or conn.execute(waiting, (racer_pid,)).fetchone()[0],
+            message="the second transaction blocked on the first, or done",
+        )
+        holder.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert states(conn) == {dependency: "succeeded", dependent: "queued"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -15,6 +17,8 @@ from pgsched import ValidationError, next_fire_times
 from pgsched.materializer import Materializer
 
 from .conftest import row_counts
+from .test_cli import pgsched as run_cli
+from .test_cli import succeeded
 
 pytestmark = pytest.mark.db
 UTC = timezone.utc
@@ -359,3 +363,36 @@ def test_only_command_roles_may_schedule_shell_jobs(dsn: str, conn: psycopg.Conn
     finally:
         conn.execute("DROP OWNED BY pgs_sched_worker_test")
         conn.execute("DROP ROLE pgs_sched_worker_test")
+
+
+def test_a_schedule_that_cannot_be_evaluated_is_marked_once_and_the_others_stay_on_time(
+    sched: pgsched.App, dsn: str, conn: psycopg.Connection[Any], cli_env: dict[str, str], caplog: Any
+) -> None:
+    sched.add_schedule("hourly", "tick", cron="0 * * * *", overlap="allow")
+    t0 = at("2026-12-01T09:59:30+00:00")
+    materialize(dsn, t0)  # hourly starts: next_run_at = 10:00
+    # Rows pgsched cannot read, written by plain SQL (a zone removed from the system looks the same).
+    conn.execute(
+        "INSERT INTO pgsched.schedules (name, task, cron, timezone) "
+        "SELECT 'bad-cron-' || i, 'tick', 'every day at noon', 'UTC' FROM generate_series(1, 10) AS i"
+    )
+    conn.execute(
+        "INSERT INTO pgsched.schedules (name, task, cron, timezone) VALUES ('bad-zone', 'tick', '0 * * * *', 'Mars/Olympus')"
+    )
+    with caplog.at_level(logging.WARNING, logger="pgsched.materializer"):
+        passes = [materialize(dsn, t0 + timedelta(seconds=s)) for s in (40, 50, 3640)]
+    assert [p["invalid"] for p in passes] == [11, 0, 0], passes
+    warned = Counter(r.args[0] for r in caplog.records if r.name == "pgsched.materializer")  # type: ignore[index]
+    assert len(warned) == 11 and set(warned.values()) == {1}  # once each, not every pass
+    assert slots(conn, "hourly") == [at("2026-12-01T10:00:00+00:00"), at("2026-12-01T11:00:00+00:00")], passes
+    # Visible where people look.
+    listed = {s["name"]: s for s in json.loads(succeeded(run_cli(cli_env, "schedules", "list", "--json")).stdout)}
+    assert "Mars/Olympus" in listed["bad-zone"]["invalid_reason"] and "timezone" in listed["bad-zone"]["invalid_reason"]
+    assert listed["bad-cron-1"]["invalid_reason"].startswith("cron:") and listed["hourly"]["invalid_reason"] is None
+    table = succeeded(run_cli(cli_env, "schedules", "list")).stdout
+    assert "unknown time zone 'Mars/Olympus'" in table
+    # Writing it again (fixed) clears the mark, and it runs from the next pass on.
+    sched.add_schedule("bad-zone", "tick", cron="0 * * * *", timezone="Europe/Paris")
+    assert sched.get_schedule("bad-zone").invalid_reason is None
+    materialize(dsn, t0 + timedelta(seconds=3650))
+    assert sched.get_schedule("bad-zone").next_run_at == at("2026-12-01T12:00:00+00:00")

@@ -13,11 +13,20 @@ from hypothesis import strategies as st
 
 import pgsched
 from pgsched import DuplicateJobError, JobSpec, ValidationError
-from pgsched.validation import TaskDefaults, error_from_db, new_job
+from pgsched.validation import MAX_JSON_DEPTH, TaskDefaults, error_from_db, loads_json, new_job
 
 from .conftest import row_counts
 
 NOW = datetime.now(timezone.utc)
+
+
+def nested(levels: int, leaf: Any = 1, in_list: bool = False) -> Any:
+    """An args object nesting ``levels`` objects (or objects then lists) deep; the args object is level 1."""
+    value = leaf
+    for _ in range(levels - 1):
+        value = [value] if in_list else {"a": value}
+    return {"a": value}
+
 
 # (task, args, options, field) for every kind of bad input the client refuses.
 BAD_INPUTS: list[tuple[str, Any, dict[str, Any], str]] = [
@@ -32,6 +41,8 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, Any], str]] = [
     ("noop", {"k\x00": 1}, {}, "args"),
     ("noop", {"when": NOW}, {}, "args.when"),
     ("noop", {1: "int key"}, {}, "args"),
+    ("noop", nested(MAX_JSON_DEPTH + 1), {}, "args"),
+    ("noop", nested(2000, in_list=True), {}, "args"),  # valid for PostgreSQL: once a RecursionError
     ("noop", {}, {"priority": 101}, "priority"),
     ("noop", {}, {"priority": -101}, "priority"),
     ("noop", {}, {"priority": "high"}, "priority"),
@@ -85,6 +96,22 @@ def test_good_input_is_normalised() -> None:
     assert job.args_json == '{"b":[1,2.5,null,true],"a":{"x":"é"}}'
     assert new_job("noop", {}, TaskDefaults(), delay=timedelta(minutes=2)).delay_seconds == 120
     assert new_job("noop", {}, TaskDefaults(), depends_on=[3, 3, 2]).depends_on == [3, 2]
+
+
+@pytest.mark.unit
+def test_json_nesting_is_checked_without_recursion_up_to_a_documented_depth() -> None:
+    assert new_job("noop", nested(MAX_JSON_DEPTH), TaskDefaults()).args_json.count("{") == MAX_JSON_DEPTH
+    assert new_job("noop", nested(MAX_JSON_DEPTH, in_list=True), TaskDefaults()).args_json.count("[") == 63
+    for too_deep in (nested(MAX_JSON_DEPTH + 1), nested(100_000, in_list=True)):
+        with pytest.raises(ValidationError, match="more than 64 levels deep") as caught:
+            new_job("noop", too_deep, TaskDefaults())
+        assert caught.value.field == "args"
+    # Text from the command line: refused before a parser recurses into it; brackets in strings do not count.
+    assert loads_json('{"s": "' + "[" * 1000 + '"}', "args") == {"s": "[" * 1000}
+    for text in ("[" * 65 + "]" * 65, '{"a":' * 5000 + "1" + "}" * 5000, "{"):
+        with pytest.raises(ValidationError) as caught:
+            loads_json(text, "args")
+        assert caught.value.field == "args"
 
 
 @pytest.fixture

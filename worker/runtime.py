@@ -161,6 +161,7 @@ class Worker:
 
         self._loop = asyncio.get_running_loop()
         await self.app.open_async()  # schema check and task catalog
+        await self.app.register_runner_async()  # this process runs them: their execution options
         self._pool = AsyncConnectionPool(
             self.app.dsn,
             min_size=2,
