@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -37,10 +38,12 @@ def tasks(app: pgsched.App) -> pgsched.App:
         return "slept"
 
     @app.task
-    def stubborn(ctx: Context, seconds: float) -> str:
-        """Attempt 1 ignores every request to stop (a thread cannot be stopped); later ones return."""
+    def stubborn(ctx: Context, seconds: float, done: str) -> str:
+        """Attempt 1 ignores every request to stop (a thread cannot be stopped), then leaves a
+        file; later ones return at once."""
         if ctx.attempt == 1:
             time.sleep(seconds)
+            Path(done).touch()
             return "first"
         return "second"
 
@@ -77,7 +80,7 @@ def held_in_db(conn: psycopg.Connection[Any], worker: Any) -> int:
 
 
 def test_the_same_worker_takes_back_a_job_it_lost_and_finishes_it(
-    tasks: pgsched.App, conn: psycopg.Connection[Any]
+    tasks: pgsched.App, conn: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
     """R2, R14: after losing its lease the worker forgets the job, registers anew, claims it again
     while attempt 1's thread still runs, and attempt 2 ends the job; attempt 1 writes nothing."""
@@ -86,7 +89,8 @@ def test_the_same_worker_takes_back_a_job_it_lost_and_finishes_it(
         worker, task = await start_worker(
             tasks, poll_seconds=0.1, concurrency=2, lease_seconds=2, heartbeat_seconds=0.2
         )
-        job = await tasks.enqueue_async("stubborn", {"seconds": 3})
+        done = tmp_path / "attempt-1-returned"
+        job = await tasks.enqueue_async("stubborn", {"seconds": 3, "done": str(done)})
         await wait_until_async(lambda: scalar(conn, "SELECT state = 'running' FROM pgsched.jobs WHERE id = %s", job.id))
         first = worker.lease
         # The lease runs out behind the worker's back (a long GC pause, say) and the rescuer acts.
@@ -101,7 +105,9 @@ def test_the_same_worker_takes_back_a_job_it_lost_and_finishes_it(
             timeout=10,
             message="attempt 2 to finish the job",
         )
-        await asyncio.sleep(3.5)  # attempt 1's thread returns meanwhile: it must change nothing
+        # Attempt 1's thread returns after that: it must change nothing.
+        await wait_until_async(done.exists, timeout=10, message="attempt 1's thread to return")
+        await wait_until_async(lambda: worker.threads.busy == 0, message="its return to reach the worker")
         worker.stop()
         await task
         return job.id, first, worker.lease
@@ -197,7 +203,8 @@ def test_a_shutdown_drains_more_than_a_thousand_buffered_outcomes(
                 message="every job run, outcomes waiting",
             )
             worker.stop()
-            await asyncio.sleep(0.5)  # the stop is under way while writes are still blocked
+            # The stop has reached the final drain while the writes are still blocked.
+            await wait_until_async(lambda: worker.writer._closing, message="the drain to begin")
             blocker.rollback()
         return await task
 

@@ -57,6 +57,12 @@ class TaskThreads(Executor):
             with self._lock:
                 self._idle += 1
 
+    @property
+    def busy(self) -> int:
+        """Threads running a task now (or about to)."""
+        with self._lock:
+            return len(self._threads) - self._idle
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if cancel_futures:
             while True:
