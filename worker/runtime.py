@@ -116,7 +116,7 @@ class Worker:
         self.capacity = self.options.concurrency + self.options.prefetch
         self.attempts: dict[tuple[int, int], Attempt] = {}
         self.local: asyncio.Queue[Attempt] = asyncio.Queue()
-        self.writer = Writer(self.stats, self._written)
+        self.writer = Writer(self.stats, self._written, self._executing)
         self.threads = TaskThreads(self.options.concurrency)
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
@@ -231,6 +231,10 @@ class Worker:
         for slot in slots:
             slot.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
+
+    def _executing(self) -> bool:
+        """Whether an attempt may still end soon (one runs or waits for a slot)."""
+        return any(a.state in (State.BUFFERED, State.RUNNING) for a in self.attempts.values())
 
     def _running(self) -> list[Attempt]:
         return [a for a in self.attempts.values() if a.state is State.RUNNING and a.lease == self.lease]

@@ -7,7 +7,8 @@ DESIGN §8 "Write path", after River's batch completer:
 * One flush writes, in this order, the checkpoints (a checkpoint precedes its outcome), the
   run logs, and up to ``FLUSH_BATCH`` outcomes per fenced statement (``queries.COMPLETE``).
   The first outcome of a batch waits ``FLUSH_SECONDS`` for others, unless it is urgent (a
-  capped job, whose slot frees only when its outcome is written).
+  capped job, whose slot frees only when its outcome is written) or no other can come (every
+  job the worker holds has ended: waiting would only delay the next claim).
 * A failed flush is retried on its own, with backoff, not when the next outcome arrives.
 * A statement the database refuses for its data (a result too large for its column, a NUL in
   a log line) is split until the refused rows are alone: such an outcome is replaced by a
@@ -52,9 +53,12 @@ def refused(exc: psycopg.Error) -> bool:
 class Writer:
     """The worker's write buffer; ``written(attempts)`` is called once their outcomes are stored."""
 
-    def __init__(self, stats: Stats, written: Callable[[list[Attempt]], None]) -> None:
+    def __init__(
+        self, stats: Stats, written: Callable[[list[Attempt]], None], more_coming: Callable[[], bool]
+    ) -> None:
         self.stats = stats
         self.written = written
+        self.more_coming = more_coming
         self.logs = RunLogBuffer()
         self.pending: list[Attempt] = []
         self._progress: dict[tuple[int, int], tuple[Attempt, str]] = {}
@@ -87,7 +91,7 @@ class Writer:
         while not (self._closing and self.empty):
             await self._wake.wait()
             self._wake.clear()
-            if not (self._urgent or self._closing):
+            if not (self._urgent or self._closing) and self.more_coming():
                 await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
             self._urgent = False
             if await self.flush(pool):
