@@ -13,7 +13,8 @@ Verdicts:
   It is explained when a ``lease_expired`` runs row of an attempt since the previous execution
   finished before it started (the lease ran out: at-least-once allows it); a retry after a failed
   attempt is not a duplicate at all (``retries``);
-- ``rerun_after_finish``: executions that started after the job had finished;
+- ``rerun_after_finish``: executions of an attempt after one that succeeded, or started after the
+  job's finish was written;
 - ``fenced_accepted``: outcomes the database accepted from an attempt it had already taken back
   (an attempt with both a ``lease_expired`` row and an outcome row, or a result whose execution
   is not of the job's last attempt);
@@ -215,8 +216,7 @@ def check(
                 report.duplicated_explained.append(job_id)
             else:
                 report.duplicated_unexplained.append(job_id)
-        finished = _finished_at(jobs.get(job_id), runs)
-        if finished is not None and any(e.started_at > finished for e in job_execs):
+        if _rerun_after_finish(jobs.get(job_id), runs, job_execs):
             report.rerun_after_finish.append(job_id)
         # How long a rescued attempt's execution ran on after the rescue.
         for run in runs:
@@ -245,12 +245,15 @@ def _preceded(runs: list[RunRow], outcomes: tuple[str, ...], previous: Execution
     )
 
 
-def _finished_at(job: JobRow | None, runs: list[RunRow]) -> datetime | None:
-    """When the job first finished for good: its first succeeded attempt, or its terminal state."""
-    times = [r.finished_at for r in runs if r.outcome == "succeeded"]
-    if job is not None and job.state in TERMINAL and job.finished_at is not None:
-        times.append(job.finished_at)
-    return min(times, default=None)
+def _rerun_after_finish(job: JobRow | None, runs: list[RunRow], execs: list[Execution]) -> bool:
+    """An execution of a later attempt than one that succeeded, or one that started after the job's
+    finish was written (``jobs.finished_at``, the database time of that write). The ``runs`` times of
+    an attempt are the worker's estimates, so they order nothing here; attempts do."""
+    succeeded = min((r.attempt for r in runs if r.outcome == "succeeded"), default=None)
+    if succeeded is not None and any(e.attempt > succeeded for e in execs):
+        return True
+    finished = job.finished_at if job is not None and job.state in TERMINAL else None
+    return finished is not None and any(e.started_at > finished for e in execs)
 
 
 def _fenced_accepted(

@@ -173,6 +173,19 @@ def test_an_execution_after_the_job_finished_is_a_rerun() -> None:
     assert "rerun_after_finish" in fired(report)
 
 
+def test_a_later_attempt_than_a_succeeded_one_is_a_rerun_whatever_the_clocks() -> None:
+    h = clean()
+    h.jobs[1] = h.jobs[1]._replace(finished_at=at(10))  # the finish written again, later
+    h.execute(1, 2, 5, 6, write=None)
+    assert h.check().rerun_after_finish == [1]
+
+
+def test_an_execution_of_the_same_attempt_after_the_finish_was_written_is_a_rerun() -> None:
+    h = clean()
+    h.execute(1, 1, 1.5, 2, write=None)  # job 1's finish (attempt 1) was written at 1 s
+    assert h.check().rerun_after_finish == [1]
+
+
 def test_an_outcome_accepted_from_a_rescued_attempt_is_a_fenced_write_accepted() -> None:
     h = clean()
     h.enqueue(4)

@@ -1,0 +1,314 @@
+"""Fault-injection scenarios (issue 19): real ``pgsched worker``/``scheduler`` processes, real
+faults, and the offline checker over what the database holds afterwards.
+
+Each scenario has a quick size (``make test``) and a full size (``PGSCHED_CHAOS=full``, which
+``make chaos`` sets). Leases are short (2 s) so that a quick run sees several rescues. A
+scenario first lets its faults run their course and waits (with a deadline) for the jobs to
+finish, then asserts on the checker's report, whose counts it prints (``-s``) and appends as one
+JSON line to ``$PGSCHED_CHAOS_REPORT`` when that is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from ..conftest import HEAVY
+from . import faults
+from .checker import Report, check, executions
+from .harness import (
+    Cluster,
+    Enqueuer,
+    Settings,
+    Timeline,
+    create_schema,
+    harness_connection,
+    load,
+    socket_path,
+    unfinished,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.chaos, HEAVY]
+
+FULL = os.environ.get("PGSCHED_CHAOS") == "full"
+
+
+def size(quick: Any, full: Any) -> Any:
+    return full if FULL else quick
+
+
+@dataclass
+class Scenario:
+    name: str
+    dsn: str
+    cluster: Cluster
+    enqueuer: Enqueuer
+    conn: psycopg.Connection[Any]
+    timeline: Timeline
+
+    def finish(self, **options: Any) -> Report:
+        """Save the acknowledgements, read everything back and check it; print the counts."""
+        self.enqueuer.save()
+        report = check(load(self.conn), faults=self.timeline.faults, **options)
+        summary = {"scenario": self.name, "full": FULL, **report.summary(), "process_exits": len(self.cluster.exits)}
+        print(json.dumps(summary, default=str))
+        if os.environ.get("PGSCHED_CHAOS_REPORT"):
+            with open(os.environ["PGSCHED_CHAOS_REPORT"], "a") as out:
+                out.write(json.dumps(summary, default=str) + "\n")
+        return report
+
+
+@pytest.fixture
+def scenario(request: pytest.FixtureRequest, dsn: str, cli_env: dict[str, str], tmp_path: Path) -> Iterator[Scenario]:
+    create_schema(dsn)
+    cluster = Cluster(dsn, tmp_path, cli_env, Settings())
+    enqueuer = Enqueuer(dsn)
+    conn = harness_connection(dsn)
+    try:
+        yield Scenario(request.node.name, dsn, cluster, enqueuer, conn, Timeline())
+    finally:
+        cluster.kill()
+        enqueuer.close()
+        conn.close()
+
+
+def verdicts(report: Report, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any]:
+    """The broken promises of a report (with the lost jobs' rows and runs, to see how they got stuck)."""
+    found = {name: getattr(report, name)[:20] for name in Report.VERDICTS if getattr(report, name)}
+    if conn is not None and report.lost:
+        found["lost_jobs"] = conn.execute(
+            """SELECT j.id, j.state, j.attempts, j.worker_id, j.finished_at,
+                      (SELECT array_agg(r.attempt || ':' || r.outcome ORDER BY r.id) FROM pgsched.runs r WHERE r.job_id = j.id),
+                      (SELECT array_agg(h.attempt || ':' || h.event || ':' || h.pid ORDER BY h.seq) FROM chaos.history h WHERE h.job_id = j.id)
+               FROM pgsched.jobs j WHERE j.id = ANY(%s) ORDER BY j.id LIMIT 10""",
+            (report.lost,),
+        ).fetchall()
+    return found
+
+
+def test_worker_kill_storm(scenario: Scenario) -> None:
+    """(1) A random worker is killed (-9) every few seconds and started again, under a backlog and a
+    trickle: nothing is lost, nothing runs twice without a lease expiry, nothing runs after it finished."""
+    s = scenario
+    workers = size(3, 4)
+    for i in range(1, workers + 1):
+        s.cluster.worker(f"w{i}")
+    s.cluster.scheduler()
+    for _ in range(size(3, 20)):  # a backlog that outlasts the storm, and a live trickle
+        s.enqueuer.many(1000, ms=100)
+    with s.enqueuer.trickle(10, ms=100):
+        end = time.monotonic() + size(16, 120)
+        while time.monotonic() < end:
+            time.sleep(size(2.0, 3.0))  # the storm's cadence
+            victim = f"w{random.randint(1, workers)}"
+            faults.kill9(s.cluster.workers[victim])
+            s.timeline.mark(s.conn)
+            s.cluster.worker(victim)
+            s.cluster.restart_dead()
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
+    report = s.finish()
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+
+
+def test_backend_kills(scenario: Scenario) -> None:
+    """(3) Every pgsched session (workers, scheduler, enqueuer) is terminated every 2 s: every
+    process stays up and reconnects on its own, nothing is lost or run twice unexplained, and each
+    unknown-outcome enqueue is present at most once."""
+    s = scenario
+    for name in ("w1", "w2"):
+        s.cluster.worker(name)
+    s.cluster.scheduler()
+    s.enqueuer.many(1000, ms=20)
+    with s.enqueuer.trickle(20, ms=20):
+        end = time.monotonic() + size(16, 60)
+        while time.monotonic() < end:
+            time.sleep(2.0)  # the fault's cadence
+            faults.terminate_sessions(s.conn)
+            s.timeline.mark(s.conn)
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120))
+    dead = s.cluster.dead()
+    report = s.finish()
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+
+
+def test_half_open_worker(scenario: Scenario) -> None:
+    """(5) One worker's connections are blackholed (half-open) for three lease lengths, then healed:
+    its jobs run again elsewhere (explained by the lease expiry), it stops its own executions once
+    its lease can no longer be confirmed, its late writes are fenced, and it resumes afterwards."""
+    s = scenario
+    proxy = faults.Proxy(socket_path(s.dsn)).start()
+    try:
+        via_proxy = f"host=127.0.0.1 port={proxy.port} dbname={psycopg.conninfo.conninfo_to_dict(s.dsn)['dbname']} user=postgres"
+        isolated = s.cluster.worker("w1", dsn=via_proxy)
+        s.cluster.worker("w2")
+        s.cluster.scheduler()
+        s.enqueuer.many(size(64, 1000), ms=3000)  # longer than a lease
+        assert wait_for(lambda: _started_by(s.conn, isolated.pid) >= 4, timeout=30), "w1 never started a job"
+        proxy.blackhole()
+        s.timeline.mark(s.conn)
+        time.sleep(3 * s.cluster.settings.lease)  # the partition lasts three leases
+        proxy.heal()
+        s.timeline.mark(s.conn)
+        healed = s.timeline.faults[-1]
+        drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(60, 240))
+        resumed = _started_by(s.conn, isolated.pid, after=healed)
+    finally:
+        proxy.close()
+    dead = s.cluster.dead()
+    report = s.finish()
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert report.duplicated_explained, "w1's jobs were not run again elsewhere"
+    # Stopped before the rescue: a worker notices the lease it cannot confirm at its next heartbeat tick.
+    assert max(report.late_stop, default=0.0) <= s.cluster.settings.heartbeat, report.late_stop
+    assert resumed > 0, "w1 did not resume work after the partition healed"
+
+
+def _started_by(conn: psycopg.Connection[Any], pid: int, after: Any = None) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM chaos.history WHERE event = 'start' AND pid = %s AND at > coalesce(%s::timestamptz, '-infinity')",
+        (pid, after),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_poison_jobs(scenario: Scenario) -> None:
+    """(9) Jobs that kill their own worker process each end ``failed`` after exactly
+    ``max_attempts`` executions, and the other jobs all succeed (dead workers are started again)."""
+    s = scenario
+    for name in ("w1", "w2"):
+        s.cluster.worker(name)
+    s.cluster.scheduler()
+    poisons = [s.enqueuer.poison() for _ in range(size(3, 10))]
+    s.enqueuer.many(size(100, 1000), ms=20)
+
+    def done() -> bool:
+        s.cluster.restart_dead()  # a supervisor starts a dead worker again
+        return unfinished(s.conn) == 0
+
+    drained = wait_for(done, timeout=size(60, 240))
+    report = s.finish()
+    rows = s.conn.execute(
+        "SELECT id, state, attempts, max_attempts FROM pgsched.jobs WHERE id = ANY(%s) ORDER BY id", (poisons,)
+    ).fetchall()
+    starts = {job_id: 0 for job_id in poisons}
+    for e in executions(load(s.conn).history):
+        if e.job_id in starts:
+            starts[e.job_id] += 1
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert all(state == "failed" and attempts == most for _, state, attempts, most in rows), rows
+    # An attempt can end before its task starts (a sibling poison job killed the process first).
+    assert all(1 <= n <= 3 for n in starts.values()), starts
+    other = s.conn.execute(
+        "SELECT count(*) FROM pgsched.jobs WHERE NOT id = ANY(%s) AND state <> 'succeeded'", (poisons,)
+    ).fetchone()
+    assert other == (0,)
+
+
+def test_transactional_enqueue(scenario: Scenario) -> None:
+    """(9) Enqueues in the caller's transaction, half of the transactions rolled back: the executed
+    set equals the committed set exactly."""
+    s = scenario
+    s.cluster.worker("w1")
+    s.cluster.scheduler()
+    for i in range(size(40, 400)):
+        s.enqueuer.transaction(5, commit=i % 2 == 0, ms=5)
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 120))
+    report = s.finish()
+    committed = {a.key for a in s.enqueuer.acks if a.outcome == "ack"}
+    executed = {e.key for e in executions(load(s.conn).history)}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert executed == committed
+
+
+@pytest.mark.parametrize("concurrency", size([16], [16, 64]))
+def test_steady_load(scenario: Scenario, concurrency: int) -> None:
+    """Issue 18's workload: a producer keeps about 4,000 jobs queued for one worker. Completions
+    keep pace (no window without progress), the jobs the worker holds in the database never exceed
+    concurrency + prefetch, a healthy worker's jobs are never rescued, and SIGTERM stops it within
+    its grace with nothing left claimed."""
+    s = scenario
+    settings = Settings(lease=5.0, heartbeat=1.0, concurrency=concurrency, grace=5.0)
+    worker = s.cluster.worker("w1", settings=settings)
+    s.cluster.scheduler()
+    stop = threading.Event()
+
+    def produce() -> None:
+        with harness_connection(s.dsn) as conn:
+            while not stop.wait(0.05):
+                row = conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'queued'").fetchone()
+                missing = 4000 - (row[0] if row else 0)
+                if missing > 0:
+                    s.enqueuer.many(min(missing, 1000))
+
+    producer = threading.Thread(target=produce, name="chaos-producer", daemon=True)
+    producer.start()
+    held: list[int] = []
+    done: list[tuple[float, int]] = []
+    try:
+        end = time.monotonic() + size(20, 180)
+        while time.monotonic() < end:
+            running, succeeded = s.conn.execute(
+                "SELECT count(*) FILTER (WHERE state = 'running'), count(*) FILTER (WHERE state = 'succeeded') FROM pgsched.jobs"
+            ).fetchone()  # type: ignore[misc]
+            held.append(running)
+            done.append((time.monotonic(), succeeded))
+            time.sleep(0.25)  # the sampling period
+    finally:
+        stop.set()
+        producer.join(30)
+    worker.signal(15)
+    try:
+        exit_code: int | None = worker.process.wait(settings.grace + 5)
+    except subprocess.TimeoutExpired:
+        exit_code = None  # still running past its grace
+    left = s.conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'running'").fetchone()
+    rescued = s.conn.execute("SELECT count(*) FROM pgsched.runs WHERE outcome = 'lease_expired'").fetchone()
+    report = s.finish()
+    rates = _window_rates(done, 5.0)
+    figures = {
+        "concurrency": concurrency,
+        "peak_held": max(held),
+        "completions_per_s": rates,
+        "lease_expired": rescued[0] if rescued else None,
+        "exit_code": exit_code,
+        "left_running": left[0] if left else None,
+        # The backlog is left queued at the end: only the verdicts that a steady run can break.
+        **{k: v for k, v in verdicts(report).items() if k != "lost"},
+    }
+    print(json.dumps(figures))
+    broken = {
+        "held more than concurrency + prefetch": max(held) > settings.concurrency + settings.prefetch,
+        "a healthy worker's job was rescued": rescued != (0,),
+        "completions stalled": not (rates and min(rates) >= 0.25 * statistics.median(rates) > 0),
+        "SIGTERM left jobs running or failed": exit_code != 0 or left != (0,),
+        "ran twice or after finishing": bool(
+            report.duplicated_unexplained or report.rerun_after_finish or report.fenced_accepted
+        ),
+    }
+    assert not any(broken.values()), json.dumps({"broken": [k for k, v in broken.items() if v], **figures})
+
+
+def _window_rates(samples: list[tuple[float, int]], window: float) -> list[float]:
+    """Completions per second in consecutive windows (after the first, the warm-up)."""
+    rates = []
+    start_t, start_n = samples[0]
+    for t, n in samples:
+        if t - start_t >= window:
+            rates.append(round((n - start_n) / (t - start_t), 1))
+            start_t, start_n = t, n
+    return rates[1:]
