@@ -82,6 +82,15 @@ class Scenario:
                 out.write(json.dumps(summary, default=str) + "\n")
         return report
 
+    def clean_rate(self, seconds: float) -> float:
+        """Completions per second over ``seconds`` of fault-free work (the baseline of recovery times)."""
+        query = "SELECT count(*) FROM chaos.history WHERE event = 'end'"
+        before = self.conn.execute(query).fetchone()
+        time.sleep(seconds)  # the measuring period
+        after = self.conn.execute(query).fetchone()
+        assert before is not None and after is not None
+        return (after[0] - before[0]) / seconds
+
     def reconnect(self) -> None:
         """A new harness connection (after the server restarted)."""
         self.conn.close()
@@ -153,8 +162,9 @@ def test_worker_kill_storm(scenario: Scenario) -> None:
     for i in range(1, workers + 1):
         s.cluster.worker(f"w{i}")
     s.cluster.scheduler()
-    for _ in range(size(3, 20)):  # a backlog that outlasts the storm, and a live trickle
+    for _ in range(size(4, 40)):  # a backlog that outlasts the storm, and a live trickle
         s.enqueuer.many(1000, ms=100)
+    rate = s.clean_rate(size(3.0, 10.0))
     with s.enqueuer.trickle(10, ms=100):
         end = time.monotonic() + size(16, 120)
         while time.monotonic() < end:
@@ -165,7 +175,7 @@ def test_worker_kill_storm(scenario: Scenario) -> None:
             s.cluster.worker(victim)
             s.cluster.restart_dead()
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
-    report = s.finish()
+    report = s.finish(clean_rate=rate)
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
 
@@ -177,8 +187,10 @@ def test_backend_kills(scenario: Scenario) -> None:
     for name in ("w1", "w2"):
         s.cluster.worker(name)
     s.cluster.scheduler()
-    s.enqueuer.many(1000, ms=20)
-    with s.enqueuer.trickle(20, ms=20):
+    for _ in range(size(3, 10)):
+        s.enqueuer.many(1000, ms=100)
+    rate = s.clean_rate(size(3.0, 10.0))
+    with s.enqueuer.trickle(10, ms=100):
         end = time.monotonic() + size(16, 60)
         while time.monotonic() < end:
             time.sleep(2.0)  # the fault's cadence
@@ -186,7 +198,7 @@ def test_backend_kills(scenario: Scenario) -> None:
             s.timeline.mark(s.conn)
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120))
     dead = s.cluster.dead()
-    report = s.finish()
+    report = s.finish(clean_rate=rate)
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
@@ -199,8 +211,9 @@ def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     for name in ("w1", "w2"):
         s.cluster.worker(name)
     s.cluster.scheduler()
-    for _ in range(size(2, 10)):
+    for _ in range(size(3, 15)):
         s.enqueuer.many(1000, ms=100)
+    rate = s.clean_rate(size(3.0, 10.0))
     with s.enqueuer.trickle(10, ms=100):
         for crash in range(size(2, 6)):
             time.sleep(size(4.0, 10.0))  # work between two crashes
@@ -214,7 +227,7 @@ def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
             s.timeline.mark(s.conn)
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
     dead = s.cluster.dead()
-    report = s.finish()
+    report = s.finish(clean_rate=rate)
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
@@ -230,7 +243,7 @@ def test_half_open_worker(scenario: Scenario) -> None:
         isolated = s.cluster.worker("w1", dsn=via_proxy)
         s.cluster.worker("w2")
         s.cluster.scheduler()
-        s.enqueuer.many(size(64, 1000), ms=3000)  # longer than a lease
+        s.enqueuer.many(size(32, 400), ms=8000)  # longer than the partition: they outlive the rescue unless stopped
         assert wait_for(lambda: _started_by(s.conn, isolated.pid) >= 4, timeout=30), "w1 never started a job"
         proxy.blackhole()
         s.timeline.mark(s.conn)
@@ -238,7 +251,7 @@ def test_half_open_worker(scenario: Scenario) -> None:
         proxy.heal()
         s.timeline.mark(s.conn)
         healed = s.timeline.faults[-1]
-        drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(60, 240))
+        drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 240))
         resumed = _started_by(s.conn, isolated.pid, after=healed)
     finally:
         proxy.close()
