@@ -166,7 +166,7 @@ def test_worker_kill_storm(scenario: Scenario) -> None:
         s.enqueuer.many(1000, ms=100)
     rate = s.clean_rate(size(3.0, 10.0))
     with s.enqueuer.trickle(10, ms=100):
-        end = time.monotonic() + size(16, 120)
+        end = time.monotonic() + size(12, 120)
         while time.monotonic() < end:
             time.sleep(size(2.0, 3.0))  # the storm's cadence
             victim = f"w{random.randint(1, workers)}"
@@ -191,7 +191,7 @@ def test_backend_kills(scenario: Scenario) -> None:
         s.enqueuer.many(1000, ms=100)
     rate = s.clean_rate(size(3.0, 10.0))
     with s.enqueuer.trickle(10, ms=100):
-        end = time.monotonic() + size(16, 60)
+        end = time.monotonic() + size(12, 60)
         while time.monotonic() < end:
             time.sleep(2.0)  # the fault's cadence
             faults.terminate_sessions(s.conn)
@@ -347,7 +347,7 @@ def test_steady_load(scenario: Scenario, concurrency: int) -> None:
     held: list[int] = []
     done: list[tuple[float, int]] = []
     try:
-        end = time.monotonic() + size(20, 180)
+        end = time.monotonic() + size(15, 180)
         while time.monotonic() < end:
             running, succeeded = s.conn.execute(
                 "SELECT count(*) FILTER (WHERE state = 'running'), count(*) FILTER (WHERE state = 'succeeded') FROM pgsched.jobs"
@@ -366,7 +366,7 @@ def test_steady_load(scenario: Scenario, concurrency: int) -> None:
     left = s.conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'running'").fetchone()
     rescued = s.conn.execute("SELECT count(*) FROM pgsched.runs WHERE outcome = 'lease_expired'").fetchone()
     report = s.finish()
-    rates = _window_rates(done, 5.0)
+    rates = _window_rates(done, size(3.0, 5.0))
     figures = {
         "concurrency": concurrency,
         "peak_held": max(held),
