@@ -31,9 +31,9 @@ from psycopg.conninfo import make_conninfo
 
 from pgsched import migrations
 
-from ..conftest import HEAVY
+from ..conftest import HEAVY, wait_until
 from . import faults
-from .checker import Report, check, executions
+from .checker import Ack, Report, check, executions
 from .harness import (
     Cluster,
     Enqueuer,
@@ -45,6 +45,7 @@ from .harness import (
     socket_path,
     unfinished,
     wait_for,
+    with_application,
 )
 
 pytestmark = [pytest.mark.chaos, HEAVY]
@@ -263,6 +264,59 @@ def test_half_open_worker(scenario: Scenario) -> None:
     # Stopped before the rescue: a worker notices the lease it cannot confirm at its next heartbeat tick.
     assert max(report.late_stop, default=0.0) <= s.cluster.settings.heartbeat, report.late_stop
     assert resumed > 0, "w1 did not resume work after the partition healed"
+
+
+def test_stopped_worker(scenario: Scenario) -> None:
+    """(1) One worker is frozen (SIGSTOP) for three lease lengths, then thawed: its jobs run again
+    elsewhere (explained), what it writes when it wakes is fenced, it neither loses nor keeps a job
+    it took back, and it resumes work."""
+    s = scenario
+    frozen = s.cluster.worker("w1")
+    s.cluster.worker("w2")
+    s.cluster.scheduler()
+    s.enqueuer.many(size(32, 400), ms=4000)
+    assert wait_for(lambda: _started_by(s.conn, frozen.pid) >= 4, timeout=30), "w1 never started a job"
+    faults.pause(frozen)
+    s.timeline.mark(s.conn)
+    time.sleep(3 * s.cluster.settings.lease)  # frozen for three leases
+    faults.resume(frozen)
+    s.timeline.mark(s.conn)
+    thawed = s.timeline.faults[-1]
+    s.enqueuer.many(size(16, 100), ms=100)  # work for it after the thaw
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 240))
+    resumed = _started_by(s.conn, frozen.pid, after=thawed)
+    dead = s.cluster.dead()
+    report = s.finish()
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert report.duplicated_explained, "w1's jobs were not run again elsewhere"
+    assert resumed > 0, "w1 did not resume work after it was thawed"
+
+
+def test_row_lock_held_by_an_application(scenario: Scenario) -> None:
+    """Issue 18 (R15): an application transaction enqueues a job that depends on a running one, and
+    so holds that job's row lock, for three lease lengths. The worker stays healthy: none of its
+    jobs is rescued or run twice, and every job finishes once the transaction commits."""
+    s = scenario
+    s.cluster.worker("w1")
+    s.cluster.scheduler()
+    s.enqueuer.many(size(16, 200), ms=4 * 1000)
+    running = wait_until(
+        lambda: s.conn.execute("SELECT min(id) FROM pgsched.jobs WHERE state = 'running'").fetchone()[0],  # type: ignore[index]
+        timeout=30,
+        message="a running job",
+    )
+    with psycopg.connect(with_application(s.dsn, "chaos-application")) as app_conn:
+        s.enqueuer.app.enqueue("chaos.step", {"key": "dependent"}, depends_on=[running], connection=app_conn)
+        s.timeline.mark(s.conn)
+        time.sleep(3 * s.cluster.settings.lease)  # the application's transaction stays open
+        app_conn.commit()
+    s.enqueuer.acks.append(Ack("dependent", None, "unknown"))  # committed, id not kept: present at most once
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 240))
+    rescued = s.conn.execute("SELECT count(*) FROM pgsched.runs WHERE outcome = 'lease_expired'").fetchone()
+    report = s.finish()
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert rescued == (0,) and not report.duplicated_explained, (rescued, report.duplicated_explained)
 
 
 def _started_by(conn: psycopg.Connection[Any], pid: int, after: Any = None) -> int:
