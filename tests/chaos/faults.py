@@ -173,6 +173,8 @@ class Proxy:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()  # not left to the garbage collector, whose finalizer may run anywhere
 
 
 class OwnServer:
