@@ -188,17 +188,29 @@ def test_backend_kills(scenario: Scenario) -> None:
     for name in ("w1", "w2"):
         s.cluster.worker(name)
     s.cluster.scheduler()
-    # The backlog runs out halfway through the kills: the later kills cut the writes of a trickle of
-    # short jobs, and the last one comes when no other outcome will follow the one it cut.
-    s.enqueuer.many(size(1000, 4000), ms=100)
+    s.enqueuer.many(size(2000, 8000), ms=100)
     rate = s.clean_rate(size(2.0, 5.0))
-    with s.enqueuer.trickle(20, ms=20):
+    with s.enqueuer.trickle(10, ms=100):
         end = time.monotonic() + size(12, 60)
         while time.monotonic() < end:
             time.sleep(2.0)  # the fault's cadence
             faults.terminate_sessions(s.conn)
             s.timeline.mark(s.conn)
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120))
+    # Then a kill that surely cuts a write, and no job after it: the last jobs' outcomes wait on a
+    # lock on the history, their sessions are terminated, the lock goes. Whatever retries the cut
+    # write, no later outcome will.
+    last: list[int] = []
+    assert wait_for(
+        lambda: last.extend(s.enqueuer.many(8, ms=200)) or last, timeout=10
+    )  # its pooled session may be a killed one
+    with faults.exclusive_lock(s.dsn, "pgsched.runs"):
+        assert wait_for(lambda: _ended(s.conn, last) == len(last) and _blocked_writes(s.conn) > 0, timeout=30), (
+            "the last outcomes did not wait on the lock"
+        )
+        faults.terminate_sessions(s.conn, "chaos-w%")
+        s.timeline.mark(s.conn)
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120)) and drained
     dead = s.cluster.dead()
     report = s.finish(clean_rate=rate)
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
@@ -318,6 +330,19 @@ def test_row_lock_held_by_an_application(scenario: Scenario) -> None:
     report = s.finish()
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
     assert rescued == (0,) and not report.duplicated_explained, (rescued, report.duplicated_explained)
+
+
+def _ended(conn: psycopg.Connection[Any], ids: list[int]) -> int:
+    row = conn.execute("SELECT count(*) FROM chaos.history WHERE event = 'end' AND job_id = ANY(%s)", (ids,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _blocked_writes(conn: psycopg.Connection[Any]) -> int:
+    """Worker sessions waiting on a lock."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'chaos-w%' AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _started_by(conn: psycopg.Connection[Any], pid: int, after: Any = None) -> int:
