@@ -76,6 +76,7 @@ class Cluster:
         self.workers: dict[str, PgschedProcess] = {}
         self.schedulers: dict[str, PgschedProcess] = {}
         self.dsns: dict[str, str] = {}
+        self.options: dict[str, Settings] = {}
         self.exits: list[tuple[str, int | None]] = []  # (name, exit status) of every process that ended
         self._starts = itertools.count(1)
 
@@ -88,8 +89,8 @@ class Cluster:
     def worker(self, name: str, *, dsn: str | None = None, settings: Settings | None = None) -> PgschedProcess:
         """Start (or restart) worker ``name`` (``w1``...); ``dsn`` to go through a proxy."""
         self.dsns[name] = dsn or self.dsns.get(name) or self.dsn
-        options = settings or self.settings
-        process = self._spawn(name, ["worker", *options.worker_args()], self.dsns[name])
+        self.options[name] = settings or self.options.get(name) or self.settings
+        process = self._spawn(name, ["worker", *self.options[name].worker_args()], self.dsns[name])
         self.workers[name] = process
         return process
 
@@ -115,21 +116,8 @@ class Cluster:
     def dead(self) -> list[str]:
         return [name for name, process in self.processes().items() if process.process.poll() is not None]
 
-    def stop(self, timeout: float = 30) -> dict[str, int]:
-        """SIGTERM everything and wait; the exit status of each (processes still running are killed)."""
-        statuses = {}
-        for process in self.processes().values():
-            if process.process.poll() is None:
-                process.signal(15)
-        for name, process in self.processes().items():
-            try:
-                statuses[name] = process.process.wait(timeout)
-            except Exception:
-                statuses[name] = -9
-        self.kill()
-        return statuses
-
     def kill(self) -> None:
+        """kill -9 every process still running (the end of a scenario, whatever happened)."""
         for process in self.processes().values():
             if process.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

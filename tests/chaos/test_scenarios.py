@@ -210,7 +210,7 @@ def test_backend_kills(scenario: Scenario) -> None:
         )
         faults.terminate_sessions(s.conn, "chaos-w%")
         s.timeline.mark(s.conn)
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120)) and drained
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(15, 120)) and drained
     dead = s.cluster.dead()
     report = s.finish(clean_rate=rate)
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
@@ -242,6 +242,40 @@ def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
     dead = s.cluster.dead()
     report = s.finish(clean_rate=rate)
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+
+
+def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
+    """(4) Idle connections use up the server's max_connections while the system runs: work goes
+    on or fails with an error that names the cause, and everything recovers when they go: no
+    process dies, nothing is lost."""
+    s, server = crashable
+    limit = size(50, 330)
+    with psycopg.connect(s.dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET max_connections = {limit}")  # a number of the test's own
+    server.stop()
+    server.restart()
+    s.reconnect()
+    s.enqueuer.close()
+    s.enqueuer = Enqueuer(s.dsn)
+    for name in ("w1", "w2"):
+        s.cluster.worker(name)
+    s.cluster.scheduler()
+    s.enqueuer.many(size(2000, 10000), ms=50)
+    rate = s.clean_rate(size(2.0, 5.0))
+    in_use = s.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'").fetchone()
+    held = limit - (in_use[0] if in_use else 0) - 2  # two connections left for everyone else
+    with s.enqueuer.trickle(10, ms=50):
+        with faults.idle_connections(s.dsn, held):
+            s.timeline.mark(s.conn)
+            squeezed = s.clean_rate(size(4.0, 30.0))
+        s.timeline.mark(s.conn)
+        time.sleep(2.0)  # the trickle goes on after the connections went
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 180))
+    dead = s.cluster.dead()
+    report = s.finish(clean_rate=rate)
+    print(json.dumps({"held": held, "clean_rate": rate, "rate_while_exhausted": squeezed}))
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
@@ -296,7 +330,7 @@ def test_stopped_worker(scenario: Scenario) -> None:
     s.timeline.mark(s.conn)
     thawed = s.timeline.faults[-1]
     s.enqueuer.many(size(16, 100), ms=100)  # work for it after the thaw
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 240))
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 240))
     resumed = _started_by(s.conn, frozen.pid, after=thawed)
     dead = s.cluster.dead()
     report = s.finish()
@@ -325,7 +359,7 @@ def test_row_lock_held_by_an_application(scenario: Scenario) -> None:
         time.sleep(3 * s.cluster.settings.lease)  # the application's transaction stays open
         app_conn.commit()
     s.enqueuer.acks.append(Ack("dependent", None, "unknown"))  # committed, id not kept: present at most once
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 240))
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 240))
     rescued = s.conn.execute("SELECT count(*) FROM pgsched.runs WHERE outcome = 'lease_expired'").fetchone()
     report = s.finish()
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
