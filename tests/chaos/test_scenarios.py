@@ -247,9 +247,9 @@ def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
 
 
 def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
-    """(4) Idle connections use up the server's max_connections while the system runs: work goes
-    on or fails with an error that names the cause, and everything recovers when they go: no
-    process dies, nothing is lost."""
+    """(4) Idle connections use up the server's max_connections while the system runs (and its
+    sessions must reconnect): work goes on or fails with an error that names the cause, and
+    everything recovers when they go: no process dies, nothing is lost."""
     s, server = crashable
     limit = size(50, 330)
     with psycopg.connect(s.dsn, autocommit=True) as conn:
@@ -264,9 +264,14 @@ def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     s.cluster.scheduler()
     s.enqueuer.many(size(2000, 10000), ms=50)
     rate = s.clean_rate(size(2.0, 5.0))
-    in_use = s.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'").fetchone()
-    held = limit - (in_use[0] if in_use else 0) - 2  # two connections left for everyone else
     with s.enqueuer.trickle(10, ms=50):
+        # Every pgsched session is cut, and the connections they leave are taken at once: they must
+        # come back through the two that are left.
+        faults.terminate_sessions(s.conn)
+        in_use = s.conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        ).fetchone()
+        held = limit - (in_use[0] if in_use else 0) - 2
         with faults.idle_connections(s.dsn, held):
             s.timeline.mark(s.conn)
             squeezed = s.clean_rate(size(4.0, 30.0))
