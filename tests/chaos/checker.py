@@ -143,6 +143,7 @@ class Report:
     slots_missing: list[tuple[int, datetime]] = field(default_factory=list)
     cap_exceeded: dict[str, int] = field(default_factory=dict)
     rate_exceeded: dict[str, int] = field(default_factory=dict)
+    peaks: dict[str, int] = field(default_factory=dict)  # running at once, per capped queue
     recovery: list[float | None] = field(default_factory=list)
     late_stop: list[float] = field(default_factory=list)
 
@@ -173,6 +174,7 @@ class Report:
         for name in (*self.VERDICTS, "duplicated_explained"):
             value = getattr(self, name)
             counts[name] = value if isinstance(value, dict) else len(value)
+        counts["peaks"] = self.peaks
         counts["recovery_s"] = [None if r is None else round(r, 2) for r in self.recovery]
         counts["late_stop_max_s"] = round(max(self.late_stop), 2) if self.late_stop else None
         return counts
@@ -296,6 +298,7 @@ def _controls(
         for _, delta in points:
             running += delta
             peak = max(peak, running)
+        report.peaks[queue] = peak
         if peak > cap:
             report.cap_exceeded[queue] = peak
     for queue, (limit, period) in rates.items():

@@ -156,10 +156,10 @@ class Enqueuer:
         self._note(Ack(key, job.id, "ack"))
         return job.id
 
-    def many(self, count: int, ms: int = 0, task: str = "chaos.step") -> list[int]:
+    def many(self, count: int, ms: int = 0, task: str = "chaos.step", queue: str | None = None) -> list[int]:
         keys = [self._key() for _ in range(count)]
         try:
-            ids = self.app.enqueue_many([{"task": task, "args": {"key": k, "ms": ms}} for k in keys])
+            ids = self.app.enqueue_many([{"task": task, "args": {"key": k, "ms": ms}, "queue": queue} for k in keys])
         except (psycopg.Error, pgsched.errors.PgschedError, OSError):
             self._note(*(Ack(k, None, "unknown") for k in keys))
             return []

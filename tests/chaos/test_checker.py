@@ -234,6 +234,7 @@ def test_a_cap_exceeded_from_the_runs_intervals() -> None:
     h.execute(2, 1, 1, 3)
     h.execute(3, 1, 2, 4)  # starts when job 1 ends: never three at once
     assert h.check(caps={"capped": 2}).ok
+    assert h.check(caps={"capped": 2}).peaks == {"capped": 2}
     assert h.check(caps={"capped": 1}).cap_exceeded == {"capped": 2}
 
 
