@@ -109,7 +109,7 @@ def running(name: str, dsn: str, env: dict[str, str], directory: Path) -> Iterat
         yield s
     finally:
         cluster.kill()
-        enqueuer.close()
+        s.enqueuer.close()  # a scenario may have replaced it
         s.conn.close()
 
 
@@ -204,6 +204,40 @@ def test_cap_across_a_kill_storm(scenario: Scenario) -> None:
     assert report.peaks["capped"] == 5, report.peaks  # the cap was reached: the storm tested it
 
 
+def test_pause_across_a_postgres_crash(crashable: tuple[Scenario, faults.OwnServer]) -> None:
+    """(10) A paused queue stays paused across a PostgreSQL crash and restart (no job of it starts),
+    and its jobs all run once it is resumed."""
+    s, server = crashable
+    s.enqueuer.app.pause_queue("held", create=True)
+    settings = Settings(extra=("--queues", "held"))
+    for name in ("w1", "w2"):
+        s.cluster.worker(name, settings=settings)
+    s.cluster.scheduler()
+    s.enqueuer.many(200, ms=20, queue="held")
+    server.crash()
+    server.restart()
+    s.reconnect()
+    s.timeline.mark(s.conn)
+    time.sleep(3 * s.cluster.settings.lease)  # only waiting shows that nothing starts
+    started = s.conn.execute("SELECT count(*) FROM chaos.history").fetchone()
+    s.enqueuer.close()
+    s.enqueuer = _reopened(s.enqueuer, s.dsn)
+    s.enqueuer.app.resume_queue("held")
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 120))
+    dead = s.cluster.dead()
+    report = s.finish()
+    assert started == (0,), started
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+
+
+def _reopened(old: Enqueuer, dsn: str) -> Enqueuer:
+    """A new enqueuer (its pool's sessions died with the server) that keeps the old one's records."""
+    new = Enqueuer(dsn, prefix=f"{old.prefix}r")
+    new.acks = old.acks
+    return new
+
+
 def test_backend_kills(scenario: Scenario) -> None:
     """(3) Every pgsched session (workers, scheduler, enqueuer) is terminated every 2 s: every
     process stays up and reconnects on its own, nothing is lost or run twice unexplained, and each
@@ -282,7 +316,7 @@ def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     server.restart()
     s.reconnect()
     s.enqueuer.close()
-    s.enqueuer = Enqueuer(s.dsn)
+    s.enqueuer = _reopened(s.enqueuer, s.dsn)
     for name in ("w1", "w2"):
         s.cluster.worker(name)
     s.cluster.scheduler()
