@@ -22,7 +22,8 @@ Verdicts:
 - ``cap_exceeded`` / ``rate_exceeded``: peaks per queue from the ``runs`` intervals above the cap,
   or starts in a rate window above the limit;
 - figures, not verdicts: ``recovery`` (seconds after each fault until completions are back to a
-  share of the clean rate) and ``late_stop`` (how long an attempt ran on after it was rescued).
+  share of the clean rate), ``late_stop`` (how long an attempt ran on after it was rescued) and
+  ``peaks`` (the most jobs of each capped queue running at once).
 """
 
 from __future__ import annotations

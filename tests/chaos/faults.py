@@ -83,12 +83,18 @@ def idle_in_transaction(dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 @contextlib.contextmanager
-def idle_connections(dsn: str, count: int) -> Iterator[list[psycopg.Connection[Any]]]:
-    """Hold ``count`` idle connections (pool exhaustion: max_connections nearly used up)."""
+def idle_connections(dsn: str, count: int, *, fill: bool = False) -> Iterator[list[psycopg.Connection[Any]]]:
+    """Hold ``count`` idle connections (pool exhaustion: max_connections nearly used up). With
+    ``fill``, stop without failing when the server refuses one (others took the last slots)."""
     held: list[psycopg.Connection[Any]] = []
     try:
         for _ in range(count):
-            held.append(psycopg.connect(dsn, application_name="chaos-harness", autocommit=True))
+            try:
+                held.append(psycopg.connect(dsn, application_name="chaos-harness", autocommit=True))
+            except psycopg.OperationalError:
+                if not fill:
+                    raise
+                break
         yield held
     finally:
         for conn in held:

@@ -163,7 +163,7 @@ def test_worker_kill_storm(scenario: Scenario) -> None:
     for i in range(1, workers + 1):
         s.cluster.worker(f"w{i}")
     s.cluster.scheduler()
-    for _ in range(size(4, 40)):  # a backlog that outlasts the storm, and a live trickle
+    for _ in range(size(4, 20)):  # a backlog that outlasts the storm, and a live trickle
         s.enqueuer.many(1000, ms=100)
     rate = s.clean_rate(size(3.0, 10.0))
     with s.enqueuer.trickle(10, ms=100):
@@ -329,8 +329,9 @@ def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
         in_use = s.conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
         ).fetchone()
-        held = limit - (in_use[0] if in_use else 0) - 2
-        with faults.idle_connections(s.dsn, held):
+        wanted = limit - (in_use[0] if in_use else 0) - 2
+        with faults.idle_connections(s.dsn, wanted, fill=True) as idle:  # sessions reconnect meanwhile
+            held = len(idle)
             s.timeline.mark(s.conn)
             squeezed = s.clean_rate(size(4.0, 30.0))
         s.timeline.mark(s.conn)
