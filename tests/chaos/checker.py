@@ -6,9 +6,10 @@ Verdicts:
 
 - ``lost``: acknowledged jobs that are missing, not finished, or succeeded without any execution
   having ended;
-- ``unexpected``: executions of jobs nobody enqueued (or whose enqueue was rolled back);
-- ``enqueued_twice``: keys (one per enqueue call) found on more than one job: an unknown-outcome
-  enqueue may have committed, but at most once;
+- ``unexpected``: executions of jobs nobody enqueued (or whose enqueue was rolled back); a
+  schedule's jobs are the scheduler's and are checked by their slots;
+- ``enqueued_twice``: keys of recorded enqueues (one per call) found on more than one job: an
+  unknown-outcome enqueue may have committed, but at most once;
 - ``duplicated_explained`` / ``duplicated_unexplained``: every execution of a job after its first.
   It is explained when a ``lease_expired`` runs row of an attempt since the previous execution
   finished before it started (the lease ran out: at-least-once allows it); a retry after a failed
@@ -212,8 +213,13 @@ def check(
         ended = any(e.ended_at is not None for e in by_job.get(job_id, ()))
         if job is None or job.state not in TERMINAL or (job.state == "succeeded" and not ended):
             report.lost.append(job_id)
-    report.unexpected = sorted({e.job_id for e in execs if e.job_id not in acknowledged and e.key not in maybe})
-    keys = Counter(job.key for job in observed.jobs if job.key is not None)
+    # A schedule's jobs are enqueued by the scheduler, which acknowledges to nobody: they are
+    # checked by their slots instead.
+    scheduled = {job.id for job in observed.jobs if job.schedule_id is not None}
+    report.unexpected = sorted(
+        {e.job_id for e in execs if e.job_id not in acknowledged | scheduled and e.key not in maybe}
+    )
+    keys = Counter(job.key for job in observed.jobs if job.key in maybe)
     report.enqueued_twice = sorted(key for key, n in keys.items() if n > 1)
 
     for job_id, job_execs in by_job.items():

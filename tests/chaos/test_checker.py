@@ -215,6 +215,14 @@ def test_a_fenced_runs_row_is_not_an_accepted_write() -> None:
     assert h.check().ok
 
 
+def test_a_schedules_jobs_are_not_unexpected_and_share_their_args() -> None:
+    h = clean()
+    for job_id, slot in ((10, 60), (11, 120)):
+        h.jobs[job_id] = JobRow(job_id, "tick", "default", "succeeded", 1, 5, None, at(slot + 1), 7, at(slot))
+        h.execute(job_id, 1, slot, slot + 1, write=None)
+    assert h.check().ok
+
+
 def test_schedule_slots_fired_twice_or_missing() -> None:
     h = clean()
     h.jobs[10] = JobRow(10, None, "default", "succeeded", 1, 5, None, at(1), 7, at(60))
