@@ -101,6 +101,24 @@ def idle_connections(dsn: str, count: int, *, fill: bool = False) -> Iterator[li
             conn.close()
 
 
+@contextlib.contextmanager
+def full_notify_queue(dsn: str, channel: str = "chaos_fill") -> Iterator[float]:
+    """Fill the server's NOTIFY queue and keep it full: a listener sits in an open transaction (so
+    the queue cannot advance past it) while notifications of 7 kB each go out until the server
+    refuses one. Yields the queue usage. Use a server whose ``max_notify_queue_pages`` is small."""
+    with psycopg.connect(dsn, application_name="chaos-harness", autocommit=True) as pin:
+        pin.execute(f"LISTEN {channel}")  # a name from the test, not input
+        pin.execute("BEGIN")
+        pin.execute("SELECT 1")
+        with psycopg.connect(dsn, application_name="chaos-harness", autocommit=True) as filler:
+            with contextlib.suppress(psycopg.errors.ProgramLimitExceeded):
+                while True:
+                    filler.execute("SELECT pg_notify(%s, repeat('x', 7000))", (channel,))
+            row = filler.execute("SELECT pg_notification_queue_usage()").fetchone()
+            yield float(row[0]) if row else 0.0
+        pin.execute("ROLLBACK")
+
+
 class Proxy:
     """A TCP proxy on 127.0.0.1 to PostgreSQL's Unix socket, run on a thread of its own.
 

@@ -384,6 +384,38 @@ def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
 
+def test_full_notify_queue(crashable: tuple[Scenario, faults.OwnServer]) -> None:
+    """(8) The server's NOTIFY queue is full: every enqueue still commits (the wake-up is skipped)
+    and every job still runs, found by polling."""
+    s, server = crashable
+    with psycopg.connect(s.dsn, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_notify_queue_pages = 64")  # 64 pages of 8 kB
+    server.stop()
+    server.restart()
+    s.reconnect()
+    s.enqueuer.close()
+    s.enqueuer = _reopened(s.enqueuer, s.dsn)
+    for name in ("w1", "w2"):
+        s.cluster.worker(name)
+    s.cluster.scheduler()
+    with faults.full_notify_queue(s.dsn) as usage:
+        s.timeline.mark(s.conn)
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):  # a NOTIFY that is not skipped fails
+            s.conn.execute("NOTIFY pgsched_wakeup, 'default'")
+        for _ in range(size(50, 500)):
+            s.enqueuer.one(ms=10)
+        s.enqueuer.many(size(200, 2000), ms=10)
+        with psycopg.connect(s.dsn) as conn:
+            s.enqueuer.app.enqueue("chaos.step", {"key": "in-transaction"}, connection=conn)
+            conn.commit()
+        s.enqueuer.acks.append(Ack("in-transaction", None, "unknown"))  # committed; its id was not kept
+        drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 120))
+    report = s.finish()
+    assert usage > 0.9, usage
+    assert report.unknown_enqueues == 1, "an enqueue failed while the NOTIFY queue was full"
+    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+
+
 def test_half_open_worker(scenario: Scenario) -> None:
     """(5) One worker's connections are blackholed (half-open) for three lease lengths, then healed:
     its jobs run again elsewhere (explained by the lease expiry), it stops its own executions once
