@@ -53,11 +53,12 @@ class Settings:
     concurrency: int = 8
     prefetch: int = 0
     grace: float = 5.0
+    poll: float = 0.2
     extra: Sequence[str] = ()
 
     def worker_args(self) -> list[str]:
         return [
-            "--app", APP, "--poll-seconds", "0.2",
+            "--app", APP, "--poll-seconds", str(self.poll),
             "--lease-seconds", str(self.lease), "--heartbeat-seconds", str(self.heartbeat),
             "--concurrency", str(self.concurrency), "--prefetch", str(self.prefetch),
             "--grace-seconds", str(self.grace), *self.extra,

@@ -384,6 +384,34 @@ def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
 
+def test_listen_loss(scenario: Scenario) -> None:
+    """(8) The workers' LISTEN sessions are terminated every second while jobs trickle in: every
+    enqueue commits and every job runs (through polling, or a listener that came back)."""
+    s = scenario
+    settings = Settings(poll=1.0)  # long enough for a lost wake-up to show as a delay, not to hide
+    for name in ("w1", "w2"):
+        s.cluster.worker(name, settings=settings)
+    s.cluster.scheduler()
+    with s.enqueuer.trickle(20, ms=10):
+        end = time.monotonic() + size(10, 60)
+        while time.monotonic() < end:
+            time.sleep(1.0)  # the fault's cadence
+            row = s.conn.execute(
+                """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                   WHERE datname = current_database() AND application_name LIKE 'chaos-w%' AND query LIKE 'LISTEN%'"""
+            ).fetchone()
+            if row and row[0]:
+                s.timeline.mark(s.conn)
+    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 60))
+    dead = s.cluster.dead()
+    report = s.finish()
+    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
+    assert s.timeline.faults, "no LISTEN session was found to terminate"
+    assert drained and report.ok and report.unknown_enqueues == 0, json.dumps(
+        [unfinished(s.conn), verdicts(report, s.conn)], default=str
+    )
+
+
 def test_full_notify_queue(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     """(8) The server's NOTIFY queue is full: every enqueue still commits (the wake-up is skipped)
     and every job still runs, found by polling."""
