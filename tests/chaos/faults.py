@@ -1,6 +1,6 @@
 """The fault toolbox: signals to processes, terminated sessions, a proxy that can go half-open,
-server-side pressure (a held lock, an idle transaction, idle connections), and a server of the
-test's own to crash and restart.
+server-side pressure (a held lock, an idle transaction, idle connections, a full NOTIFY queue),
+and a server of the test's own to crash and restart.
 
 Everything here acts on this machine only (processes the test started, its own database, loopback).
 """

@@ -249,7 +249,7 @@ def test_leader_chaos(scenario: Scenario) -> None:
     s.cluster.worker("w1")
     for name in ("s1", "s2", "s3"):
         s.cluster.scheduler(name)
-    end = time.monotonic() + size(20, 300)
+    end = time.monotonic() + size(15, 300)
     while time.monotonic() < end:
         time.sleep(3.0)  # the fault's cadence
         victim = f"s{random.randint(1, 3)}"
