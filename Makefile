@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: up test lint install install-test bench clean
+.PHONY: up test lint install install-test bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ lint: install-test
 ## test: lint, then the whole suite in parallel
 test: lint
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+## chaos: the fault-injection scenarios of tests/chaos at their full sizes (several minutes each)
+chaos: install-test
+	PGSCHED_CHAOS=full $(BIN)/pytest -m chaos -s $(PYTEST_ARGS)
 
 ## bench: the benchmarks of bench/ (they print figures; they never fail on time)
 bench: install-test
