@@ -75,9 +75,9 @@ measured_batches: dict[str, int] = {}
 
 def settings_batch(prefetch: int, concurrency: int = CONCURRENCY) -> tuple[int, int]:
     """The claim sizes a worker's settings give: up to concurrency + prefetch, and (while the
-    queue has more) at least half of that (``worker/runtime.py``, ``_claim_loop``)."""
+    queue has more) at least a quarter of that (``worker/runtime.py``, ``_claim_loop``)."""
     capacity = concurrency + prefetch
-    return max(1, capacity // 2), capacity
+    return max(1, capacity // 4), capacity
 
 
 def worker_command(*, burst: bool, prefetch: int | None = None, poll: float | None = None) -> list[str]:

@@ -324,9 +324,11 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        # While the queues have more than we can take, claim in batches of at least half
-        # the capacity rather than one job per freed slot.
-        batch = max(1, self.capacity // 2)
+        # While the queues have more than we can take, claim in batches of at least a quarter
+        # of the capacity rather than one job per freed slot. Capacity frees as outcomes are
+        # written (in batches of at most FLUSH_BATCH): a quarter lets the next claim run while
+        # the rest of the last batch's outcomes are still being written.
+        batch = max(1, self.capacity // 4)
         while not self._stopping.is_set():
             free = self.capacity - len(self.attempts)
             if self._live and free > 0 and (free >= batch or not self._busy):

@@ -34,7 +34,7 @@ from .runlog import LogRow, RunLogBuffer, log_params
 
 log = logging.getLogger("pgsched.worker")
 
-FLUSH_BATCH = 1000
+FLUSH_BATCH = 500
 # How long the first outcome of a batch waits for others before the batch is written.
 FLUSH_SECONDS = 0.002
 # Pause after a failed flush: doubled each time up to the maximum, with jitter.
