@@ -53,9 +53,7 @@ def refused(exc: psycopg.Error) -> bool:
 class Writer:
     """The worker's write buffer; ``written(attempts)`` is called once their outcomes are stored."""
 
-    def __init__(
-        self, stats: Stats, written: Callable[[list[Attempt]], None], more_coming: Callable[[], bool]
-    ) -> None:
+    def __init__(self, stats: Stats, written: Callable[[list[Attempt]], None], more_coming: Callable[[], bool]) -> None:
         self.stats = stats
         self.written = written
         self.more_coming = more_coming
