@@ -604,7 +604,9 @@ class Worker:
                     await conn.execute("LISTEN pgsched_wakeup")
                     await conn.execute("LISTEN pgsched_cancel")
                     await conn.execute("LISTEN pgsched_queue_settings")
-                    self._wake.set()  # anything enqueued while we were not listening
+                    # Anything that happened while we were not listening: a pause, new jobs.
+                    await self._read_controls()
+                    self._wake.set()
                     async for note in conn.notifies():
                         if note.channel == "pgsched_cancel":
                             self._cancel(int(note.payload))

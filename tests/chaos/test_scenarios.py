@@ -576,8 +576,10 @@ def test_poison_jobs(scenario: Scenario) -> None:
             starts[e.job_id] += 1
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
     assert all(state == "failed" and attempts == most for _, state, attempts, most in rows), rows
-    # An attempt can end before its task starts (a sibling poison job killed the process first).
-    assert all(1 <= n <= 3 for n in starts.values()), starts
+    # An attempt can end before its task starts (a sibling poison job killed the process first;
+    # rescued together, poison jobs come back together after the same backoff, so one may even
+    # never start): never more executions than attempts.
+    assert all(0 <= n <= 3 for n in starts.values()), starts
     other = s.conn.execute(
         "SELECT count(*) FROM pgsched.jobs WHERE NOT id = ANY(%s) AND state <> 'succeeded'", (poisons,)
     ).fetchone()
