@@ -175,6 +175,10 @@ BEGIN
             ELSE
                 picked := ARRAY(SELECT f.id FROM pgsched.first_queued(q, tasks, room) AS f);
             END IF;
+            -- The claimed attempts start now, after the count: a job whose outcome committed
+            -- between the first reading of the clock and the count (freeing the slot taken
+            -- here) finished before this instant, so the history never shows the cap exceeded.
+            started := pg_catalog.clock_timestamp() + (pgsched.now() - pg_catalog.now());
             RETURN QUERY
             WITH locked AS MATERIALIZED (
                 SELECT j.id FROM pgsched.jobs j
