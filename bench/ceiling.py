@@ -21,8 +21,8 @@ commits the claim and the completion separately).
 
 Batch sizes: 1, 10, and the batches the W1c rows actually used (their mean
 jobs per claim; when W1c did not run in this invocation, the lower bound the
-worker's settings give, ``(concurrency + prefetch) // 2``). jobs/s = tps x
-batch. Before every measurement the finished rows are deleted, ``runs``
+worker's settings give, ``(concurrency + prefetch) // 4``). jobs/s = ``runs`` rows
+written per second of the measurement. Before every measurement the finished rows are deleted, ``runs``
 emptied, the queue topped up to 2,000,000 and the table vacuumed, so each
 starts from the same state.
 """
@@ -55,7 +55,7 @@ INSERT INTO pgsched.jobs (task, args)
 SELECT 'noop', jsonb_build_object('i', g) FROM generate_series(1, %s) AS g
 """
 
-COMPLETE_ARRAYS: tuple[str, ...] = ("ids", "attempts", "queues", "tasks", "owners", "states", "outcomes")
+COMPLETE_ARRAYS: tuple[str, ...] = ("workers", "ids", "attempts", "queues", "tasks", "owners", "states", "outcomes")
 COMPLETE_ARRAYS += ("results", "errors", "delays", "started", "finished")
 
 
@@ -69,6 +69,7 @@ def script(batch: int) -> str:
     complete = _pgbench_sql(queries.COMPLETE, {name: f"c_{name}" for name in COMPLETE_ARRAYS})
     # What the worker's COMPLETE receives for a batch of succeeded no-op attempts.
     arrays = {
+        "workers": "worker_id",
         "ids": "id",
         "attempts": "attempts",
         "queues": "queue",
@@ -117,6 +118,14 @@ def pgbench(
     text: str | None = None,
 ) -> tuple[float, str]:
     """(tps, pgbench's output) of one measurement (``text``: another script, for experiments)."""
+    # The claim is made only for a registered worker incarnation with a live lease.
+    worker_id = uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, lease_expires_at)"
+            " VALUES (%s, 'pgbench', 0, '{default}', %s, pgsched.now() + interval '1 day')",
+            (worker_id, clients),
+        )
     with tempfile.NamedTemporaryFile("w", prefix="pgsb-w3-", suffix=".sql") as f:
         f.write(text if text is not None else script(batch))
         f.flush()
@@ -138,7 +147,7 @@ def pgbench(
             "-D",
             "claim_tasks={" + ",".join(runnable) + "}",
             "-D",
-            f"worker={uuid.uuid4()}",
+            f"worker={worker_id}",
             "-D",
             "lease=30",
             dsn,
@@ -186,7 +195,8 @@ def w3(dsn: str, runs: int) -> list[Row]:
                 if statements:
                     title = f"W3 batch {batch} (last run): pg_stat_statements"
                     report.sections.append((title, env.statements_table(conn, after - before, limit=4)))
-                jobs = tps * batch
+                # Jobs completed, counted by their runs rows (not tps x batch: a claim may get fewer).
+                jobs = (after - before) / SECONDS
                 figures[batch].append(jobs)
                 print(
                     f"  W3 run {run + 1} batch {batch}: {tps:,.1f} tps = {jobs:,.0f} jobs/s"
