@@ -66,7 +66,6 @@ CREATE OR REPLACE FUNCTION pgsched.rescue(batch integer DEFAULT 1000) RETURNS in
 LANGUAGE plpgsql AS $$
 DECLARE
     rescued integer;
-    woken text[];
 BEGIN
     UPDATE pgsched.workers w SET lease_expires_at = '-infinity'
     FROM (SELECT id FROM pgsched.workers
