@@ -215,6 +215,11 @@ def test_pause_across_a_postgres_crash(crashable: tuple[Scenario, faults.OwnServ
         s.cluster.worker(name, settings=settings)
     s.cluster.scheduler()
     s.enqueuer.many(200, ms=20, queue="held")
+    # The processes are up (connected) before the crash: a start-up that meets a crashing server
+    # is not what this scenario tests.
+    connected = "SELECT count(DISTINCT application_name) FROM pg_stat_activity WHERE application_name = ANY(%s)"
+    names = ["chaos-w1", "chaos-w2", "chaos-s1"]
+    assert wait_for(lambda: s.conn.execute(connected, (names,)).fetchone()[0] == 3, timeout=30)
     server.crash()
     server.restart()
     s.reconnect()
