@@ -348,7 +348,7 @@ def test_shutdown_puts_unfinished_jobs_back_without_counting_them(
     async def scenario() -> list[int]:
         worker, task = await start_worker(tasks, poll_seconds=0.2, concurrency=1, prefetch=2, grace_seconds=0.3)
         jobs = [await tasks.enqueue_async("sleep", {"seconds": 60}) for _ in range(3)]
-        await wait_until_async(lambda: worker.held == 3 and worker._running(), message="claimed 3, one running")
+        await wait_until_async(lambda: worker.held == 3 and worker.running == 1, message="claimed 3, one running")
         worker.stop()
         await task
         return [j.id for j in jobs]

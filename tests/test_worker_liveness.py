@@ -185,10 +185,17 @@ def test_blocked_history_writes_stop_claims_and_lose_nothing(
 
 
 def test_a_shutdown_drains_more_than_a_thousand_buffered_outcomes(
-    tasks: pgsched.App, conn: psycopg.Connection[Any], dsn: str
+    tasks: pgsched.App, conn: psycopg.Connection[Any], dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """R8: history writes blocked, 1,500 outcomes buffered, then a graceful stop: every finished
     job is written before the worker returns (none is left running to run again)."""
+
+    caplog.set_level(logging.INFO, logger="pgsched.worker")
+    ran: list[int] = []
+
+    @tasks.task
+    async def counted(i: int) -> None:
+        ran.append(i)
 
     async def scenario() -> Any:
         worker, task = await start_worker(
@@ -196,15 +203,14 @@ def test_a_shutdown_drains_more_than_a_thousand_buffered_outcomes(
         )
         with psycopg.connect(dsn) as blocker:
             blocker.execute("LOCK TABLE pgsched.runs IN ACCESS EXCLUSIVE MODE")
-            await tasks.enqueue_many_async([{"task": "noop", "args": {"i": i}} for i in range(1500)])
-            await wait_until_async(
-                lambda: worker.stats.claimed == 1500 and not worker._running() and worker.local.empty(),
-                timeout=30,
-                message="every job run, outcomes waiting",
-            )
+            await tasks.enqueue_many_async([{"task": "counted", "args": {"i": i}} for i in range(1500)])
+            await wait_until_async(lambda: len(ran) == 1500, timeout=30, message="every job run, outcomes waiting")
             worker.stop()
             # The stop has reached the final drain while the writes are still blocked.
-            await wait_until_async(lambda: worker.writer._closing, message="the drain to begin")
+            await wait_until_async(
+                lambda: any("buffered outcomes" in r.getMessage() for r in caplog.records),
+                message="the drain to begin",
+            )
             blocker.rollback()
         return await task
 

@@ -148,6 +148,11 @@ class Worker:
         """Jobs held: claimed and not yet written or released."""
         return len(self.attempts)
 
+    @property
+    def running(self) -> int:
+        """Jobs executing now."""
+        return len(self._running())
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -192,6 +197,7 @@ class Worker:
             slots = [asyncio.create_task(self._slot(), name=f"slot-{i}") for i in range(self.options.concurrency)]
             await self._claim_loop()
             await self._shutdown(slots)
+            log.info("stopping: writing %d buffered outcomes", len(self.writer.pending))
             self.writer.close()
             await flusher  # every buffered outcome is written (the heartbeat keeps the lease meanwhile)
             for task in background:
