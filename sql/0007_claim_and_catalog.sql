@@ -113,10 +113,12 @@ CREATE TABLE pgsched.queue_windows (
 COMMENT ON TABLE pgsched.queue_windows IS
     'How many rows each queue has in queue_starts (the rate window), kept by claim_controlled; write neither table by hand';
 
--- As in version 6, but a queue without fairness or keys takes its jobs from
+-- As in version 3, but a queue without fairness or keys takes its jobs from
 -- first_queued (slice by slice) instead of filtering the claim order by task,
--- and the rate window is counted by queue_windows instead of count(*).
-CREATE OR REPLACE FUNCTION pgsched.claim_controlled(
+-- the rate window is counted by queue_windows instead of count(*), and (since
+-- migration 6, which dropped the version with a lease parameter) the claim is
+-- made only for a live worker incarnation and sets no per-job lease.
+CREATE FUNCTION pgsched.claim_controlled(
     queues  text[],
     tasks   text[],
     want    integer,
@@ -269,3 +271,7 @@ GRANT SELECT, INSERT, UPDATE ON pgsched.queue_windows TO pgsched_worker;
 GRANT ALL ON pgsched.queue_windows TO pgsched_admin;
 REVOKE EXECUTE ON FUNCTION pgsched.first_queued(text, text[], integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgsched.first_queued(text, text[], integer) TO pgsched_worker, pgsched_admin;
+COMMENT ON FUNCTION pgsched.claim_controlled(text[], text[], integer, uuid) IS
+    'Claims jobs of paused, capped, rate-limited, keyed or fair queues, holding every limit across all workers';
+REVOKE EXECUTE ON FUNCTION pgsched.claim_controlled(text[], text[], integer, uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgsched.claim_controlled(text[], text[], integer, uuid) TO pgsched_worker, pgsched_admin;
