@@ -52,13 +52,13 @@ from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
 from .attempts import LIVE, Attempt, State
-from .controls import Controls, claimed_row
+from .controls import Claim, Controls, claimed_row
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
 from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
 from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
-from .writer import Writer
+from .writer import ClaimAhead, Writer
 
 log = logging.getLogger("pgsched.worker")
 
@@ -116,7 +116,7 @@ class Worker:
         self.capacity = self.options.concurrency + self.options.prefetch
         self.attempts: dict[tuple[int, int], Attempt] = {}
         self.local: asyncio.Queue[Attempt] = asyncio.Queue()
-        self.writer = Writer(self.stats, self._written, self._executing)
+        self.writer = Writer(self.stats, self._written, self._executing, self._claim_with_write)
         self.threads = TaskThreads(self.options.concurrency)
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
@@ -124,6 +124,7 @@ class Worker:
         self._live = False  # the incarnation's lease is confirmed
         self._lease_until = 0.0  # monotonic time until which it is
         self._busy = False  # the last claim got all it asked for: the queues have more
+        self._reserved = 0  # capacity promised to claims on their way (the claim loop's, the writer's)
         self.controls = Controls({t.name for t in app.tasks.values() if t.max_per_key is not None})
         # What REGISTER writes, and what CONTROLS reads (a claim adds its queues, tasks and limit).
         self._registration = {
@@ -194,6 +195,8 @@ class Worker:
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
                 asyncio.create_task(self._watch_lease(), name="lease"),
             ]
+            for task in [flusher, *background]:
+                task.add_done_callback(self._stop_if_failed)
             slots = [asyncio.create_task(self._slot(), name=f"slot-{i}") for i in range(self.options.concurrency)]
             await self._claim_loop()
             await self._shutdown(slots)
@@ -211,6 +214,13 @@ class Worker:
             self.threads.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s stopped: %s", self.lease, self.stats)
         return self.stats
+
+    def _stop_if_failed(self, task: asyncio.Task[Any]) -> None:
+        """A background task that dies of a bug must not leave the worker claiming without it:
+        stop (its error is raised where the task is awaited, and the process exits with it)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("worker task %s failed: %r; stopping", task.get_name(), task.exception())
+            self.stop()
 
     async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
         await self._release_waiting()  # prefetched jobs never started: give them back now
@@ -330,13 +340,12 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        # While the queues have more than we can take, claim in batches of at least a quarter
-        # of the capacity rather than one job per freed slot. Capacity frees as outcomes are
-        # written (in batches of at most FLUSH_BATCH): a quarter lets the next claim run while
-        # the rest of the last batch's outcomes are still being written.
-        batch = max(1, self.capacity // 4)
+        # Capacity frees as outcomes are written; while the queues are busy the writer claims
+        # with them (_claim_with_write), and this loop claims at start, on wake-ups and polls,
+        # and whatever the writer's claims leave.
+        batch = self._batch
         while not self._stopping.is_set():
-            free = self.capacity - len(self.attempts)
+            free = self._free()
             if self._live and free > 0 and (free >= batch or not self._busy):
                 # Burst mode ends on an empty claim only if nothing was held when it began: an
                 # outcome written during the claim (after its snapshot) may have freed a capped
@@ -346,20 +355,38 @@ class Worker:
                 self._busy = got == free
                 if self.options.burst and got == 0 and not held_before and not self.attempts:
                     return
-                if self._busy and self.capacity - len(self.attempts) >= batch:
+                if self._busy and self._free() >= batch:
                     continue
             self._wake.clear()
             poll = self.options.poll_seconds * random.uniform(0.8, 1.2)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll)
 
+    @property
+    def _batch(self) -> int:
+        # While the queues have more than we can take, claim in batches of at least a quarter of
+        # the capacity rather than one job per freed slot: a quarter lets the next claim run while
+        # the rest of the last batch's outcomes are still being written.
+        return max(1, self.capacity // 4)
+
+    def _free(self) -> int:
+        """Capacity left for a new claim: neither held nor promised to a claim on its way."""
+        return self.capacity - len(self.attempts) - self._reserved
+
+    def _claims(self) -> list[Claim]:
+        self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
+        return self.controls.claims(self._queues, self.runnable)
+
     async def _claim(self, limit: int) -> int:
         got = 0
-        self._queues.append(self._queues.pop(0))  # rotate: every queue gets to be first
-        for sql, queues, tasks in self.controls.claims(self._queues, self.runnable):
-            if got >= limit:
-                break
-            got += await self._claim_from(sql, queues, tasks, limit - got)
+        self._reserved += limit
+        try:
+            for sql, queues, tasks in self._claims():
+                if got >= limit:
+                    break
+                got += await self._claim_from(sql, queues, tasks, limit - got)
+        finally:
+            self._reserved -= limit
         return got
 
     async def _claim_from(self, sql: str, queues: list[str], tasks: list[str], limit: int) -> int:
@@ -374,6 +401,35 @@ class Worker:
             log.warning("claim failed, will retry: %s", exc)
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
+        return self._take(claimed, lease)
+
+    def _claim_with_write(self, batch: list[Attempt]) -> ClaimAhead | None:
+        """The claim the writer sends with these outcomes, in their transaction: it takes the
+        capacity their writing frees (so the claim holds only if the write does: one round trip
+        and one commit per cycle instead of two, and never more held than the capacity)."""
+        if self._stopping.is_set() or not self._live or not (self._busy or self.options.burst):
+            return None  # nothing known to be waiting: new work announces itself (NOTIFY, poll)
+        freed = sum(1 for a in batch if self.attempts.get(a.key) is a)
+        limit = self._free() + freed
+        if limit < self._batch:
+            return None
+        claims = self._claims()
+        if not claims:
+            return None  # every queue of this worker is paused
+        sql, queues, tasks = claims[0]
+        lease = self.lease
+        self._reserved += limit
+        self.stats.claims += 1
+
+        def claimed(rows: list[Any] | None) -> None:
+            self._reserved -= limit
+            if rows is not None:
+                self._busy = self._take(rows, lease) == limit
+
+        return sql, {"worker": lease, "queues": queues, "tasks": tasks, "limit": limit}, claimed
+
+    def _take(self, claimed: list[Any], lease: uuid.UUID) -> int:
+        """Hold the jobs a claim of this incarnation returned, queued for the slots."""
         count = 0
         for job, dependency_results, next_claim_in in claimed:
             if job is None:  # a rate-limited queue is full: claim again when its next start is allowed

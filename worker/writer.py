@@ -6,9 +6,13 @@ DESIGN §8 "Write path", after River's batch completer:
   capacity (``concurrency + prefetch``), so a worker whose writes are slow stops claiming.
 * One flush writes, in this order, the checkpoints (a checkpoint precedes its outcome), the
   run logs, and up to ``FLUSH_BATCH`` outcomes per fenced statement (``queries.COMPLETE``).
-  The first outcome of a batch waits ``FLUSH_SECONDS`` for others, unless it is urgent (a
-  capped job, whose slot frees only when its outcome is written) or no other can come (every
-  job the worker holds has ended: waiting would only delay the next claim).
+  The first outcome of a batch waits up to ``FLUSH_SECONDS`` for others, unless it is urgent
+  (a capped job, whose slot frees only when its outcome is written), and no longer than until
+  no other can come (every job the worker holds has ended: waiting would only delay the next
+  claim).
+* While the queues have more work, the worker's next claim goes with the batch, in its
+  transaction (``claim_with``): one round trip and one commit per cycle, and the claim takes
+  only the capacity that the write frees, so it holds only if the write does.
 * A failed flush is retried on its own, with backoff, not when the next outcome arrives.
 * A statement the database refuses for its data (a result too large for its column, a NUL in
   a log line) is split until the refused rows are alone: such an outcome is replaced by a
@@ -20,6 +24,7 @@ DESIGN §8 "Write path", after River's batch completer:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +34,7 @@ import psycopg
 
 from . import queries
 from .attempts import Attempt
+from .controls import claimed_row
 from .outcomes import Outcome, Stats, complete_params, failure
 from .runlog import LogRow, RunLogBuffer, log_params
 
@@ -43,6 +49,10 @@ RETRY_MAX_SECONDS = 5.0
 
 T = TypeVar("T")
 
+# A claim the worker sends with a batch of outcomes, in their transaction (Writer's ``claim_with``):
+# statement, parameters, and what to call with its rows (None: it did not happen).
+ClaimAhead = tuple[str, dict[str, Any], Callable[[list[Any] | None], None]]
+
 
 def refused(exc: psycopg.Error) -> bool:
     """The database refused the data itself (classes 22 data exception, 23 integrity constraint,
@@ -53,10 +63,17 @@ def refused(exc: psycopg.Error) -> bool:
 class Writer:
     """The worker's write buffer; ``written(attempts)`` is called once their outcomes are stored."""
 
-    def __init__(self, stats: Stats, written: Callable[[list[Attempt]], None], more_coming: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        written: Callable[[list[Attempt]], None],
+        more_coming: Callable[[], bool],
+        claim_with: Callable[[list[Attempt]], ClaimAhead | None],
+    ) -> None:
         self.stats = stats
         self.written = written
         self.more_coming = more_coming
+        self.claim_with = claim_with
         self.logs = RunLogBuffer()
         self.pending: list[Attempt] = []
         self._progress: dict[tuple[int, int], tuple[Attempt, str]] = {}
@@ -89,8 +106,7 @@ class Writer:
         while not (self._closing and self.empty):
             await self._wake.wait()
             self._wake.clear()
-            if not (self._urgent or self._closing) and self.more_coming():
-                await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
+            await self._gather()
             self._urgent = False
             if await self.flush(pool):
                 self.failures = 0
@@ -101,6 +117,17 @@ class Writer:
                 pause = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self.failures - 1))
                 await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                 self._wake.set()
+
+    async def _gather(self) -> None:
+        """Let the batch gather: up to FLUSH_SECONDS, while an attempt still runs or waits for a
+        slot (checked at every outcome added, so the batch goes as soon as none can come)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLUSH_SECONDS
+        while not (self._urgent or self._closing) and self.more_coming() and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._wake.wait()
+            self._wake.clear()
 
     async def flush(self, pool: Any) -> bool:
         """Write what is buffered (outcomes up to FLUSH_BATCH); False if it must be tried again."""
@@ -133,6 +160,9 @@ class Writer:
         return True
 
     async def _write_outcomes(self, conn: Any, batch: list[Attempt], done: list[Attempt]) -> None:
+        if await self._write_and_claim(conn, batch):
+            return
+
         async def write(conn: Any, attempts: Sequence[Attempt]) -> None:
             outcomes = [a.outcome for a in attempts if a.outcome is not None]
             cur = await conn.execute(queries.COMPLETE, complete_params(outcomes, [a.lease for a in attempts]))
@@ -153,6 +183,34 @@ class Writer:
             else:
                 log.error("job %d is left running: not even a failure could be stored for it", outcome.job.id)
                 done.append(attempt)
+
+    async def _write_and_claim(self, conn: Any, batch: list[Attempt]) -> bool:
+        """Write the batch and the worker's next claim in one implicit transaction (pipelined:
+        one round trip, one commit). False when there is no claim to send, or when the database
+        refused the data: then the batch is written alone (and split as needed)."""
+        claim = self.claim_with(batch)
+        if claim is None:
+            return False
+        sql, params, claimed = claim
+        outcomes = [a.outcome for a in batch if a.outcome is not None]
+        rows = None
+        try:
+            # No sync point between the two statements: if either fails, neither holds.
+            async with conn.pipeline():
+                completed = await conn.execute(queries.COMPLETE, complete_params(outcomes, [a.lease for a in batch]))
+                claim_cursor = conn.cursor(row_factory=claimed_row)
+                await claim_cursor.execute(sql, params)
+                updated = {row[0] for row in await completed.fetchall()}
+                rows = await claim_cursor.fetchall()
+            self.stats.count(outcomes, updated)
+            self.written(batch)  # before the claimed jobs are held: capacity is never exceeded
+        except psycopg.Error as exc:
+            if refused(exc):
+                return False
+            raise
+        finally:
+            claimed(rows)
+        return True
 
     async def _store(
         self, conn: Any, items: Sequence[T], write: Callable[[Any, Sequence[T]], Awaitable[None]]
