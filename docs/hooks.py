@@ -13,7 +13,7 @@ import click
 import msgspec
 
 from pgsched.cli import main
-from pgsched.config import OPTION_NAMES, Settings, env_name, flag_name, option_help
+from pgsched.config import OPTION_NAMES, Settings, env_names, flag_name, option_help
 
 HELP_WIDTH = 100
 
@@ -39,20 +39,26 @@ def cli_reference() -> str:
     return "\n".join(sections)
 
 
-def commands_taking(flag: str) -> list[str]:
-    """The command paths (without ``pgsched``) whose options include ``flag``."""
-    found = []
+def commands_taking(flag: str) -> str:
+    """The commands whose options include ``flag``, as the table shows them."""
+    taking, leaving = [], []
     for command, ctx in commands(main, root_context()):
+        path = f"`{ctx.command_path.removeprefix('pgsched ')}`"
         if any(flag in param.opts for param in command.params if isinstance(param, click.Option)):
-            found.append(ctx.command_path.removeprefix("pgsched "))
-    return found
+            taking.append(path)
+        elif not isinstance(command, click.Group):
+            leaving.append(path)
+    if len(taking) > 2 * len(leaving):
+        return "every command but " + ", ".join(leaving)
+    return ", ".join(taking) or "no command"
 
 
 def _bounds(option: str) -> str:
     info = msgspec.inspect.type_info(Settings)
     assert isinstance(info, msgspec.inspect.StructType)
-    field = next(f for f in info.fields if f.name == option)
-    t = field.type
+    t = next(f for f in info.fields if f.name == option).type
+    if isinstance(t, msgspec.inspect.Metadata):
+        t = t.type
     if isinstance(t, (msgspec.inspect.IntType, msgspec.inspect.FloatType)):
         low = t.ge if t.ge is not None else t.gt
         high = t.le if t.le is not None else t.lt
@@ -79,9 +85,10 @@ def settings_table() -> str:
     defaults = Settings()
     rows = ["| option | variable | flag (commands) | range | default |", "| --- | --- | --- | --- | --- |"]
     for name in OPTION_NAMES:
-        taking = ", ".join(f"`{c}`" for c in commands_taking(flag_name(name))) or "none"
+        variables = ", else ".join(f"`{v}`" for v in env_names(name).split(", else "))
+        flag = f"`{flag_name(name)}` ({commands_taking(flag_name(name))})"
         rows.append(
-            f"| `{name}` — {option_help(name)} | `{env_name(name)}` | `{flag_name(name)}` ({taking}) "
+            f"| `{name}` — {option_help(name)} | {variables} | {flag} "
             f"| {_bounds(name)} | {_default(getattr(defaults, name))} |"
         )
     return "\n".join(rows) + "\n"
