@@ -25,11 +25,14 @@ def commands(command: click.Command, ctx: click.Context) -> Iterator[tuple[click
         for name in command.list_commands(ctx):
             sub = command.get_command(ctx, name)
             if sub is not None and not sub.hidden:
-                yield from commands(sub, click.Context(sub, info_name=name, parent=ctx, terminal_width=HELP_WIDTH))
+                sub_ctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
+                yield from commands(sub, sub_ctx)
 
 
 def root_context() -> click.Context:
-    return click.Context(main, info_name="pgsched", terminal_width=HELP_WIDTH, max_content_width=HELP_WIDTH)
+    # As the command line builds it (its -h, --help), but as wide as the page, whatever the terminal.
+    settings = {**main.context_settings, "terminal_width": HELP_WIDTH, "max_content_width": HELP_WIDTH}
+    return click.Context(main, info_name="pgsched", **settings)
 
 
 def cli_reference() -> str:
