@@ -45,6 +45,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 
 import pgsched
@@ -93,8 +94,15 @@ def readme_blocks(text: str, path: Path = README) -> list[Block]:
 
 
 def nav_pages() -> list[Path]:
-    """The pages of mkdocs.yml's nav, in order (the nav's ``- Title: page.md`` lines)."""
-    return [DOCS / page for page in re.findall(r"^\s*- (?:[^:\n]+: )?([\w/.-]+\.md)\s*$", MKDOCS.read_text(), re.M)]
+    """The pages of mkdocs.yml's nav, in order."""
+
+    def pages(entry: Any) -> Iterator[str]:  # a page, a list of entries, or {title: entry}
+        if isinstance(entry, str):
+            yield entry
+        for value in entry.values() if isinstance(entry, dict) else entry if isinstance(entry, list) else []:
+            yield from pages(value)
+
+    return [DOCS / page for page in pages(yaml.safe_load(MKDOCS.read_text(encoding="utf-8"))["nav"])]
 
 
 def file_blocks(paths: list[Path]) -> list[Block]:
