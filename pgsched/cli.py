@@ -26,7 +26,7 @@ import psycopg
 
 from . import crypto, migrations, queries, rotation
 from .client import App, import_app
-from .config import Settings, env_name, flag_name, load_settings, masked_dsn, option_help
+from .config import Settings, env_names, flag_name, load_settings, masked_dsn, option_help
 from .db import configure_adapters, job_row, resolve_dsn
 from .errors import PgschedError, ValidationError
 from .jobs import STATES, Job
@@ -49,19 +49,31 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
             overrides = {name: kwargs.pop(name) for name in names}
             return command(settings=load_settings(overrides), **kwargs)
 
-        defaults = Settings()
         for name in reversed(names):
-            flag = isinstance(getattr(defaults, name), bool)
-            wrapper = click.option(
-                flag_name(name),
-                name,
-                is_flag=flag,
-                default=None,
-                help=f"{option_help(name)} [env: {env_name(name)}; default: {getattr(defaults, name)}]",
-            )(wrapper)
+            wrapper = setting_option(name)(wrapper)
         return wrapper
 
     return decorate
+
+
+def setting_option(name: str) -> Callable[[Any], Any]:
+    """The click option of one setting: typed like its field, its variable and default in the help.
+
+    Its own default stays None (unset), so that the variable, then the field's default, apply.
+    """
+    default = getattr(Settings(), name)
+    kind = type(default)  # exactly: bool is an int too
+    details = [f"env: {env_names(name)}"]
+    if default is not None and kind is not bool:
+        details.append(f"default: {default:g}" if kind is float else f"default: {default}")
+    return click.option(
+        flag_name(name),
+        name,
+        is_flag=kind is bool,
+        type={int: click.INT, float: click.FLOAT}.get(kind),
+        default=None,
+        help=f"{option_help(name)} [{'; '.join(details)}]",
+    )
 
 
 def load_app(settings: Settings) -> App:

@@ -86,9 +86,17 @@ def _cap(value: str | None) -> Any:
 
 @queues_group.command("set")
 @click.argument("name")
-@click.option("--max-running", help="Global cap on running jobs of the queue, across all workers ('none' clears).")
-@click.option("--rate", help="At most N starts per second, minute or hour, e.g. 100/minute ('none' clears).")
-@click.option("--max-per-key", help="At most N running jobs per concurrency_key ('none' clears).")
+@click.option(
+    "--max-running",
+    metavar="N|none",
+    help="Global cap on running jobs of the queue, across all workers ('none' clears).",
+)
+@click.option(
+    "--rate",
+    metavar="N/UNIT|none",
+    help="At most N starts per second, minute or hour, e.g. 100/minute ('none' clears).",
+)
+@click.option("--max-per-key", metavar="N|none", help="At most N running jobs per concurrency_key ('none' clears).")
 @click.option("--fair/--no-fair", default=None, help="Alternate claims between owners and concurrency keys.")
 @click.option(
     "--encrypt/--no-encrypt", default=None, help="Store new jobs' payloads encrypted (PGSCHED_ENCRYPTION_KEYS)."

@@ -57,7 +57,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = None
     data_dir: Annotated[
         str | None,
-        msgspec.Meta(description="Data directory of the embedded PostgreSQL (default: per-user)"),
+        msgspec.Meta(
+            description="Data directory of the embedded PostgreSQL; unset: /var/lib/pgsched/pg18 for root, "
+            "else $XDG_DATA_HOME/pgsched/pg18 (~/.local/share/pgsched/pg18)"
+        ),
     ] = None
     app: Annotated[
         str | None,
@@ -81,9 +84,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     prefetch: Annotated[
         int, msgspec.Meta(ge=0, le=100_000, description="Extra jobs a worker claims ahead into its local queue")
     ] = 0
-    lease_seconds: Annotated[float, msgspec.Meta(gt=0, description="How long a claim holds without a heartbeat")] = 30.0
+    lease_seconds: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="How long a claim holds without a heartbeat "
+            "(and how long a new scheduler leader waits before rescuing)",
+        ),
+    ] = 30.0
     heartbeat_seconds: Annotated[
-        float, msgspec.Meta(gt=0, description="Interval of the heartbeat that extends the leases")
+        float,
+        msgspec.Meta(gt=0, description="Interval of the heartbeat that extends the leases; shorter than the lease"),
     ] = 5.0
     poll_seconds: Annotated[
         float, msgspec.Meta(gt=0, description="Claim poll interval when no notification arrives (jittered)")
@@ -147,6 +158,11 @@ def masked_dsn(dsn: str) -> str:
 def env_name(option: str) -> str:
     """The environment variable of an option: ``data_dir`` -> ``PGSCHED_DATA_DIR``."""
     return ENV_PREFIX + option.upper()
+
+
+def env_names(option: str) -> str:
+    """The variables an option is read from, in order, as --help and the docs show them."""
+    return f"{env_name(option)}, else DATABASE_URL" if option == "dsn" else env_name(option)
 
 
 def flag_name(option: str) -> str:

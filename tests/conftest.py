@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 pytest_plugins = ["pytester"]
-# The README's user example is a test suite of its own, run by tests/test_testing.py against this
+# The docs' user example is a test suite of its own, run by tests/test_testing.py against this
 # suite's database; collected here, it would have no app to test.
 collect_ignore = ["user_example"]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -85,3 +87,39 @@ def test_settings_repr_never_shows_a_dsn_password(dsn: str, shown: str) -> None:
     assert settings.dsn == dsn  # the value itself is intact
     assert f"dsn={shown!r}" in repr(settings)
     assert "s3" not in repr(settings) and "cret" not in repr(settings)
+
+
+def all_commands(command: click.Command, path: str = "pgsched") -> Iterator[tuple[str, click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from all_commands(sub, f"{path} {name}")
+
+
+def test_help_types_the_numbers_and_shows_only_real_defaults() -> None:
+    defaults = Settings()
+    for path, command in all_commands(main):
+        help_text = CliRunner().invoke(main, [*path.split()[1:], "--help"], terminal_width=200).output
+        assert "default: None" not in help_text, f"{path} --help shows an unset default"
+        for param in command.params:
+            name = param.name or ""
+            if name in OPTION_NAMES and type(getattr(defaults, name)) in (int, float):
+                expected = "integer" if type(getattr(defaults, name)) is int else "float"
+                assert param.type.name == expected, f"{path} {flag_name(name)} is {param.type.name}, not {expected}"
+    worker_help = CliRunner().invoke(main, ["worker", "--help"], terminal_width=200).output
+    assert "--concurrency INTEGER" in worker_help and "--lease-seconds FLOAT" in worker_help
+    assert "[env: PGSCHED_DSN, else DATABASE_URL]" in worker_help
+    assert "/var/lib/pgsched/pg18 for root" in worker_help  # where root's embedded data goes
+
+
+def test_a_number_flag_refuses_words() -> None:
+    result = CliRunner().invoke(main, ["worker", "--concurrency", "ten"])
+    assert result.exit_code == 2 and "'ten' is not a valid integer" in result.output
+
+
+def test_shell_completion_prints_a_script_and_completes_commands() -> None:
+    script = CliRunner().invoke(main, [], prog_name="pgsched", env={"_PGSCHED_COMPLETE": "bash_source"})
+    assert script.exit_code == 0 and "_pgsched_completion" in script.output
+    env = {"_PGSCHED_COMPLETE": "bash_complete", "COMP_WORDS": "pgsched wor", "COMP_CWORD": "1"}
+    completed = CliRunner().invoke(main, [], prog_name="pgsched", env=env)
+    assert completed.output.splitlines() == ["plain,worker"]

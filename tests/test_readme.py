@@ -1,6 +1,11 @@
-"""The README's examples, executed, so the docs cannot drift from the code (STYLE habit 10).
+"""The examples of README.md and of every page of the docs site, executed, so the docs cannot drift
+from the code (STYLE habit 10).
 
-Conventions for the fenced blocks of README.md (the README states them too):
+Two documents run, each against its own fresh database: README.md alone, and the site's pages
+(``docs/*.md``) one after the other in the order of the ``nav`` of mkdocs.yml, as one document:
+a page may use what an earlier page created. Every page must be in the nav.
+
+Conventions for the fenced blocks (docs/development.md states them too):
 
 - ```` ```python ````: executed in document order in one namespace, with
   ``PGSCHED_DSN`` set to this test's fresh database, so ``App()`` uses it.
@@ -18,14 +23,16 @@ Conventions for the fenced blocks of README.md (the README states them too):
 Any other fence is an error, so a typo cannot silently turn an example off.
 Blocks of all kinds run in one pass in document order: a block may rely on
 what an earlier one created (job ids are deterministic in a fresh database).
+Errors name the file and the line of the block or command that failed.
 
 Roles are global to the server, unlike the per-test database: the login roles
-the README creates must not exist beforehand (the test refuses to drop a role
+the examples create must not exist beforehand (the test refuses to drop a role
 it did not create) and are dropped afterwards.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -38,13 +45,17 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 
 import pgsched
 from pgsched import embedded
 from pgsched.config import OPTION_NAMES, env_name, flag_name
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+MKDOCS = ROOT / "mkdocs.yml"
 PGSCHED = Path(sys.executable).parent / "pgsched"
 RUNNABLE = frozenset({"python", "sql", "console"})
 NEVER_RUN = frozenset({"text", "toml"})
@@ -54,27 +65,52 @@ _FENCE = re.compile(r"^```(?P<lang>[\w-]*)(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ 
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced code block of the README."""
+    """One fenced code block of a Markdown file."""
 
     lang: str
     flags: frozenset[str]
     body: str
     line: int  # line number of the first line of the body
+    path: Path = README
 
     @property
     def runs(self) -> bool:
         return self.lang in RUNNABLE and "no-run" not in self.flags
 
+    def at(self, offset: int = 0) -> str:
+        """``file:line`` of the body's line ``offset``."""
+        return f"{self.path.relative_to(ROOT)}:{self.line + offset}"
+
     def where(self) -> str:
-        return f"README.md:{self.line} ({self.lang} block)"
+        return f"{self.at()} ({self.lang} block)"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, path: Path = README) -> list[Block]:
     blocks = []
     for match in _FENCE.finditer(text):
         line = text.count("\n", 0, match.start("body")) + 1
-        blocks.append(Block(match["lang"], frozenset(match["info"].split()), match["body"], line))
+        blocks.append(Block(match["lang"], frozenset(match["info"].split()), match["body"], line, path))
     return blocks
+
+
+def nav_pages() -> list[Path]:
+    """The pages of mkdocs.yml's nav, in order."""
+
+    def pages(entry: Any) -> Iterator[str]:  # a page, a list of entries, or {title: entry}
+        if isinstance(entry, str):
+            yield entry
+        for value in entry.values() if isinstance(entry, dict) else entry if isinstance(entry, list) else []:
+            yield from pages(value)
+
+    return [DOCS / page for page in pages(yaml.safe_load(MKDOCS.read_text(encoding="utf-8"))["nav"])]
+
+
+def file_blocks(paths: list[Path]) -> list[Block]:
+    return [block for path in paths for block in readme_blocks(path.read_text(encoding="utf-8"), path)]
+
+
+# The documents whose examples run, each on its own database.
+DOCUMENTS = {"readme": lambda: [README], "docs": nav_pages}
 
 
 @dataclass(frozen=True)
@@ -83,7 +119,7 @@ class Command:
 
     argv: list[str]
     expected: str
-    line: int
+    where: str  # file:line
 
 
 def console_commands(block: Block) -> list[Command]:
@@ -92,15 +128,15 @@ def console_commands(block: Block) -> list[Command]:
         if text.startswith("$ "):
             argv = shlex.split(text[2:], comments=True)
             assert argv and argv[0] == "pgsched", (
-                f"README.md:{block.line + offset}: only `$ pgsched ...` lines can run; "
+                f"{block.at(offset)}: only `$ pgsched ...` lines can run; "
                 "fence the block as ```console no-run to show other commands"
             )
-            commands.append(Command(argv, "", block.line + offset))
+            commands.append(Command(argv, "", block.at(offset)))
         elif commands:
             last = commands[-1]
-            commands[-1] = Command(last.argv, last.expected + text + "\n", last.line)
+            commands[-1] = Command(last.argv, last.expected + text + "\n", last.where)
         elif text.strip():
-            raise AssertionError(f"README.md:{block.line + offset}: output before any `$ ` command")
+            raise AssertionError(f"{block.at(offset)}: output before any `$ ` command")
     return commands
 
 
@@ -128,8 +164,8 @@ def created_roles(blocks: list[Block]) -> list[str]:
 
 
 def run_python(block: Block, namespace: dict[str, Any]) -> None:
-    # Pad with blank lines so tracebacks point at README.md's own line numbers.
-    code = compile("\n" * (block.line - 1) + block.body, str(README), "exec")
+    # Pad with blank lines so tracebacks point at the Markdown file's own line numbers.
+    code = compile("\n" * (block.line - 1) + block.body, str(block.path), "exec")
     exec(code, namespace)
 
 
@@ -149,32 +185,30 @@ def run_console(block: Block, env: dict[str, str]) -> None:
     for command in console_commands(block):
         done = subprocess.run([str(PGSCHED), *command.argv[1:]], env=env, capture_output=True, text=True, timeout=120)
         shown = shlex.join(command.argv)
-        assert done.returncode == 0, (
-            f"README.md:{command.line}: `{shown}` exited {done.returncode}:\n{done.stderr}{done.stdout}"
-        )
+        assert done.returncode == 0, f"{command.where}: `{shown}` exited {done.returncode}:\n{done.stderr}{done.stdout}"
         if command.expected.strip():
             actual = normalized(done.stdout)
             assert output_pattern(command.expected).fullmatch(actual), (
-                f"README.md:{command.line}: `{shown}` printed\n{actual}\n--- but the README shows\n{command.expected}"
+                f"{command.where}: `{shown}` printed\n{actual}\n--- but the docs show\n{command.expected}"
             )
 
 
 # -- tests ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def blocks() -> list[Block]:
-    return readme_blocks(README.read_text(encoding="utf-8"))
+@pytest.fixture(params=sorted(DOCUMENTS))
+def blocks(request: pytest.FixtureRequest) -> list[Block]:
+    return file_blocks(DOCUMENTS[request.param]())
 
 
 @pytest.fixture
 def readme_roles(blocks: list[Block], dsn: str) -> Iterator[list[str]]:
-    """The login roles the README creates: absent before the examples run, dropped after."""
+    """The login roles the examples create: absent before the examples run, dropped after."""
     names = created_roles(blocks)
     with psycopg.connect(dsn, autocommit=True) as admin:
         existing = [n for n in names if admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (n,)).fetchone()]
         assert not existing, (
-            f"roles {existing} already exist on the test server; the README examples create them. "
+            f"roles {existing} already exist on the test server; the docs' examples create them. "
             "Drop them (DROP ROLE ...) or use another server."
         )
         try:
@@ -185,39 +219,48 @@ def readme_roles(blocks: list[Block], dsn: str) -> Iterator[list[str]]:
 
 
 @pytest.mark.unit
-def test_readme_opens_with_the_two_setup_commands_and_every_block_is_known(blocks: list[Block]) -> None:
-    first, second = blocks[0], blocks[1]
+def test_readme_opens_with_the_two_setup_commands() -> None:
+    first, second = readme_blocks(README.read_text(encoding="utf-8"))[:2]
     assert (first.body.strip(), second.body.strip()) == ("$ make up", "$ make test")
     text = README.read_text(encoding="utf-8")
     assert text.index("```") < text.index("\n## "), "the set-up commands come before any section"
-    for block in blocks:
-        assert block.lang in RUNNABLE | NEVER_RUN, f"{block.where()}: unknown fence language {block.lang!r}"
-        assert block.flags <= {"no-run"}, f"{block.where()}: unknown fence flags {sorted(block.flags)}"
-    langs = {b.lang for b in blocks if b.runs}
-    assert langs == RUNNABLE, f"the README should show runnable examples of each kind, found {sorted(langs)}"
 
 
 @pytest.mark.unit
-def test_readme_documents_every_option() -> None:
-    """Every field of ``pgsched.Settings`` has its variable and its flag in the Configuration table,
-    so an option added without docs fails here."""
-    text = README.read_text(encoding="utf-8")
-    assert "\n## Configuration\n" in text, "the README has a Configuration section"
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| `")]
-    missing = [
-        name
-        for name in OPTION_NAMES
-        if not any(f"`{env_name(name)}`" in row and f"`{flag_name(name)}`" in row for row in rows)
-    ]
-    assert not missing, (
-        f"README.md, Configuration: no table row gives the variable and flag of {missing} "
-        "(add a row per option: | `name` - meaning | `PGSCHED_NAME` | `--name` (commands) | default |)"
-    )
+def test_every_docs_page_is_in_the_nav_and_every_block_is_known() -> None:
+    pages = nav_pages()
+    missing = sorted(p.name for p in DOCS.glob("**/*.md") if p not in pages)
+    assert not missing, f"mkdocs.yml: pages not in the nav (their examples would not run): {missing}"
+    assert all(p.is_file() for p in pages), f"mkdocs.yml names pages that do not exist: {pages}"
+    every = file_blocks([README, *pages])
+    for block in every:
+        assert block.lang in RUNNABLE | NEVER_RUN, f"{block.where()}: unknown fence language {block.lang!r}"
+        assert block.flags <= {"no-run"}, f"{block.where()}: unknown fence flags {sorted(block.flags)}"
+    for name, document in DOCUMENTS.items():
+        langs = {b.lang for b in file_blocks(document()) if b.runs}
+        assert langs == RUNNABLE, f"{name}: should show runnable examples of each kind, found {sorted(langs)}"
+
+
+@pytest.mark.unit
+def test_the_configuration_page_shows_every_option() -> None:
+    """The option table of docs/configuration.md is generated by docs/hooks.py: a row per field of
+    ``pgsched.Settings``, with its variable, its flag and the commands that take it."""
+    assert "<!-- generated: settings -->" in (DOCS / "configuration.md").read_text(encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    assert spec and spec.loader
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    rows = hooks.settings_table().splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == list(OPTION_NAMES)
+    for name, row in zip(OPTION_NAMES, rows, strict=True):
+        assert f"`{env_name(name)}`" in row and f"`{flag_name(name)}` (" in row, row
+    assert "`PGSCHED_DSN`, else `DATABASE_URL`" in rows[0]
+    assert "`--concurrency` (`up`, `worker`)" in rows[OPTION_NAMES.index("concurrency")]
+    assert "every command but `keys generate`, `schedules preview`" in rows[0]
 
 
 @pytest.mark.db
-def test_readme_examples_run(
+def test_examples_run(
     blocks: list[Block], dsn: str, cli_env: dict[str, str], readme_roles: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in list(os.environ):

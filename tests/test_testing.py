@@ -1,5 +1,5 @@
 """pgsched.testing, the kit users test their tasks with: the Kit on this suite's database, and the
-pytest plugin run through pytester on user-style test modules (the README's example among them)."""
+pytest plugin run through pytester on user-style test modules (the docs' example among them)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pgsched
 from pgsched import Backoff, Cancel, Snooze, ValidationError
 from pgsched.testing import Drained, Kit
 
-from .test_readme import README, readme_blocks
+from .test_readme import DOCS, readme_blocks
 
 pytestmark = pytest.mark.db
 
@@ -174,11 +174,10 @@ def test_the_readme_example_passes_through_the_plugin(pytester: pytest.Pytester,
     result.assert_outcomes(passed=6)
 
 
-def test_the_readme_shows_the_example_files_as_they_are() -> None:
-    section = README.read_text(encoding="utf-8").split("\n## Testing your tasks\n", 1)[1].split("\n## ", 1)[0]
-    shown = [block.body for block in readme_blocks(section)]
+def test_the_docs_show_the_example_files_as_they_are() -> None:
+    shown = [block.body for block in readme_blocks((DOCS / "testing-your-tasks.md").read_text(encoding="utf-8"))]
     for name in ("pyproject.toml", "example_tasks.py", "test_example_tasks.py"):
-        assert (EXAMPLE / name).read_text(encoding="utf-8") in shown, f"README.md shows another {name}"
+        assert (EXAMPLE / name).read_text(encoding="utf-8") in shown, f"docs/testing-your-tasks.md shows another {name}"
 
 
 def test_failures_list_what_was_found_and_the_plugin_needs_its_settings(

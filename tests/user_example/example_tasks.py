@@ -1,4 +1,4 @@
-"""The tasks of the README's "Testing your tasks" example."""
+"""The tasks of the "Testing your tasks" example of the docs."""
 
 from datetime import timedelta
 
