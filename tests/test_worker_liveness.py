@@ -244,6 +244,37 @@ def test_a_failed_flush_is_retried_without_another_outcome(tasks: pgsched.App, c
     assert [r[:2] for r in runs(conn, job_id)] == [(1, "succeeded")]
 
 
+def test_a_claim_sent_with_a_failed_write_does_not_hold(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    """While the queues are busy the worker sends its next claim with a batch of outcomes, in
+    their transaction: when the write fails, the claim must be undone with it. Were it kept, each
+    retry would claim more, and the database would show more jobs running for the worker than
+    its capacity; after the failures every job still runs once."""
+    conn.execute(
+        """CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'history is read-only for a moment'; END $$"""
+    )
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON pgsched.runs FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse()")
+    tasks.enqueue_many([{"task": "noop", "args": {"i": i}} for i in range(300)])
+    running = "SELECT count(*) FROM pgsched.jobs WHERE state = 'running'"
+
+    async def scenario() -> list[int]:
+        worker, task = await start_worker(tasks, poll_seconds=0.05, concurrency=4, prefetch=4)
+        seen = []
+        while worker.writer.failures < 4:
+            seen.append(scalar(conn, running))
+            await asyncio.sleep(0.01)
+        conn.execute("DROP TRIGGER refuse ON pgsched.runs")
+        await wait_until_async(lambda: states(conn) == {"succeeded": 300}, timeout=30, message="all 300 written")
+        worker.stop()
+        await task
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert max(seen) <= 8  # concurrency + prefetch
+    assert scalar(conn, "SELECT count(*) FROM pgsched.runs WHERE outcome = 'succeeded'") == 300
+    assert scalar(conn, "SELECT count(*) FROM pgsched.runs") == 300  # each ran once: nothing rescued
+
+
 def test_an_outcome_the_database_refuses_fails_alone(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     """R6: a result that passes the worker's check but not the column's is split out of its
     batch and fails with the reason; the rest of the batch is written."""
