@@ -3,9 +3,11 @@ batch parameters that write outcomes (worker/queries.py COMPLETE)."""
 
 from __future__ import annotations
 
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -59,6 +61,29 @@ class Stats:
                 self.cancelled += 1
             else:
                 self.retried += 1
+
+
+# Modules whose frames lead from the worker to the task's code: the runtime and executors, and
+# the asyncio and thread-pool machinery a task is awaited or called through.
+_PLUMBING = ("pgsched.worker", "asyncio", "concurrent.futures", "threading")
+
+
+def _plumbing(tb: TracebackType) -> bool:
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return any(module == name or module.startswith(name + ".") for name in _PLUMBING)
+
+
+def task_traceback(exc: BaseException) -> str:
+    """The traceback a failed attempt stores: from the task's own frame down, without the
+    worker's frames above it (they are the same for every job and hide the user's line).
+
+    Only the leading frames are dropped: pgsched frames below the task's code (the task called
+    ``app.enqueue`` and it raised) stay. An exception raised before the task's code ran (its
+    arguments did not fit its signature) keeps no frame: just the error line."""
+    tb = exc.__traceback__
+    while tb is not None and _plumbing(tb):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def ended(job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:

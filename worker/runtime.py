@@ -31,7 +31,6 @@ import os
 import random
 import socket
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -54,7 +53,7 @@ from . import queries
 from .attempts import LIVE, Attempt, State
 from .controls import Controls, claimed_row
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
-from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
+from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome, task_traceback
 from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
@@ -521,7 +520,7 @@ class Worker:
         except NotRetryable as exc:
             return self._failure(job, started, "failed", str(exc), final=True)
         except Exception as exc:
-            text = "".join(traceback.format_exception(exc))[-TRACEBACK_MAX_CHARS:]
+            text = task_traceback(exc)[-TRACEBACK_MAX_CHARS:]
             return self._failure(job, started, "failed", text)
         return result_outcome(job, started, value)
 
