@@ -53,7 +53,7 @@ from . import queries
 from .attempts import LIVE, Attempt, State
 from .controls import Controls, claimed_row
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
-from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome, task_traceback
+from .outcomes import Outcome, Stats, complete_params, ended, failure, log_finished, result_outcome, task_traceback
 from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
@@ -208,7 +208,7 @@ class Worker:
             logging.getLogger().removeHandler(handler)
             await self._pool.close()
             self.threads.shutdown(wait=False, cancel_futures=True)
-        log.info("worker %s stopped: %s", self.lease, self.stats)
+        log.info("worker %s stopped: %s", self.lease, self.stats.summary())
         return self.stats
 
     async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
@@ -455,6 +455,7 @@ class Worker:
     def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
         outcome.finished_at = attempt.db_now()
         if attempt.finish(outcome):
+            log_finished(outcome)
             # A capped job's slot frees only when its outcome is written: no gathering delay.
             self.writer.add(attempt, urgent=self.controls.limits(attempt.job))
 
