@@ -416,7 +416,9 @@ def test_oldest_queued_age_is_null_when_nothing_is_queued(conn: psycopg.Connecti
 
 
 def test_reader_charts_runs_without_seeing_their_payloads(login_as: Any, conn: psycopg.Connection[Any]) -> None:
-    job_id = one(conn, """INSERT INTO pgsched.jobs (task, args, owner) VALUES ('t', '{"card": "4111"}', 'alice') RETURNING id""")
+    job_id = one(
+        conn, """INSERT INTO pgsched.jobs (task, args, owner) VALUES ('t', '{"card": "4111"}', 'alice') RETURNING id"""
+    )
     conn.execute(
         """INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, outcome, error, started_at, finished_at)
            VALUES (%s, 1, 'default', 't', 'alice', 'failed', 'ValueError: card 4111 declined',
