@@ -31,11 +31,11 @@ def short_id(worker: Any) -> str:
     return str(worker)[:8] if worker else ""
 
 
-def readable(text: str | None, field: str, job: Job | tuple[str, str], keyring: Keyring | None) -> str | None:
-    """A text column of an encrypted job, decrypted with the configured keys, else "(encrypted)"."""
+def readable(text: str | None, field: str, scope: tuple[str, str], keyring: Keyring | None) -> str | None:
+    """A text column of an encrypted job (``scope``: its task and queue), decrypted with the
+    configured keys (PGSCHED_ENCRYPTION_KEYS), else "(encrypted)"."""
     if text is None or not is_envelope(text):
         return text
-    scope = (job.task, job.queue) if isinstance(job, Job) else job
     if keyring is not None:
         try:
             return keyring.decrypt_text(text, field, scope)
@@ -67,8 +67,9 @@ def show(settings: Settings, job_id: int, as_json: bool) -> None:
         job = app.get(job_id, connection=conn)
         runs = cur.execute(queries.JOB_RUNS, (job_id,)).fetchall()
         logs = cur.execute(queries.JOB_LOGS, from_start(job_id, None)).fetchall()
+    keyring, scope = app.keyring, (job.task, job.queue)
     for run in runs:
-        run["error"] = readable(run["error"], "error", job, app.keyring)
+        run["error"] = readable(run["error"], "error", scope, keyring)
     if as_json:
         print_json({**msgspec.structs.asdict(job), "runs": runs})
         return
@@ -93,16 +94,12 @@ def show(settings: Settings, job_id: int, as_json: bool) -> None:
         ],
         headers,
     )
+    cut = len(logs) > SHOW_LOG_LINES
     click.echo(
-        "\nlog:"
-        + (
-            f" (the last {SHOW_LOG_LINES} of {len(logs)} lines: pgsched jobs logs {job_id})"
-            if len(logs) > SHOW_LOG_LINES
-            else ""
-        )
+        f"\nlog: the last {SHOW_LOG_LINES} of {len(logs)} lines (pgsched jobs logs {job_id})" if cut else "\nlog:"
     )
     for row in logs[-SHOW_LOG_LINES:]:
-        click.echo(log_line(row, readable(row["message"], "message", job, app.keyring)))
+        click.echo(log_line(row, readable(row["message"], "message", scope, keyring)))
 
 
 def _seconds(run: dict[str, Any]) -> float | None:

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgsched import migrations
+from pgsched import crypto, migrations
 
 from .conftest import Server, row_counts, wait_until, worker_incarnation
 from .processes import PgschedProcess
@@ -673,3 +673,35 @@ def test_workers_lists_live_and_stale_workers_to_a_reader(
     assert by_pid[worker.pid][-1] == "ago"  # not stale: the line ends with its heartbeat's age
     assert by_pid[1][0] == str(stale)[:8] and by_pid[1][-1] == "stale"
     assert {(w["pid"], w["stale"], w["running"]) for w in as_json} == {(worker.pid, False, 1), (1, True, 0)}
+
+
+def test_jobs_show_and_logs_read_an_encrypted_jobs_texts_only_with_its_key(
+    cli_env: dict[str, str], conn: psycopg.Connection[Any]
+) -> None:
+    key = crypto.generate_key("k1")
+    ring = crypto.Keyring.parse(key)
+    scope = ("charge", "default")
+    error = ring.encrypt_text(TRACEBACK, "error", scope)
+    job_id = conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, attempts, error, finished_at) "
+        "VALUES ('charge', 'failed', 1, %s, now()) RETURNING id",
+        (error,),
+    ).fetchone()[0]
+    conn.execute(
+        """INSERT INTO pgsched.runs (job_id, attempt, queue, task, outcome, error, started_at, finished_at)
+           VALUES (%s, 1, 'default', 'charge', 'failed', %s, now(), now())""",
+        (job_id, error),
+    )
+    conn.execute(
+        "INSERT INTO pgsched.run_logs (job_id, attempt, message) VALUES (%s, 1, %s)",
+        (job_id, ring.encrypt_text("card 4111 declined", "message", scope)),
+    )
+    listed = succeeded(pgsched(cli_env, "jobs", "list")).stdout.splitlines()[1]
+    assert listed.endswith("(encrypted)")
+    shown = succeeded(pgsched(cli_env, "jobs", "show", str(job_id))).stdout
+    runs, _, log = shown.partition("\nruns:\n")[2].partition("\nlog:\n")
+    assert runs.splitlines()[1].endswith("(encrypted)") and log.rstrip().endswith("#1  log  (encrypted)")
+    keyed = {**cli_env, "PGSCHED_ENCRYPTION_KEYS": key}
+    assert succeeded(pgsched(keyed, "jobs", "logs", str(job_id))).stdout.rstrip().endswith("card 4111 declined")
+    shown = succeeded(pgsched(keyed, "jobs", "show", str(job_id))).stdout
+    assert "ValueError: invalid literal for int() with base 10: 'twelve'" in shown.partition("\nruns:\n")[2]

@@ -103,6 +103,9 @@ def task_traceback(exc: BaseException) -> str:
 def log_finished(outcome: Outcome) -> None:
     """The one line a finished attempt logs (STYLE habit 7): task, job, attempt, outcome, duration,
     what happens next, and for a failure the error's last line. A dead letter is an ERROR."""
+    level = logging.ERROR if outcome.state == "failed" else logging.INFO
+    if not log.isEnabledFor(level):
+        return  # benchmarks run at WARNING: no formatting per job
     job = outcome.job
     took = duration((outcome.finished_at - outcome.started_at).total_seconds())
     line = f"{job.task} job {job.id} attempt {job.attempts}/{job.max_attempts} {outcome.outcome} in {took}"
@@ -112,7 +115,7 @@ def log_finished(outcome: Outcome) -> None:
         line += ", not retried"
     if outcome.state != "succeeded" and outcome.error:
         line += f": {error_summary(outcome.error, 500)}"
-    log.log(logging.ERROR if outcome.state == "failed" else logging.INFO, "%s", line)
+    log.log(level, "%s", line)
 
 
 def ended(job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:
