@@ -28,6 +28,7 @@ from . import crypto, migrations, queries, rotation
 from .client import App, import_app
 from .config import Settings, env_names, flag_name, load_settings, masked_dsn, option_help
 from .db import configure_adapters, job_row, resolve_dsn
+from .display import error_summary, progress_bar
 from .errors import PgschedError, ValidationError
 from .jobs import STATES, Job
 from .maintenance import Maintenance, default_services
@@ -124,23 +125,18 @@ def print_json(value: Any) -> None:
     click.echo(msgspec.json.encode(value).decode())
 
 
-JOB_TABLE = ("id", "queue", "task", "state", "priority", "attempts", "run_at", "error")
+JOB_TABLE = ("id", "queue", "task", "state", "priority", "attempts", "run_at", "progress", "error")
+# The ERROR column shows the line that names the error (a traceback's last), cut to this width.
+ERROR_WIDTH = 60
 
 
 def print_jobs(jobs: Iterable[Job], as_json: bool) -> None:
     jobs = list(jobs)
     if as_json:
         print_json(jobs)
-    else:
-        print_table([[getattr(j, c) for c in JOB_TABLE] for j in jobs], JOB_TABLE)
-
-
-def print_job(job: Job, as_json: bool) -> None:
-    if as_json:
-        print_json(job)
         return
-    for field in Job.__struct_fields__:
-        click.echo(f"{field:>24}  {_cell(getattr(job, field))}")
+    shown = {"progress": lambda j: progress_bar(j.progress), "error": lambda j: error_summary(j.error, ERROR_WIDTH)}
+    print_table([[shown[c](j) if c in shown else getattr(j, c) for c in JOB_TABLE] for j in jobs], JOB_TABLE)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -343,7 +339,7 @@ def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at
 
 @main.group()
 def jobs() -> None:
-    """List, show, cancel and retry jobs."""
+    """List, show, cancel and retry jobs; read their logs."""
 
 
 @jobs.command("list")
@@ -368,8 +364,8 @@ def _job_command(name: str, help_text: str, call: Callable[..., Job], *extra: Ca
     def command(settings: Settings, job_id: int, as_json: bool, **kwargs: Any) -> None:
         with App(settings=settings) as app:
             job = call(app, job_id, **kwargs)
-        if name == "show" or as_json:
-            print_job(job, as_json)
+        if as_json:
+            print_json(job)
         else:
             click.echo(f"job {job.id}: {job.state}" + (" (cancel requested)" if job.cancel_requested_at else ""))
 
@@ -377,7 +373,6 @@ def _job_command(name: str, help_text: str, call: Callable[..., Job], *extra: Ca
         decorator(command)
 
 
-_job_command("show", "Show one job.", App.get)
 _job_command(
     "cancel",
     "Cancel a job (a running one is stopped by its worker).",
@@ -442,6 +437,7 @@ def rotate(settings: Settings, batch: int, as_json: bool) -> None:
 
 
 # The queues and schedules commands live in their own modules; registered here, after everything they use.
+from . import cli_jobs  # noqa: E402, F401  (registers jobs show|logs and workers)
 from .cli_queues import queues_group  # noqa: E402
 from .cli_schedules import schedules_group  # noqa: E402
 

@@ -86,3 +86,35 @@ SET queue = excluded.queue,
     parameters = excluded.parameters, description = excluded.description, app = excluded.app,
     last_seen_at = excluded.last_seen_at
 """
+
+# -- what people read (CLI: jobs show, jobs logs, workers) --------------------------------------
+
+# A job's attempts, oldest first (runs_job_idx).
+JOB_RUNS = """
+SELECT attempt, outcome, worker_id, started_at, finished_at, duration_ms, error
+FROM pgsched.runs WHERE job_id = %s ORDER BY started_at, id
+"""
+
+# A job's log lines after a position, in the order they were logged (run_logs_job_idx). The
+# position is the last line read: its attempt, time and ctid (which orders lines logged at the
+# same instant, always in one partition since partitions split by logged_at).
+JOB_LOGS = """
+SELECT attempt, logged_at, stream, level, message, ctid::text AS position
+FROM pgsched.run_logs
+WHERE job_id = %(job_id)s
+  AND (%(attempt)s::integer IS NULL OR attempt = %(attempt)s)
+  AND (%(after_attempt)s::integer IS NULL
+       OR (attempt, logged_at, ctid) > (%(after_attempt)s, %(after_at)s, %(after_position)s::tid))
+ORDER BY attempt, logged_at, ctid
+"""
+
+# Whether (and how) a followed job has finished (primary key).
+JOB_STATE = "SELECT state, task, queue FROM pgsched.jobs WHERE id = %s"
+
+# Every registered worker incarnation, stale ones (lease passed) included until the pruner
+# removes them (pgsched.worker_status: a handful of rows).
+WORKERS = """
+SELECT id, host, pid, queues, concurrency, running, with_scheduler, started_at, heartbeat_at,
+       extract(epoch FROM pgsched.now() - heartbeat_at)::double precision AS heartbeat_age_seconds, NOT alive AS stale
+FROM pgsched.worker_status ORDER BY host, pid, started_at
+"""

@@ -11,15 +11,19 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgsched import migrations
+from pgsched import crypto, migrations
 
-from .conftest import Server, row_counts
+from .conftest import Server, row_counts, wait_until, worker_incarnation
+from .processes import PgschedProcess
 
 pytestmark = pytest.mark.process
 
@@ -514,3 +518,190 @@ def test_a_bad_setting_value_names_the_option(cli_env: dict[str, str], conn: psy
     line = error_line(pgsched(cli_env, "queues", "--log-level", "loud"))
     assert "--log-level" in line and "'loud'" in line
     assert row_counts(conn) == before
+
+
+# -- what people read: jobs list/show/logs, workers ----------------------------------------------------
+
+TRACEBACK = """Traceback (most recent call last):
+  File "/srv/app/tasks.py", line 12, in charge
+    amount = parse(text)
+  File "/srv/app/tasks.py", line 5, in parse
+    return int(text)
+ValueError: invalid literal for int() with base 10: 'twelve'
+"""
+
+
+def test_jobs_list_shows_an_errors_last_line_and_a_progress_bar(
+    cli_env: dict[str, str], conn: psycopg.Connection[Any]
+) -> None:
+    failed, halfway, free_form = (
+        conn.execute(
+            "INSERT INTO pgsched.jobs (task, state, attempts, error, progress, finished_at) "
+            "VALUES ('charge', %s, 1, %s, %s, CASE WHEN %s = 'failed' THEN now() END) RETURNING id",
+            (state, error, json.dumps(progress) if progress else None, state),
+        ).fetchone()[0]
+        for state, error, progress in [
+            ("failed", TRACEBACK, None),
+            ("queued", None, {"done": 3, "total": 4}),
+            ("queued", None, {"step": "upload"}),
+        ]
+    )
+    out = succeeded(pgsched(cli_env, "jobs", "list")).stdout
+    lines = out.splitlines()
+    assert len(lines) == 4, out  # the header and one line per job, whatever their errors hold
+    assert lines[0].split() == ["ID", "QUEUE", "TASK", "STATE", "PRIORITY", "ATTEMPTS", "RUN_AT", "PROGRESS", "ERROR"]
+    by_id = {int(line.split()[0]): line for line in lines[1:]}
+    assert by_id[failed].endswith("ValueError: invalid literal for int() with base 10: 'twelve'")
+    assert "Traceback" not in out
+    assert "[###############-----]  75%" in by_id[halfway]
+    assert "[" not in by_id[free_form]  # a checkpoint that does not say how far: no bar
+    # Programs still get the whole error.
+    listed = {j["id"]: j for j in json.loads(succeeded(pgsched(cli_env, "jobs", "list", "--json")).stdout)}
+    assert listed[failed]["error"] == TRACEBACK
+
+
+@pytest.fixture
+def job_with_history(conn: psycopg.Connection[Any]) -> int:
+    """A job retried once: two runs rows (a failure, then a success) and log lines of both attempts."""
+    worker = uuid.uuid4()
+    job_id = conn.execute(
+        """INSERT INTO pgsched.jobs (task, state, attempts, result, progress, finished_at)
+           VALUES ('charge', 'succeeded', 2, '{"charged": 12}', '{"done": 1, "total": 4}', now()) RETURNING id"""
+    ).fetchone()[0]
+    conn.execute(
+        """INSERT INTO pgsched.runs (job_id, attempt, queue, task, worker_id, outcome, error, started_at, finished_at)
+           VALUES (%(id)s, 1, 'default', 'charge', %(worker)s, 'failed', %(error)s,
+                   now() - interval '10 seconds', now() - interval '9.5 seconds'),
+                  (%(id)s, 2, 'default', 'charge', %(worker)s, 'succeeded', NULL,
+                   now() - interval '2 seconds', now() - interval '1.75 seconds')""",
+        {"id": job_id, "worker": worker, "error": TRACEBACK},
+    )
+    conn.execute(
+        """INSERT INTO pgsched.run_logs (job_id, attempt, logged_at, stream, level, message) VALUES
+           (%(id)s, 1, now() - interval '9.9 seconds', 'log', 'info', 'parsing twelve'),
+           (%(id)s, 2, now() - interval '1.9 seconds', 'log', 'info', 'parsing 12'),
+           (%(id)s, 2, now() - interval '1.8 seconds', 'stdout', NULL, 'charged 12')""",
+        {"id": job_id},
+    )
+    return job_id
+
+
+def test_jobs_show_lists_the_runs_and_the_log(cli_env: dict[str, str], job_with_history: int) -> None:
+    out = succeeded(pgsched(cli_env, "jobs", "show", str(job_with_history))).stdout
+    fields, _, rest = out.partition("\nruns:\n")
+    assert "progress  [#####---------------]  25%" in fields
+    runs, _, log = rest.partition("\nlog:\n")
+    headers, rows = table(runs)
+    assert headers == ["ATTEMPT", "OUTCOME", "WORKER", "STARTED_AT", "DURATION", "ERROR"]
+    assert [r[:2] for r in rows] == [["1", "failed"], ["2", "succeeded"]]
+    first, second = runs.splitlines()[1:]
+    assert "0.500 s" in first and first.endswith("ValueError: invalid literal for int() with base 10: 'twelve'")
+    assert "0.250 s" in second
+    assert [line.split("  ", 1)[1] for line in log.splitlines()] == [
+        "#1  log/info  parsing twelve",
+        "#2  log/info  parsing 12",
+        "#2  stdout  charged 12",
+    ]
+    shown = json.loads(succeeded(pgsched(cli_env, "jobs", "show", str(job_with_history), "--json")).stdout)
+    assert [(r["attempt"], r["outcome"], r["error"]) for r in shown["runs"]] == [
+        (1, "failed", TRACEBACK),
+        (2, "succeeded", None),
+    ]
+
+
+def test_jobs_logs_prints_every_attempt_or_one(cli_env: dict[str, str], job_with_history: int) -> None:
+    out = succeeded(pgsched(cli_env, "jobs", "logs", str(job_with_history))).stdout
+    assert [line.split("  ", 1)[1] for line in out.splitlines()] == [
+        "#1  log/info  parsing twelve",
+        "#2  log/info  parsing 12",
+        "#2  stdout  charged 12",
+    ]
+    out = succeeded(pgsched(cli_env, "jobs", "logs", str(job_with_history), "--attempt", "2", "--json")).stdout
+    assert [(line["attempt"], line["stream"], line["message"]) for line in map(json.loads, out.splitlines())] == [
+        (2, "log", "parsing 12"),
+        (2, "stdout", "charged 12"),
+    ]
+    assert error_line(pgsched(cli_env, "jobs", "logs", "999999")) == "Error: job 999999 does not exist"
+
+
+def test_jobs_logs_follow_prints_lines_as_they_come_until_the_job_ends(
+    cli_env: dict[str, str], conn: psycopg.Connection[Any], spawn_worker: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    script = f"echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two >&2"
+    job_id = conn.execute(
+        "INSERT INTO pgsched.jobs (task, args) VALUES ('shell', %s) RETURNING id",
+        (json.dumps({"cmd": ["sh", "-c", script]}),),
+    ).fetchone()[0]
+    (tmp_path / "follow").mkdir()
+    follow = PgschedProcess(["jobs", "logs", str(job_id), "--follow"], cli_env, tmp_path / "follow")
+    try:
+        spawn_worker("--allow-shell", "--heartbeat-seconds", "0.5")
+        wait_until(lambda: "stdout  one" in follow.stdout(), timeout=30, message="the first line to be followed")
+        follow.check_alive()  # the job still runs: following goes on
+        gate.touch()
+        assert follow.wait(30) == 0, follow.stderr()
+    finally:
+        if follow.process.poll() is None:
+            follow.kill()
+    assert [line.split("  ", 1)[1] for line in follow.stdout().splitlines()] == ["#1  stdout  one", "#1  stderr  two"]
+    assert job_row(conn, job_id)["state"] == "succeeded"
+
+
+def test_workers_lists_live_and_stale_workers_to_a_reader(
+    cli_env: dict[str, str], conn: psycopg.Connection[Any], spawn_worker: Any, dsn: str
+) -> None:
+    job_id = conn.execute(
+        "INSERT INTO pgsched.jobs (task, args) VALUES ('sleep_async', '{\"seconds\": 60}') RETURNING id"
+    ).fetchone()[0]
+    worker = spawn_worker("--queues", "default,media", "--concurrency", "3")
+    wait_until(lambda: job_row(conn, job_id)["state"] == "running", timeout=30, message="the job to run")
+    stale = worker_incarnation(conn, "-1 minute")
+    reader = f"pgs_reader_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{reader}" LOGIN IN ROLE pgsched_reader')
+    try:
+        params = {**conninfo_to_dict(dsn), "user": reader}
+        params.pop("password", None)
+        env = {**cli_env, "PGSCHED_DSN": make_conninfo(**params)}
+        headers, rows = table(succeeded(pgsched(env, "workers")).stdout)
+        as_json = json.loads(succeeded(pgsched(env, "workers", "--json")).stdout)
+    finally:
+        conn.execute(f'DROP ROLE "{reader}"')
+    assert headers == ["ID", "HOST", "PID", "QUEUES", "CONCURRENCY", "RUNNING", "LAST_HEARTBEAT", "STALE"]
+    by_pid = {int(r[2]): r for r in rows}
+    assert by_pid[worker.pid][3:6] == ["default,media", "3", "1"]
+    assert by_pid[worker.pid][-1] == "ago"  # not stale: the line ends with its heartbeat's age
+    assert by_pid[1][0] == str(stale)[:8] and by_pid[1][-1] == "stale"
+    assert {(w["pid"], w["stale"], w["running"]) for w in as_json} == {(worker.pid, False, 1), (1, True, 0)}
+
+
+def test_jobs_show_and_logs_read_an_encrypted_jobs_texts_only_with_its_key(
+    cli_env: dict[str, str], conn: psycopg.Connection[Any]
+) -> None:
+    key = crypto.generate_key("k1")
+    ring = crypto.Keyring.parse(key)
+    scope = ("charge", "default")
+    error = ring.encrypt_text(TRACEBACK, "error", scope)
+    job_id = conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, attempts, error, finished_at) "
+        "VALUES ('charge', 'failed', 1, %s, now()) RETURNING id",
+        (error,),
+    ).fetchone()[0]
+    conn.execute(
+        """INSERT INTO pgsched.runs (job_id, attempt, queue, task, outcome, error, started_at, finished_at)
+           VALUES (%s, 1, 'default', 'charge', 'failed', %s, now(), now())""",
+        (job_id, error),
+    )
+    conn.execute(
+        "INSERT INTO pgsched.run_logs (job_id, attempt, message) VALUES (%s, 1, %s)",
+        (job_id, ring.encrypt_text("card 4111 declined", "message", scope)),
+    )
+    listed = succeeded(pgsched(cli_env, "jobs", "list")).stdout.splitlines()[1]
+    assert listed.endswith("(encrypted)")
+    shown = succeeded(pgsched(cli_env, "jobs", "show", str(job_id))).stdout
+    runs, _, log = shown.partition("\nruns:\n")[2].partition("\nlog:\n")
+    assert runs.splitlines()[1].endswith("(encrypted)") and log.rstrip().endswith("#1  log  (encrypted)")
+    keyed = {**cli_env, "PGSCHED_ENCRYPTION_KEYS": key}
+    assert succeeded(pgsched(keyed, "jobs", "logs", str(job_id))).stdout.rstrip().endswith("card 4111 declined")
+    shown = succeeded(pgsched(keyed, "jobs", "show", str(job_id))).stdout
+    assert "ValueError: invalid literal for int() with base 10: 'twelve'" in shown.partition("\nruns:\n")[2]

@@ -404,6 +404,45 @@ def test_reader_reads_the_views_only(login_as: Any) -> None:
         assert refused(reader, sql), sql
 
 
+def test_oldest_queued_age_is_null_when_nothing_is_queued(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO pgsched.queues (name) VALUES ('idle')")
+    conn.execute(
+        """INSERT INTO pgsched.jobs (task, queue, run_at) VALUES
+           ('t', 'later', pgsched.now() + interval '1 hour'), ('t', 'busy', pgsched.now() - interval '30 seconds')"""
+    )
+    ages = dict(conn.execute("SELECT queue, oldest_queued_age_seconds FROM pgsched.queue_stats").fetchall())
+    assert ages["idle"] is None and ages["later"] is None  # an empty queue has no oldest job, not one of age 0
+    assert ages["busy"] >= 30
+
+
+def test_reader_charts_runs_without_seeing_their_payloads(login_as: Any, conn: psycopg.Connection[Any]) -> None:
+    job_id = one(
+        conn, """INSERT INTO pgsched.jobs (task, args, owner) VALUES ('t', '{"card": "4111"}', 'alice') RETURNING id"""
+    )
+    conn.execute(
+        """INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, outcome, error, started_at, finished_at)
+           VALUES (%s, 1, 'default', 't', 'alice', 'failed', 'ValueError: card 4111 declined',
+                   pgsched.now() - interval '2 seconds', pgsched.now())""",
+        (job_id,),
+    )
+    reader = login_as("pgsched_reader")
+    with reader.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        (run,) = cur.execute(
+            "SELECT * FROM pgsched.run_history WHERE started_at > pgsched.now() - interval '1 hour'"
+        ).fetchall()
+    assert {k: run[k] for k in ("job_id", "attempt", "queue", "task", "outcome")} == {
+        "job_id": job_id,
+        "attempt": 1,
+        "queue": "default",
+        "task": "t",
+        "outcome": "failed",
+    }
+    assert run["duration_ms"] == pytest.approx(2000)
+    assert "error" not in run and "owner" not in run and "args" not in run
+    for sql in ("SELECT error FROM pgsched.runs", "SELECT * FROM pgsched.run_logs", "SELECT args FROM pgsched.jobs"):
+        assert refused(reader, sql), sql
+
+
 def test_worker_runs_jobs_but_cannot_read_accounts(login_as: Any, conn: psycopg.Connection[Any]) -> None:
     worker = login_as("pgsched_worker")
     job_id = one(worker, "INSERT INTO pgsched.jobs (task) VALUES ('t') RETURNING id")

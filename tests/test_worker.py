@@ -134,6 +134,32 @@ def test_failure_retries_with_backoff_then_dead_letters(tasks: pgsched.App, conn
     assert [r[:2] for r in runs_of(conn, job.id)] == [(1, "failed"), (2, "failed")]
 
 
+def test_a_stored_traceback_starts_at_the_tasks_own_frame(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    def parse(text: str) -> int:
+        return int(text)  # the user's line, one frame below the task
+
+    @app.task(max_attempts=1)
+    def sync_parse(text: str) -> int:
+        return parse(text)
+
+    @app.task(max_attempts=1)
+    async def async_parse(text: str) -> int:
+        return parse(text)
+
+    jobs = [app.enqueue(name, {"text": "twelve"}) for name in ("sync_parse", "async_parse")]
+    missing = app.enqueue("sync_parse", {})
+    burst(app)
+    for job, task in zip(jobs, ("sync_parse", "async_parse"), strict=True):
+        error = job_row(conn, job.id)["error"]
+        frames = [line for line in error.splitlines() if line.startswith('  File "')]
+        assert error.startswith("Traceback (most recent call last):\n"), error
+        assert [line.rsplit(", in ", 1)[1] for line in frames] == [task, "parse"], error
+        assert not any(name in error for name in ("runtime.py", "executors.py", "asyncio", "concurrent")), error
+        assert error.endswith("ValueError: invalid literal for int() with base 10: 'twelve'\n")
+    # Refused before the task's code ran: the error line alone.
+    assert job_row(conn, missing.id)["error"].startswith("TypeError: ")
+
+
 def test_retry_snooze_and_cancel_raised_by_the_task(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     retry = tasks.enqueue("retry_later")
     snooze = tasks.enqueue("snooze")

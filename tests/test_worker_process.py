@@ -4,6 +4,7 @@ zombie worker, and the ``--processes`` supervisor."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import uuid
 from collections.abc import Callable, Iterator
@@ -87,6 +88,35 @@ def test_burst_drains_the_queues_and_exits_zero(
     per_job = conn.execute("SELECT job_id, count(*), min(outcome) FROM pgsched.runs GROUP BY job_id").fetchall()
     assert sorted(per_job) == sorted((job_id, 1, "succeeded") for job_id in [*echoes, *adds])
     assert worker_pids(conn) == {}
+
+
+def test_the_worker_logs_one_line_per_finished_job_and_its_stop_in_words(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    ok = client.enqueue("add", {"a": 2, "b": 3})
+    retried = client.enqueue("add", {"a": "two", "b": 3})  # TypeError inside the task; attempts left
+    dead = client.enqueue("add", {"a": "two", "b": 3}, max_attempts=1)
+    worker = spawn_worker("--burst")
+    assert worker.wait(30) == 0, worker.stderr()
+    lines = worker.stderr().splitlines()
+
+    def line_of(job_id: int) -> str:
+        (line,) = [line for line in lines if f" add job {job_id} " in line]
+        return line
+
+    assert re.search(rf"INFO pgsched.worker: add job {ok.id} attempt 1/5 succeeded in [0-9.]+ s$", line_of(ok.id))
+    error = re.escape('TypeError: can only concatenate str (not "int") to str')
+    assert re.search(
+        rf"INFO pgsched.worker: add job {retried.id} attempt 1/5 failed in [0-9.]+ s, retry in [0-9.]+ s: {error}$",
+        line_of(retried.id),
+    )
+    assert re.search(
+        rf"ERROR pgsched.worker: add job {dead.id} attempt 1/1 failed in [0-9.]+ s, not retried: {error}$",
+        line_of(dead.id),
+    )
+    (stopped,) = [line for line in lines if " stopped: " in line]
+    assert re.search(r"stopped: 1 succeeded, 1 failed, 1 retried, 0 lost in [0-9.]+ s$", stopped)
+    assert "Stats(" not in worker.stderr()
 
 
 def test_sigterm_puts_a_running_job_back_and_exits(

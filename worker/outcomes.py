@@ -3,16 +3,23 @@ batch parameters that write outcomes (worker/queries.py COMPLETE)."""
 
 from __future__ import annotations
 
+import logging
+import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import TracebackType
 from typing import Any
 
 import msgspec
 
 from pgsched.backoff import DEFAULT_BACKOFF, Backoff
+from pgsched.display import duration, error_summary
 from pgsched.jobs import Job
 from pgsched.validation import ARGS_MAX_BYTES, check_json_value
+
+log = logging.getLogger("pgsched.worker")
 
 
 @dataclass
@@ -43,6 +50,15 @@ class Stats:
     lost: int = 0  # jobs dropped because the worker's lease was lost (the rescuer has them)
     claims: int = 0  # claim statements run (caps and rate limits show here as waits, not as polling)
     by_outcome: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """What the worker did, in words: ``120 succeeded, 3 failed, 2 retried, 0 lost in 41.2 s``."""
+        done = [f"{self.succeeded} succeeded", f"{self.failed} failed", f"{self.retried} retried"]
+        extra = {"cancelled": self.cancelled, "given back": self.released, "fenced": self.fenced}
+        done += [f"{n} {what}" for what, n in extra.items() if n]
+        done.append(f"{self.lost} lost")
+        return f"{', '.join(done)} in {duration(time.monotonic() - self.started)}"
 
     def count(self, batch: list[Outcome], written: set[int]) -> None:
         """Count a flushed batch; ``written`` holds the ids the fence let through."""
@@ -59,6 +75,47 @@ class Stats:
                 self.cancelled += 1
             else:
                 self.retried += 1
+
+
+# Modules whose frames lead from the worker to the task's code: the runtime and executors, and
+# the asyncio and thread-pool machinery a task is awaited or called through.
+_PLUMBING = ("pgsched.worker", "asyncio", "concurrent.futures", "threading")
+
+
+def _plumbing(tb: TracebackType) -> bool:
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return any(module == name or module.startswith(name + ".") for name in _PLUMBING)
+
+
+def task_traceback(exc: BaseException) -> str:
+    """The traceback a failed attempt stores: from the task's own frame down, without the
+    worker's frames above it (they are the same for every job and hide the user's line).
+
+    Only the leading frames are dropped: pgsched frames below the task's code (the task called
+    ``app.enqueue`` and it raised) stay. An exception raised before the task's code ran (its
+    arguments did not fit its signature) keeps no frame: just the error line."""
+    tb = exc.__traceback__
+    while tb is not None and _plumbing(tb):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def log_finished(outcome: Outcome) -> None:
+    """The one line a finished attempt logs (STYLE habit 7): task, job, attempt, outcome, duration,
+    what happens next, and for a failure the error's last line. A dead letter is an ERROR."""
+    level = logging.ERROR if outcome.state == "failed" else logging.INFO
+    if not log.isEnabledFor(level):
+        return  # benchmarks run at WARNING: no formatting per job
+    job = outcome.job
+    took = duration((outcome.finished_at - outcome.started_at).total_seconds())
+    line = f"{job.task} job {job.id} attempt {job.attempts}/{job.max_attempts} {outcome.outcome} in {took}"
+    if outcome.state == "scheduled" and outcome.delay is not None:
+        line += f", {'retry' if outcome.outcome != 'snoozed' else 'again'} in {duration(outcome.delay)}"
+    elif outcome.state == "failed":
+        line += ", not retried"
+    if outcome.state != "succeeded" and outcome.error:
+        line += f": {error_summary(outcome.error, 500)}"
+    log.log(level, "%s", line)
 
 
 def ended(job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:

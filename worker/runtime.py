@@ -31,7 +31,6 @@ import os
 import random
 import socket
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -54,7 +53,7 @@ from . import queries
 from .attempts import LIVE, Attempt, State
 from .controls import Claim, Controls, claimed_row
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
-from .outcomes import Outcome, Stats, complete_params, ended, failure, result_outcome
+from .outcomes import Outcome, Stats, complete_params, ended, failure, log_finished, result_outcome, task_traceback
 from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads, sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
@@ -212,7 +211,7 @@ class Worker:
             logging.getLogger().removeHandler(handler)
             await self._pool.close()
             self.threads.shutdown(wait=False, cancel_futures=True)
-        log.info("worker %s stopped: %s", self.lease, self.stats)
+        log.info("worker %s stopped: %s", self.lease, self.stats.summary())
         return self.stats
 
     def _stop_if_failed(self, task: asyncio.Task[Any]) -> None:
@@ -275,6 +274,8 @@ class Worker:
                     await self._heartbeat_once()
             except (psycopg.Error, TimeoutError) as exc:
                 log.warning("heartbeat failed, will retry: %s", exc or "timed out")
+            if self.writer.logs.rows:  # a running job's log lines wait for no outcome (jobs logs --follow)
+                self.writer._wake.set()
 
     async def _heartbeat_once(self) -> None:
         """Renew the lease, read the cancel requests and the queue controls: one round trip."""
@@ -512,6 +513,7 @@ class Worker:
     def _finish(self, attempt: Attempt, outcome: Outcome) -> None:
         outcome.finished_at = attempt.db_now()
         if attempt.finish(outcome):
+            log_finished(outcome)
             # A capped job's slot frees only when its outcome is written: no gathering delay.
             self.writer.add(attempt, urgent=self.controls.limits(attempt.job))
 
@@ -577,7 +579,7 @@ class Worker:
         except NotRetryable as exc:
             return self._failure(job, started, "failed", str(exc), final=True)
         except Exception as exc:
-            text = "".join(traceback.format_exception(exc))[-TRACEBACK_MAX_CHARS:]
+            text = task_traceback(exc)[-TRACEBACK_MAX_CHARS:]
             return self._failure(job, started, "failed", text)
         return result_outcome(job, started, value)
 
