@@ -275,7 +275,7 @@ class Worker:
             except (psycopg.Error, TimeoutError) as exc:
                 log.warning("heartbeat failed, will retry: %s", exc or "timed out")
             if self.writer.logs.rows:  # a running job's log lines wait for no outcome (jobs logs --follow)
-                self.writer._wake.set()
+                self.writer.wake()
 
     async def _heartbeat_once(self) -> None:
         """Renew the lease, read the cancel requests and the queue controls: one round trip."""

@@ -92,6 +92,10 @@ class Writer:
         self._progress[attempt.key] = (attempt, encoded)
         self._wake.set()
 
+    def wake(self) -> None:
+        """Write what is buffered now (log lines of running jobs, say) without waiting for an outcome."""
+        self._wake.set()
+
     def close(self) -> None:
         """Write everything still buffered, then let ``run`` return."""
         self._closing = True
