@@ -8,6 +8,7 @@ those constraint names back to the same fields.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -67,6 +68,14 @@ class TaskDefaults(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 5
     timeout: float | None = None
     encrypt: bool = False  # its jobs' payloads are stored encrypted (pgsched.crypto)
+    # The function's parameters as the catalog records them (Task.parameters): None when unknown.
+    parameters: list[dict[str, Any]] | None = None
+
+
+class UnknownTask(TaskDefaults, frozen=True, kw_only=True):
+    """Stands for a task name nobody registered: ``known_task`` refuses it, suggesting ``near``."""
+
+    near: tuple[str, ...] = ()
 
 
 class NewJob(msgspec.Struct, kw_only=True):
@@ -276,6 +285,7 @@ def new_job(
     args_json = encode_json_object(args, "args")
     if task in EXECUTOR_KINDS:
         check_executor_args(task, args)
+    check_task_args(task, args, defaults.parameters)
     if run_at is not None and delay is not None:
         raise ValidationError("delay", "give run_at or delay, not both")
     if not isinstance(run_on_upstream_failure, bool):
@@ -303,11 +313,51 @@ def new_job(
 
 def known_task(defaults: dict[str, TaskDefaults], task: str) -> TaskDefaults:
     """The defaults of ``task``; ValidationError(task) when nobody registered it."""
-    if task not in defaults:
+    found = defaults.get(task)
+    if found is None or isinstance(found, UnknownTask):
+        near = found.near if isinstance(found, UnknownTask) else ()
+        hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
         raise ValidationError(
-            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog"
+            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog{hint}"
         )
-    return defaults[task]
+    return found
+
+
+_VARIADIC = frozenset({"var_positional", "var_keyword"})
+
+
+def check_task_args(task: str, args: Mapping[str, Any], parameters: list[dict[str, Any]] | None) -> None:
+    """Refuse args the task's function cannot be called with, before the job burns its attempts on a
+    TypeError: a required parameter missing, or a name it does not take (unless it takes ``**kwargs``).
+    ``parameters`` are the catalog's record of the function (``Task.parameters``); None, or a record
+    written without the parameters' kinds (by SQL or an earlier pgsched), is not checked."""
+    if not parameters or any("kind" not in p for p in parameters):
+        return
+    for p in parameters:
+        if p.get("required") and p["name"] not in args:
+            raise ValidationError(
+                f"args.{p['name']}", f"required by task {task!r}, which takes {_signature(parameters)}"
+            )
+    if any(p["kind"] == "var_keyword" for p in parameters):
+        return
+    names = [p["name"] for p in parameters if p["kind"] not in _VARIADIC]
+    for name in args:
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValidationError(
+                f"args.{name}", f"task {task!r} takes no argument {name!r}{hint} (it takes {_signature(parameters)})"
+            )
+
+
+def _signature(parameters: list[dict[str, Any]]) -> str:
+    shown = [
+        ("*" if p["kind"] == "var_positional" else "**" if p["kind"] == "var_keyword" else "")
+        + p["name"]
+        + ("" if p.get("required") or p["kind"] in _VARIADIC else "=...")
+        for p in parameters
+    ]
+    return f"({', '.join(shown)})"
 
 
 def check_options(options: Mapping[str, Any]) -> None:
