@@ -19,7 +19,8 @@ from .client import App
 from .errors import ConfigError
 
 FORM = "module:attribute (myproject.tasks:app) or a file path (./tasks.py:app)"
-_PGSCHED_DIR = str(Path(__file__).resolve().parent)
+# Frames that are not the user's: importlib's (frozen and on disk) and pgsched's own.
+_NOT_THE_USERS = ("<frozen importlib", str(Path(importlib.__file__).parent), str(Path(__file__).resolve().parent))
 
 
 def import_app(spec: str, option: str) -> App:
@@ -85,9 +86,7 @@ def _load_file(target: str, option: str) -> ModuleType:
 def _user_traceback(exc: BaseException) -> str:
     """``exc`` as a traceback of the user's frames only (none of importlib's or pgsched's)."""
     frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith(("<frozen importlib", _PGSCHED_DIR))
+        frame for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith(_NOT_THE_USERS)
     ]
     lines = traceback.format_list(frames) + traceback.format_exception_only(exc)
     return "".join(lines).rstrip("\n")

@@ -339,7 +339,8 @@ class App(Administration):
                 )
             unknown = [name for name in missing if name not in found]
             if unknown:
-                known = [*self.tasks, *EXECUTOR_KINDS, *(name for (name,) in (yield Query(queries.CATALOG_NAMES)))]
+                catalog = [name for (name,) in (yield Query(queries.CATALOG_NAMES))]
+                known = list(dict.fromkeys([*self.tasks, *EXECUTOR_KINDS, *catalog]))
                 for name in unknown:
                     found[name] = UnknownTask(near=tuple(difflib.get_close_matches(name, known, n=2)))
         return found
