@@ -185,8 +185,18 @@ def _global_setting(ctx: click.Context, param: click.Parameter, value: Any) -> A
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pgsched")
-@click.option("--dsn", callback=_global_setting, expose_value=False, help="As --dsn of each command, given first.")
-@click.option("--data-dir", callback=_global_setting, expose_value=False, help="As --data-dir of each command.")
+@click.option(
+    "--dsn",
+    callback=_global_setting,
+    expose_value=False,
+    help="PostgreSQL connection string (the command's own --dsn wins).",
+)
+@click.option(
+    "--data-dir",
+    callback=_global_setting,
+    expose_value=False,
+    help="Data directory of the embedded PostgreSQL (the command's own --data-dir wins).",
+)
 def main() -> None:
     """pgsched: a distributed task scheduler whose whole state lives in PostgreSQL."""
     warnings.showwarning = _show_warning

@@ -62,7 +62,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = None
     app: Annotated[
         str | None,
-        msgspec.Meta(description="Your tasks, as module:attribute of a pgsched.App (e.g. myproject.tasks:app)"),
+        msgspec.Meta(
+            description="Your tasks: module:attribute of a pgsched.App (myproject.tasks:app), or a file (./tasks.py)"
+        ),
     ] = None
     encryption_keys: Annotated[
         str | None,
