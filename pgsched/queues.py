@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import warnings
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,6 +31,7 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+?)s?\s*$")
 SETTINGS = ("max_running", "rate", "max_per_key", "fair", "encrypt")
 
 
+_PGSCHED_DIR = str(Path(__file__).resolve().parent)
 # Queues this process has asked about (served or warned about): one question per queue and process.
 _checked_queues: set[str] = set()
 
@@ -44,8 +47,16 @@ def op_warn_unserved(queues: Iterable[str]) -> Operation[None]:
                 f"no live worker serves queue {queue!r}: its jobs wait until a worker runs with --queues {queue} "
                 "(pgsched queues counts them as unroutable)",
                 UnservedQueueWarning,
-                stacklevel=2,
+                stacklevel=_callers_level(),
             )
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside pgsched: the user's call."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PGSCHED_DIR):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 class QueueSettings(msgspec.Struct, kw_only=True):

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.db
 def test_a_malformed_dsn_is_a_config_error_without_its_password(dsn: str) -> None:
     with pytest.raises(ConfigError) as caught:
         pgsched.App(dsn)
+    with pytest.raises(ConfigError):
+        pgsched.App(settings=pgsched.Settings(dsn=dsn)).open()
     message = str(caught.value)
     assert message.startswith("--dsn / PGSCHED_DSN: ") and "not a PostgreSQL connection string" in message
     assert "postgresql://user:password@host:5432/dbname" in message and "s3cret" not in message
@@ -110,8 +112,9 @@ def test_an_unknown_task_name_gets_the_nearest_known_one(adder: pgsched.App, dsn
 
 def test_an_enqueue_to_a_queue_no_worker_serves_warns_once(adder: pgsched.App, conn: Any) -> None:
     lonely, served = f"lonely-{uuid.uuid4().hex[:8]}", f"served-{uuid.uuid4().hex[:8]}"
-    with pytest.warns(UnservedQueueWarning, match=f"no live worker serves queue '{lonely}'"):
+    with pytest.warns(UnservedQueueWarning, match=f"no live worker serves queue '{lonely}'") as warned:
         adder.enqueue("add", {"a": 1, "b": 2}, queue=lonely)
+    assert warned[0].filename == __file__  # points at the caller's line, not pgsched's
     conn.execute(
         "INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, lease_expires_at) "
         "VALUES (gen_random_uuid(), 'h', 1, %s, 1, pgsched.now() + interval '1 minute')",
