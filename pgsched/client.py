@@ -35,6 +35,7 @@ from .validation import (
     MAX_BIGINT,
     TaskDefaults,
     UnknownTask,
+    args_spec,
     check_int,
     check_options,
     known_task,
@@ -335,7 +336,7 @@ class App(Administration):
                     max_attempts=options.get("max_attempts", 5),
                     timeout=options.get("timeout"),
                     encrypt=options.get("encrypt", False),
-                    parameters=parameters,
+                    accepts=args_spec(parameters),
                 )
             unknown = [name for name in missing if name not in found]
             if unknown:

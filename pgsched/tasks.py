@@ -18,6 +18,7 @@ from .validation import (
     PRIORITY_RANGE,
     QUEUE_PATTERN,
     TaskDefaults,
+    args_spec,
     check_int,
     check_name,
     check_seconds,
@@ -76,7 +77,7 @@ class Task(Generic[P, R]):
             max_attempts=max_attempts,
             timeout=timeout,
             encrypt=encrypt,
-            parameters=self.parameters(),
+            accepts=args_spec(self.parameters()),
         )
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
