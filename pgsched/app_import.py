@@ -36,10 +36,12 @@ def import_app(spec: str, option: str) -> App:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise ConfigError(f"{option}: importing {spec!r} failed:\n{_user_traceback(exc)}") from None
-    app = getattr(module, attribute or "app", None)
+    attribute = attribute or "app"
+    if not hasattr(module, attribute):
+        raise ConfigError(f"{option}: {target!r} has no attribute {attribute!r}; expected {FORM}")
+    app = getattr(module, attribute)
     if not isinstance(app, App):
-        found = "nothing" if app is None else f"a {type(app).__name__}"
-        raise ConfigError(f"{option}: {spec!r} is {found}, not a pgsched.App; expected {FORM}")
+        raise ConfigError(f"{option}: {spec!r} is a {type(app).__name__}, not a pgsched.App; expected {FORM}")
     return app
 
 

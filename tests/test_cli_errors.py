@@ -112,9 +112,11 @@ def test_app_may_be_a_file_path(tmp_path: Path, cli_env: dict[str, str], conn: p
     assert jobs(conn) == [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]
     line = error_line(run_in(tmp_path, cli_env, "enqueue", "add", "--app", "./mytasks.py:application"))
     assert line == (
-        "Error: --app / PGSCHED_APP: './mytasks.py:application' is nothing, not a pgsched.App; "
+        "Error: --app / PGSCHED_APP: './mytasks.py' has no attribute 'application'; "
         "expected module:attribute (myproject.tasks:app) or a file path (./tasks.py:app)"
     )
+    line = error_line(run_in(tmp_path, cli_env, "enqueue", "add", "--app", "mytasks:add"))
+    assert line.startswith("Error: --app / PGSCHED_APP: 'mytasks:add' is a Task, not a pgsched.App; expected")
     line = error_line(run_in(tmp_path, cli_env, "enqueue", "add", "--app", "no_such_module:app"))
     assert "no module named 'no_such_module'" in line and "expected module:attribute" in line
 

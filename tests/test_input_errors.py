@@ -136,3 +136,16 @@ def test_a_dedupe_key_taken_in_a_batch_names_the_item(adder: pgsched.App, conn: 
         adder.enqueue_many([add, {**add, "dedupe_key": "taken"}])
     assert live.value.field == "jobs[1].dedupe_key" and "already held by a live job" in str(live.value)
     assert conn.execute("SELECT array_agg(id) FROM pgsched.jobs").fetchone() == ([held.id],)
+
+
+def test_an_enqueuer_may_ask_whether_a_queue_is_served_and_nothing_more(dsn: str, conn: Any) -> None:
+    name = f"pgs_enqueuer_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{name}" LOGIN IN ROLE pgsched_enqueuer')
+    try:
+        with psycopg.connect(dsn, user=name, autocommit=True) as enqueuer:
+            assert enqueuer.execute("SELECT pgsched.queue_served('default')").fetchone() == (False,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                enqueuer.execute("SELECT host FROM pgsched.workers")
+    finally:
+        conn.execute(f'DROP OWNED BY "{name}"')
+        conn.execute(f'DROP ROLE "{name}"')
