@@ -13,6 +13,7 @@ from .errors import (
     PermissionDenied,
     PgschedError,
     SchemaError,
+    UnservedQueueWarning,
     ValidationError,
 )
 from .jobs import Job, JobSpec
@@ -41,6 +42,7 @@ __all__ = [
     "Settings",
     "Snooze",
     "Task",
+    "UnservedQueueWarning",
     "ValidationError",
     "load_settings",
     "next_fire_times",

@@ -112,6 +112,14 @@ def op_enqueue_many(
             jobs.append(seal(job, defaults[spec.task]))
         except ValidationError as exc:
             raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from None
+    holders: dict[str, int] = {}  # dedupe key -> the first item with it
+    for i, job in enumerate(jobs):
+        if job.dedupe_key is not None:
+            first = holders.setdefault(job.dedupe_key, i)
+            if first != i:
+                raise DuplicateJobError(
+                    job.dedupe_key, None, field=f"jobs[{i}].dedupe_key", where=f"jobs[{first}] of this batch"
+                )
     ids: list[int | None] = [None] * len(jobs)
     # Jobs without dependencies go in by COPY, with ids allocated ahead.
     plain = [i for i, job in enumerate(jobs) if not job.depends_on]
@@ -119,14 +127,20 @@ def op_enqueue_many(
         ((db_now, allocated),) = yield Query(queries.BULK_PREPARE, (len(plain),))
         for i, job_id in zip(plain, allocated, strict=True):
             ids[i] = job_id
-        yield Query(queries.BULK_COPY, copy=copy_data([jobs[i] for i in plain], allocated, db_now))
+        try:
+            yield Query(queries.BULK_COPY, copy=copy_data([jobs[i] for i in plain], allocated, db_now))
+        except DuplicateJobError as exc:
+            # COPY says which key is taken, not by which item: name the item that has it.
+            if exc.dedupe_key not in holders:
+                raise
+            raise DuplicateJobError(exc.dedupe_key, None, field=f"jobs[{holders[exc.dedupe_key]}].dedupe_key") from exc
     # Jobs with dependencies need the SQL function's checks, one by one.
     for i, job in enumerate(jobs):
         if job.depends_on:
             try:
                 ids[i] = (yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job"))[0].id
-            except DuplicateJobError:
-                raise
+            except DuplicateJobError as exc:
+                raise DuplicateJobError(exc.dedupe_key, exc.existing_id, field=f"jobs[{i}].dedupe_key") from exc
             except ValidationError as exc:
                 raise ValidationError(f"jobs[{i}].{exc.field}", exc.message) from exc
     return ids  # type: ignore[return-value]

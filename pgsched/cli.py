@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -25,11 +26,12 @@ import msgspec
 import psycopg
 
 from . import crypto, migrations, queries, rotation
-from .client import App, import_app
+from .app_import import import_app
+from .client import App
 from .config import Settings, env_names, flag_name, load_settings, masked_dsn, option_help
 from .db import configure_adapters, job_row, resolve_dsn
 from .display import error_summary, progress_bar
-from .errors import PgschedError, ValidationError
+from .errors import PermissionDenied, PgschedError, ValidationError
 from .jobs import STATES, Job
 from .maintenance import Maintenance, default_services
 from .protect import protect_process
@@ -48,6 +50,10 @@ def with_settings(*names: str) -> Callable[[Callable[..., Any]], Callable[..., A
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             overrides = {name: kwargs.pop(name) for name in names}
+            given_first = click.get_current_context().find_root().obj or {}  # pgsched --dsn X command
+            for name, value in given_first.items():
+                if overrides.get(name) is None:
+                    overrides[name] = value
             return command(settings=load_settings(overrides), **kwargs)
 
         for name in reversed(names):
@@ -148,19 +154,57 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (psycopg.errors.InsufficientPrivilege, PermissionDenied) as exc:
+            raise click.ClickException(privilege_error(exc)) from None
         except (PgschedError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise click.ClickException(f"cannot reach the database: {first}") from None
+            raise click.ClickException(f"cannot reach the database: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# Which group role may read each relation a command reads (README, "Roles").
+_READERS = {"queue_stats": "pgsched_reader", "worker_status": "pgsched_reader"}
+
+
+def privilege_error(exc: BaseException) -> str:
+    """The one line for a statement the database role may not run: what was denied and which role allows it."""
+    first = _first_line(exc)
+    found = re.search(r"permission denied for (?:table|view|relation) (\w+)", first)
+    if found:
+        role = _READERS.get(found.group(1), "pgsched_worker or pgsched_admin")
+        return f"{first}: this database role needs to be a member of {role} (see Roles in the README)"
+    return f"{first}: this database role lacks the privilege (see Roles in the README)"
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
+def _global_setting(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    # `pgsched --dsn X jobs list`: the value is the default of the subcommand's own flag.
+    if value is not None:
+        ctx.ensure_object(dict)[param.name] = value
+    return value
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pgsched")
+@click.option(
+    "--dsn",
+    callback=_global_setting,
+    expose_value=False,
+    help="PostgreSQL connection string (the command's own --dsn wins).",
+)
+@click.option(
+    "--data-dir",
+    callback=_global_setting,
+    expose_value=False,
+    help="Data directory of the embedded PostgreSQL (the command's own --data-dir wins).",
+)
 def main() -> None:
     """pgsched: a distributed task scheduler whose whole state lives in PostgreSQL."""
     warnings.showwarning = _show_warning
@@ -304,7 +348,13 @@ def configure_logging(settings: Settings) -> None:
 
 @main.command()
 @click.argument("task")
-@click.option("--args", "args_json", default="{}", show_default=True, help="Task arguments as a JSON object.")
+@click.option(
+    "--args",
+    "args_json",
+    default="{}",
+    show_default=True,
+    help="Task arguments as a JSON object; @FILE reads it from a file, - from stdin.",
+)
 @click.option("--queue", help="Queue (default: the task's).")
 @click.option("--priority", type=int, help="-100..100, higher runs first (default: the task's).")
 @click.option("--run-at", "run_at", help="Earliest start, ISO 8601 with a UTC offset.")
@@ -319,10 +369,7 @@ def configure_logging(settings: Settings) -> None:
 @with_settings("app", "encryption_keys")
 def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:
     """Enqueue one job of TASK."""
-    try:
-        args = loads_json(args_json, "args")
-    except ValidationError as exc:
-        raise click.ClickException(str(exc)) from None
+    args = loads_json(read_argument(args_json, "args"), "args")
     if run_at is not None:
         try:
             options["run_at"] = datetime.fromisoformat(run_at)
@@ -335,6 +382,22 @@ def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at
         print_json(job)
     else:
         click.echo(f"enqueued job {job.id} ({job.task}, queue {job.queue}, {job.state})")
+
+
+def read_argument(value: str, field: str) -> str:
+    """``value`` itself, or the text of the file it names as ``@path``, or stdin for ``-`` (a payload
+    that does not fit on a command line, up to the 1 MiB limit)."""
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as file:
+                return file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValidationError(
+                field, f"cannot read {value[1:]!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+    return value
 
 
 @main.group()

@@ -7,6 +7,7 @@ sync method and its ``_async`` twin only choose the connection and the driver.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib
 import logging
 import sys
@@ -20,7 +21,7 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import bulk, crypto, migrations, queries, schedules, workflows
+from . import bulk, crypto, migrations, queries, queues, schedules, workflows
 from .admin import Administration
 from .config import Settings, load_settings, replace_settings
 from .crypto import Keyring
@@ -33,6 +34,8 @@ from .validation import (
     EXECUTOR_KINDS,
     MAX_BIGINT,
     TaskDefaults,
+    UnknownTask,
+    args_spec,
     check_int,
     check_options,
     known_task,
@@ -44,19 +47,6 @@ log = logging.getLogger("pgsched")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def import_app(spec: str, option: str) -> App:
-    """The ``App`` that ``spec`` names (``module:attribute``, the attribute ``app`` by default);
-    a ConfigError naming ``option`` (where the spec came from) if it cannot be loaded."""
-    module_name, _, attribute = spec.partition(":")
-    try:
-        app = getattr(importlib.import_module(module_name), attribute or "app")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{option}: cannot load {spec!r}: {exc}") from None
-    if not isinstance(app, App):
-        raise ConfigError(f"{option}: {spec!r} is not a pgsched.App")
-    return app
 
 
 class App(Administration):
@@ -339,14 +329,21 @@ class App(Administration):
             else:
                 missing.append(name)
         if missing:
-            for name, queue, options in (yield Query(queries.CATALOG_DEFAULTS, (missing,))):
+            for name, queue, options, parameters in (yield Query(queries.CATALOG_DEFAULTS, (missing,))):
                 self._catalog[name] = found[name] = TaskDefaults(
                     queue=queue,
                     priority=options.get("priority", 0),
                     max_attempts=options.get("max_attempts", 5),
                     timeout=options.get("timeout"),
                     encrypt=options.get("encrypt", False),
+                    accepts=args_spec(parameters),
                 )
+            unknown = [name for name in missing if name not in found]
+            if unknown:
+                catalog = [name for (name,) in (yield Query(queries.CATALOG_NAMES))]
+                known = list(dict.fromkeys([*self.tasks, *EXECUTOR_KINDS, *catalog]))
+                for name in unknown:
+                    found[name] = UnknownTask(near=tuple(difflib.get_close_matches(name, known, n=2)))
         return found
 
     def _op_enqueue(self, task: str, args: Any, options: dict[str, Any]) -> Operation[Job]:
@@ -355,6 +352,7 @@ class App(Administration):
         defaults = yield from self._op_defaults([task])
         job = self.payloads.seal(new_job(task, args, known_task(defaults, task), **options), defaults[task])
         rows = yield Query(queries.ENQUEUE, msgspec.structs.asdict(job), rows="job")
+        yield from queues.op_warn_unserved([job.queue])
         return self.payloads.readable(rows[0])
 
     def _op_enqueue_many(self, specs: list[JobSpec]) -> Operation[list[int]]:
@@ -362,7 +360,9 @@ class App(Administration):
             if not spec.task:
                 raise ValidationError(f"jobs[{i}].task", "must be a non-empty task name")
         defaults = yield from self._op_defaults(spec.task for spec in specs)
-        return (yield from bulk.op_enqueue_many(specs, defaults, self.payloads.seal))
+        ids = yield from bulk.op_enqueue_many(specs, defaults, self.payloads.seal)
+        yield from queues.op_warn_unserved(spec.queue or defaults[spec.task].queue for spec in specs)
+        return ids
 
     def _op_workflow(self, workflow: Workflow) -> Operation[None]:
         defaults = yield from self._op_defaults(node.task for node in workflow.jobs)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+from psycopg.conninfo import conninfo_to_dict
 
 from .crypto import Keyring
 from .errors import ConfigError
@@ -64,7 +65,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = None
     app: Annotated[
         str | None,
-        msgspec.Meta(description="Your tasks, as module:attribute of a pgsched.App (e.g. myproject.tasks:app)"),
+        msgspec.Meta(
+            description="Your tasks: module:attribute of a pgsched.App (myproject.tasks:app), or a file (./tasks.py)"
+        ),
     ] = None
     encryption_keys: Annotated[
         str | None,
@@ -231,6 +234,9 @@ def replace_settings(settings: Settings, **changes: Any) -> Settings:
 
 
 def _convert(raw: dict[str, Any]) -> Settings:
+    for name in _BOOLEANS:
+        if isinstance(raw.get(name), str):
+            raw[name] = _BOOLEAN_WORDS.get(raw[name].strip().lower(), raw[name])
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -238,9 +244,77 @@ def _convert(raw: dict[str, Any]) -> Settings:
         if not match:
             raise ConfigError(str(exc)) from None
         name = match.group(1)
-        reason = str(exc).split(" - at ")[0]
         shown = "" if name == "encryption_keys" else f" (got {raw.get(name)!r})"
-        raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {reason}{shown}") from None
+        raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {_expected(name, raw.get(name))}{shown}") from None
+    if settings.dsn:
+        check_dsn(settings.dsn)
     if settings.encryption_keys is not None:
         Keyring.parse(settings.encryption_keys)  # a malformed value fails here, at start-up
     return settings
+
+
+def check_dsn(dsn: str) -> None:
+    """ConfigError unless libpq can parse ``dsn`` (a URI or key=value pairs). Checked with the other
+    settings, so a typo is one line, not a traceback from the first connection attempt. libpq's
+    own message would repeat the text, password included: it is not shown."""
+    try:
+        conninfo_to_dict(dsn)
+    except Exception:
+        raise ConfigError(
+            f"--dsn / PGSCHED_DSN: {masked_dsn(dsn)!r} is not a PostgreSQL connection string; expected a URI "
+            "such as postgresql://user:password@host:5432/dbname, or key=value pairs such as 'host=db dbname=app'"
+        ) from None
+
+
+# Words a boolean setting accepts (any case), as most tools' environment variables do.
+_BOOLEAN_WORDS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+_BOOLEANS = tuple(name for name in OPTION_NAMES if isinstance(getattr(Settings(), name), bool))
+
+
+def _expected(name: str, value: Any) -> str:
+    """What option ``name`` accepts, in words (for a value msgspec refused)."""
+    if name in _BOOLEANS:
+        return "expected true or false (accepted: 1, true, yes, on / 0, false, no, off)"
+    if name == "log_level":
+        return "expected one of: debug, info, warning, error, critical"
+    if name == "queues":
+        return "expected queue names separated by commas" + _bad_queue(value)
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    kind = next(f.type for f in info.fields if f.name == name)
+    kind = kind.type if isinstance(kind, msgspec.inspect.Metadata) else kind
+    if isinstance(kind, (msgspec.inspect.IntType, msgspec.inspect.FloatType)):
+        what = "a whole number" if isinstance(kind, msgspec.inspect.IntType) else "a number"
+        if kind.gt is not None:
+            what += f" greater than {kind.gt}"
+        if kind.ge is not None and kind.le is not None:
+            return f"expected {what} from {kind.ge} to {kind.le}"
+        if kind.ge is not None:
+            what += f" of at least {kind.ge}"
+        if kind.le is not None:
+            what += f" of at most {kind.le}"
+        return f"expected {what}"
+    return "expected text"
+
+
+def _bad_queue(value: Any) -> str:
+    if not isinstance(value, str):
+        return ""
+    for item in value.split(","):
+        if not item.strip():
+            return "; one of them is empty (a stray comma?)"
+        if not re.fullmatch(_QUEUE, item.strip()):
+            return (
+                f"; {item.strip()!r} is not a queue name (1-100 letters, digits, '_', '.', ':' or '-', "
+                "starting with a letter or digit)"
+            )
+    return ""

@@ -18,7 +18,7 @@ from psycopg.adapt import AdaptersMap
 from psycopg.rows import RowFactory, tuple_row
 from psycopg.types.json import set_json_loads
 
-from .config import Settings
+from .config import Settings, check_dsn
 from .jobs import Job
 from .validation import error_from_db
 
@@ -119,6 +119,7 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
 def resolve_dsn(settings: Settings, *, stop_on_exit: bool = False) -> str:
     """The DSN to use: the configured one, else the embedded server's (started if needed)."""
     if settings.dsn:
+        check_dsn(settings.dsn)  # Settings(...) built directly was not checked by load_settings
         return settings.dsn
     from . import embedded
 

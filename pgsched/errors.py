@@ -17,11 +17,16 @@ class ValidationError(PgschedError, ValueError):
 
 
 class DuplicateJobError(ValidationError):
-    """A live job with the same ``dedupe_key`` exists; ``existing_id`` is its id (None if unknown)."""
+    """A live job with the same ``dedupe_key`` exists; ``existing_id`` is its id (None if unknown).
+    In a bulk enqueue, ``field`` names the item (``jobs[3].dedupe_key``) and ``where`` says which
+    job holds the key (another item of the batch, or a live job)."""
 
-    def __init__(self, dedupe_key: str, existing_id: int | None) -> None:
-        where = f" (job {existing_id})" if existing_id is not None else ""
-        super().__init__("dedupe_key", f"a live job with dedupe_key {dedupe_key!r} already exists{where}")
+    def __init__(
+        self, dedupe_key: str, existing_id: int | None, *, field: str = "dedupe_key", where: str | None = None
+    ) -> None:
+        if where is None:
+            where = "a live job" + (f" (job {existing_id})" if existing_id is not None else "")
+        super().__init__(field, f"dedupe_key {dedupe_key!r} is already held by {where}")
         self.dedupe_key = dedupe_key
         self.existing_id = existing_id
 
@@ -70,3 +75,8 @@ class DecryptionError(EncryptionError):
         super().__init__(f"{field}: the encrypted value cannot be decrypted{key} (tampered with, or moved)")
         self.field = field
         self.kid = kid
+
+
+class UnservedQueueWarning(UserWarning):
+    """A job was enqueued to a queue no live worker claims from: it waits (``unroutable`` in
+    ``queue_stats``) until one does. Warned once per queue and process."""

@@ -62,13 +62,19 @@ ORDER BY id DESC
 LIMIT %(limit)s
 """
 
+# Whether a live worker claims from a queue (a SECURITY DEFINER function: enqueuers may not read
+# pgsched.workers). A sequential scan of the workers, a handful of rows.
+QUEUE_SERVED = "SELECT pgsched.queue_served(%s)"
+
 QUEUE_STATS = "SELECT * FROM pgsched.queue_stats ORDER BY queue"
 
 # Queues that store encrypted payloads, read when an app connects (a handful of rows).
 ENCRYPTED_QUEUES = "SELECT name FROM pgsched.queues WHERE encrypt"
 
 # Task catalog: defaults of names the app does not define itself (primary key).
-CATALOG_DEFAULTS = "SELECT name, queue, options FROM pgsched.tasks WHERE name = ANY(%s)"
+CATALOG_DEFAULTS = "SELECT name, queue, options, parameters FROM pgsched.tasks WHERE name = ANY(%s)"
+# Every task name, for "did you mean" when a name is unknown (the error path only).
+CATALOG_NAMES = "SELECT name FROM pgsched.tasks"
 
 # Registering the app's tasks (primary key). The execution options (max_per_key, backoff) are
 # written only by an app that runs the task (%(runs)s: a worker at start); another app's

@@ -11,19 +11,52 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
+import warnings
+from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from .db import Operation, Query
-from .errors import ValidationError
+from .errors import UnservedQueueWarning, ValidationError
+from .queries import QUEUE_SERVED
 from .validation import MAX_INTEGER, QUEUE_PATTERN, check_int, check_name
 
 RATE_UNITS = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+?)s?\s*$")
 # Fields of configure_queue; each None clears the setting (fair, encrypt: False).
 SETTINGS = ("max_running", "rate", "max_per_key", "fair", "encrypt")
+
+
+_PGSCHED_DIR = str(Path(__file__).resolve().parent)
+# Queues this process has asked about (served or warned about): one question per queue and process.
+_checked_queues: set[str] = set()
+
+
+def op_warn_unserved(queues: Iterable[str]) -> Operation[None]:
+    """Warn once per process about each of ``queues`` that no live worker serves: its jobs wait,
+    and otherwise only ``queue_stats.unroutable`` would show it."""
+    for queue in sorted(set(queues) - _checked_queues):
+        _checked_queues.add(queue)
+        ((served,),) = yield Query(QUEUE_SERVED, (queue,))
+        if not served:
+            warnings.warn(
+                f"no live worker serves queue {queue!r}: its jobs wait until a worker runs with --queues {queue} "
+                "(pgsched queues counts them as unroutable)",
+                UnservedQueueWarning,
+                stacklevel=_callers_level(),
+            )
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside pgsched: the user's call."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PGSCHED_DIR):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 class QueueSettings(msgspec.Struct, kw_only=True):

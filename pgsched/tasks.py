@@ -18,6 +18,7 @@ from .validation import (
     PRIORITY_RANGE,
     QUEUE_PATTERN,
     TaskDefaults,
+    args_spec,
     check_int,
     check_name,
     check_seconds,
@@ -65,18 +66,19 @@ class Task(Generic[P, R]):
         self.name = check_name(name, "name")
         self.backoff = backoff
         self.max_per_key = max_per_key
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.takes_context = _takes_context(fn)
+        signature = inspect.signature(fn)
+        params = list(signature.parameters.values())[1 if self.takes_context else 0 :]
+        self.signature = signature.replace(parameters=params)
         self.defaults = TaskDefaults(
             queue=queue,
             priority=priority,
             max_attempts=max_attempts,
             timeout=timeout,
             encrypt=encrypt,
+            accepts=args_spec(self.parameters()),
         )
-        self.is_async = inspect.iscoroutinefunction(fn)
-        self.takes_context = _takes_context(fn)
-        signature = inspect.signature(fn)
-        params = list(signature.parameters.values())[1 if self.takes_context else 0 :]
-        self.signature = signature.replace(parameters=params)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
 
@@ -116,13 +118,15 @@ class Task(Generic[P, R]):
         return BoundTask(self, options)
 
     def parameters(self) -> list[dict[str, Any]]:
-        """The function's parameters, as recorded in the tasks catalog."""
+        """The function's parameters, as recorded in the tasks catalog (``kind``: positional_or_keyword,
+        keyword_only, var_keyword, ...; enqueue checks a job's args against them)."""
         variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         return [
             {
                 "name": p.name,
                 "annotation": _annotation_name(p.annotation),
                 "required": p.default is inspect.Parameter.empty and p.kind not in variadic,
+                "kind": p.kind.name.lower(),
             }
             for p in self.signature.parameters.values()
         ]

@@ -40,7 +40,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgsched import migrations
-from pgsched.client import App, import_app
+from pgsched.app_import import import_app
+from pgsched.client import App
 from pgsched.config import load_settings, replace_settings
 from pgsched.db import configure_adapters
 from pgsched.errors import ConfigError, ValidationError

@@ -8,6 +8,7 @@ those constraint names back to the same fields.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -59,6 +60,14 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 _encoder = msgspec.json.Encoder()
 
 
+class ArgsSpec(msgspec.Struct, frozen=True):
+    """What a task's function accepts as a job's args (``args_spec`` of its catalog parameters)."""
+
+    required: tuple[str, ...]
+    names: frozenset[str] | None  # None: it takes **kwargs, so any name
+    signature: str  # for messages: "(a, b=..., **kwargs)"
+
+
 class TaskDefaults(msgspec.Struct, frozen=True, kw_only=True):
     """Defaults a task gives its jobs (from the app's registry or the tasks catalog)."""
 
@@ -67,6 +76,13 @@ class TaskDefaults(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 5
     timeout: float | None = None
     encrypt: bool = False  # its jobs' payloads are stored encrypted (pgsched.crypto)
+    accepts: ArgsSpec | None = None  # None: unknown, args are not checked
+
+
+class UnknownTask(TaskDefaults, frozen=True, kw_only=True):
+    """Stands for a task name nobody registered: ``known_task`` refuses it, suggesting ``near``."""
+
+    near: tuple[str, ...] = ()
 
 
 class NewJob(msgspec.Struct, kw_only=True):
@@ -276,6 +292,8 @@ def new_job(
     args_json = encode_json_object(args, "args")
     if task in EXECUTOR_KINDS:
         check_executor_args(task, args)
+    if defaults.accepts is not None:
+        check_task_args(task, args, defaults.accepts)
     if run_at is not None and delay is not None:
         raise ValidationError("delay", "give run_at or delay, not both")
     if not isinstance(run_on_upstream_failure, bool):
@@ -303,11 +321,52 @@ def new_job(
 
 def known_task(defaults: dict[str, TaskDefaults], task: str) -> TaskDefaults:
     """The defaults of ``task``; ValidationError(task) when nobody registered it."""
-    if task not in defaults:
+    found = defaults.get(task)
+    if found is None or isinstance(found, UnknownTask):
+        near = found.near if isinstance(found, UnknownTask) else ()
+        hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
         raise ValidationError(
-            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog"
+            "task", f"unknown task {task!r}: not registered in this app nor in the pgsched.tasks catalog{hint}"
         )
-    return defaults[task]
+    return found
+
+
+_VARIADIC = frozenset({"var_positional", "var_keyword"})
+
+
+def args_spec(parameters: list[dict[str, Any]] | None) -> ArgsSpec | None:
+    """What a function accepts, from the catalog's record of its parameters (``Task.parameters``).
+    None (not checked) for a record without the parameters' kinds: written by SQL or an earlier pgsched."""
+    if not parameters or any("kind" not in p for p in parameters):
+        return None
+    shown = [
+        {"var_positional": "*", "var_keyword": "**"}.get(p["kind"], "")
+        + p["name"]
+        + ("" if p.get("required") or p["kind"] in _VARIADIC else "=...")
+        for p in parameters
+    ]
+    return ArgsSpec(
+        required=tuple(p["name"] for p in parameters if p.get("required")),
+        names=None
+        if any(p["kind"] == "var_keyword" for p in parameters)
+        else frozenset(p["name"] for p in parameters if p["kind"] not in _VARIADIC),
+        signature=f"({', '.join(shown)})",
+    )
+
+
+def check_task_args(task: str, args: Mapping[str, Any], accepts: ArgsSpec) -> None:
+    """Refuse args the task's function cannot be called with, before its job burns every attempt on a
+    TypeError: a required parameter missing, or a name it does not take (unless it takes ``**kwargs``)."""
+    for name in accepts.required:
+        if name not in args:
+            raise ValidationError(f"args.{name}", f"required by task {task!r}, which takes {accepts.signature}")
+    if accepts.names is not None and not accepts.names.issuperset(args):
+        name = next(n for n in args if n not in accepts.names)
+        near = difflib.get_close_matches(name, accepts.names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValidationError(
+            f"args.{name}", f"task {task!r} takes no argument {name!r}{hint} (it takes {accepts.signature})"
+        )
 
 
 def check_options(options: Mapping[str, Any]) -> None:

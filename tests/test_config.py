@@ -49,7 +49,7 @@ def test_unknown_variable_warns_with_the_nearest_name() -> None:
         load_settings(environ={"PGSCHED_LOGLEVEL": "x"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_settings(environ={"PGSCHED_TEST_DSN": "x", "PGSCHED_DSN": "y"})
+        load_settings(environ={"PGSCHED_TEST_DSN": "x", "PGSCHED_DSN": "dbname=y"})
 
 
 def test_bad_value_names_the_option() -> None:

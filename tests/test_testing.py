@@ -27,7 +27,7 @@ def kit(app: pgsched.App, dsn: str) -> Any:
     """A kit on this test's database, with the tasks these tests use."""
 
     @app.task(queue="mail", max_attempts=2, backoff=Backoff.fixed(30, jitter=0))
-    def flaky(fail: bool = True) -> str:
+    def flaky(fail: bool = True, extra: dict[str, int] | None = None) -> str:
         if fail:
             raise ConnectionError("down")
         return "sent"
