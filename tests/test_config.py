@@ -122,4 +122,4 @@ def test_shell_completion_prints_a_script_and_completes_commands() -> None:
     assert script.exit_code == 0 and "_pgsched_completion" in script.output
     env = {"_PGSCHED_COMPLETE": "bash_complete", "COMP_WORDS": "pgsched wor", "COMP_CWORD": "1"}
     completed = CliRunner().invoke(main, [], prog_name="pgsched", env=env)
-    assert completed.output.splitlines() == ["plain,worker"]
+    assert completed.output.splitlines() == ["plain,worker", "plain,workers"]
