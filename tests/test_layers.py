@@ -10,7 +10,14 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {"pgsched.cli", "pgsched.cli_jobs", "pgsched.cli_queues", "pgsched.cli_schedules", "pgsched.__main__", "pgsched.testing"}
+ENTRY_POINTS = {
+    "pgsched.cli",
+    "pgsched.cli_jobs",
+    "pgsched.cli_queues",
+    "pgsched.cli_schedules",
+    "pgsched.__main__",
+    "pgsched.testing",
+}
 
 
 def test_every_core_module_is_in_the_import_contract() -> None:

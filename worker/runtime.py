@@ -34,54 +34,32 @@ import time
 import uuid
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg.types.json import set_json_loads
 
 from pgsched import __version__
-from pgsched.backoff import DEFAULT_BACKOFF
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
 from pgsched.db import configure_adapters
-from pgsched.errors import EncryptionError
 from pgsched.jobs import Job
-from pgsched.outcomes import Cancel, Retry, Snooze
-from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
 from .attempts import LIVE, Attempt, State
 from .controls import Claim, Controls, claimed_row
-from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
-from .outcomes import Outcome, Stats, complete_params, ended, failure, log_finished, result_outcome, task_traceback
-from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads, sealed
+from .execution import Execution, lenient_loads
+from .outcomes import Outcome, Stats, complete_params, log_finished
+from .payloads import sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
 from .writer import ClaimAhead, Writer
 
 log = logging.getLogger("pgsched.worker")
 
-TRACEBACK_MAX_CHARS = 16_000
-
-
-class Unreadable:
-    """A JSON value the worker could not decode (nested too deep for msgspec, say): the job that
-    carries it fails alone with the reason, instead of the whole claim failing after its commit."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _lenient_loads(data: str | bytes) -> Any:
-    try:
-        return msgspec.json.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        return Unreadable(str(exc))
-
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     configure_adapters(conn.adapters)
-    set_json_loads(_lenient_loads, conn.adapters)
+    set_json_loads(lenient_loads, conn.adapters)
 
 
 class _RunSink:
@@ -117,6 +95,9 @@ class Worker:
         self.local: asyncio.Queue[Attempt] = asyncio.Queue()
         self.writer = Writer(self.stats, self._written, self._executing, self._claim_with_write)
         self.threads = TaskThreads(self.options.concurrency)
+        self.execution = Execution(
+            app, self.threads, self.writer.logs, lambda: self._pool, self.options.allow_private_http
+        )
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -490,12 +471,12 @@ class Worker:
         slot = asyncio.current_task()
         assert slot is not None
         # The job runs in this slot's own task: stopping it means cancelling this task after
-        # setting ctx.cancelled (see _outcome), which costs no task per job.
+        # setting ctx.cancelled (see Execution.outcome), which costs no task per job.
         attempt.start(ctx, slot)
         current_run.set(ctx)
         self.writer.logs.open(job)
         try:
-            outcome = await self._outcome(attempt, ctx)
+            outcome = await self.execution.outcome(attempt, ctx)
         finally:
             attempt.slot = None  # the execution has returned (a sync task's thread may run on)
             current_run.set(None)
@@ -516,76 +497,6 @@ class Worker:
             log_finished(outcome)
             # A capped job's slot frees only when its outcome is written: no gathering delay.
             self.writer.add(attempt, urgent=self.controls.limits(attempt.job))
-
-    async def _invoke(self, job: Job, ctx: Context, attempt: Attempt) -> Any:
-        if job.task in EXECUTOR_KINDS:
-            if not await creator_may_run_commands(self._pool, job):
-                raise NotRetryable(f"role {job.created_by!r} may not create {job.task} jobs")
-            if job.task == "shell":
-                logs = self.writer.logs
-                return await run_shell(
-                    job.args, lambda stream, line: logs.add(job, stream, None, line, ctx._keyring, attempt.db_now())
-                )
-            allow_private = self.options.allow_private_http
-            return await run_http(job.args, allow_private=allow_private, timeout=job_timeout(job))
-        task = self.app.tasks.get(job.task)
-        if task is None:
-            raise NotRetryable(f"task {job.task!r} is not registered in this worker's app")
-        return await run_python(task, ctx, self.threads)
-
-    async def _outcome(self, attempt: Attempt, ctx: Context) -> Outcome | None:
-        """Run the attempt and classify how it ended (None: not ours to record any more)."""
-        job = attempt.job
-        # The attempt started when it was claimed (attempts are counted there, and the rate
-        # limit counts claims): history records that instant, on the database clock.
-        started = job.started_at
-        assert started is not None
-        for name in ("args", "progress"):
-            if isinstance(getattr(job, name), Unreadable):
-                reason = getattr(job, name).reason
-                return self._failure(job, started, "failed", f"the job's {name} cannot be read: {reason}", final=True)
-        try:
-            ctx._keyring = open_payloads(self.app, job, ctx)
-        except KeyNotHere as exc:
-            # Left for a worker that has the key (the attempt does not count), not failed: during
-            # a staged key rollout some workers have a new key before others.
-            log.warning("job %d: %s; it waits %g s for a worker that has it", job.id, exc, KEY_WAIT_SECONDS)
-            return ended(job, started, "scheduled", "snoozed", delay=KEY_WAIT_SECONDS, error=str(exc))
-        except EncryptionError as exc:
-            # Not retried: another attempt on a worker without the key fails the same way.
-            return self._failure(job, started, "failed", str(exc), final=True)
-        timeout = job_timeout(job)
-        try:
-            async with asyncio.timeout(timeout):
-                value = await self._invoke(job, ctx, attempt)
-        except TimeoutError:
-            ctx._cancel()  # a sync task's thread runs on: it can see ctx.cancelled and stop
-            return self._failure(job, started, "timeout", f"timed out after {timeout:g} s")
-        except asyncio.CancelledError:
-            if not ctx.cancelled:
-                raise  # the slot itself is being stopped, not this job
-            slot = asyncio.current_task()
-            assert slot is not None
-            slot.uncancel()
-            if attempt.state is not State.RUNNING or attempt.interrupted:
-                return None  # lease lost (the rescuer has it) or interrupted by the shutdown
-            return ended(job, started, "cancelled", "cancelled")  # keeps the reason given to cancel
-        except Retry as exc:
-            return self._failure(job, started, "failed", exc.reason, delay=exc.after)
-        except Snooze as exc:
-            return ended(job, started, "scheduled", "snoozed", delay=exc.seconds)
-        except Cancel as exc:
-            return ended(job, started, "cancelled", "cancelled", error=exc.reason)
-        except NotRetryable as exc:
-            return self._failure(job, started, "failed", str(exc), final=True)
-        except Exception as exc:
-            text = task_traceback(exc)[-TRACEBACK_MAX_CHARS:]
-            return self._failure(job, started, "failed", text)
-        return result_outcome(job, started, value)
-
-    def _failure(self, job: Job, started: Any, outcome: str, error: str, **options: Any) -> Outcome:
-        task = self.app.tasks.get(job.task)
-        return failure(job, started, outcome, error, task.backoff if task else DEFAULT_BACKOFF, **options)
 
     # -- giving jobs back --------------------------------------------------------------------
 
