@@ -315,6 +315,8 @@ def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at
         args = loads_json(args_json, "args")
     except ValidationError as exc:
         raise click.ClickException(str(exc)) from None
+    if args is None:  # to the client, None means "no args"; the text null is not an object
+        raise click.ClickException("args: must be a JSON object, not null")
     if run_at is not None:
         try:
             options["run_at"] = datetime.fromisoformat(run_at)
