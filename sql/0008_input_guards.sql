@@ -176,3 +176,13 @@ END
 $$;
 
 REVOKE EXECUTE ON FUNCTION pgsched.refuse_bad_job_input() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- pgsched_admin had every table privilege (GRANT ALL), TRIGGER included: a
+-- trigger it created on jobs ran its code as whoever inserted next, the
+-- owner of pgsched.enqueue or a superuser among them (tests/test_role_attacks.py).
+-- It keeps the data of every table; triggers belong to the migrations. The
+-- migration history is the migrator's too: clients trust its checksums.
+-- ---------------------------------------------------------------------------
+REVOKE TRIGGER ON ALL TABLES IN SCHEMA pgsched FROM pgsched_admin;
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON pgsched.schema_migrations FROM pgsched_admin;
