@@ -136,9 +136,9 @@ REDIRECT_TARGETS = [
 
 
 def run_in_namespace(targets: list[str], allow: bool) -> list[dict[str, object]]:
+    script = str(ROOT / "tests" / "ssrf_netns.py")
     done = subprocess.run(
-        ["unshare", "-n", sys.executable, str(ROOT / "tests" / "ssrf_netns.py"), json.dumps(targets)]
-        + ["allow" if allow else "deny"],
+        ["unshare", "-n", sys.executable, script, json.dumps(targets), "allow" if allow else "deny"],
         capture_output=True,
         text=True,
         timeout=120,
