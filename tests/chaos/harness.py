@@ -68,6 +68,15 @@ class Settings:
         ]  # fmt: skip
 
 
+def shifted_clock(offset: str) -> dict[str, str]:
+    """The environment that makes a process's wall clock (time(), gettimeofday, CLOCK_REALTIME) run
+    ``offset`` from the host's, through libfaketime preloaded; its monotonic clock stays true."""
+    import libfaketime
+
+    _, env = libfaketime.get_reload_information()
+    return {**env, "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
+
+
 class Cluster:
     """The pgsched processes of one scenario, each with an application_name of its own (``chaos-w1``,
     ``chaos-s1``...) so that a fault can pick its sessions."""
@@ -92,12 +101,20 @@ class Cluster:
         self.dsns: dict[str, str] = {}
         self.options: dict[str, Settings] = {}
         self.exits: list[tuple[str, int | None]] = []  # (name, exit status) of every process that ended
+        self.skews: dict[str, str] = {}  # process name -> the shift of its wall clock (libfaketime)
         self._starts = itertools.count(1)
+
+    def skew(self, name: str, offset: str) -> None:
+        """Shift the wall clock of process ``name`` (at every start) by ``offset``, in libfaketime's
+        spelling (``+10m``, ``-600``): its host clock runs ahead or behind the database's."""
+        self.skews[name] = offset
 
     def _spawn(self, name: str, args: list[str], dsn: str) -> PgschedProcess:
         directory = self.directory / f"{name}-{next(self._starts)}"
         directory.mkdir(parents=True)
         env = {**self.env, "PGSCHED_DSN": make_conninfo(dsn, password=self.password), "PGAPPNAME": f"chaos-{name}"}
+        if name in self.skews:
+            env.update(shifted_clock(self.skews[name]))
         return PgschedProcess(args, env, directory)
 
     def worker(self, name: str, *, dsn: str | None = None, settings: Settings | None = None) -> PgschedProcess:
