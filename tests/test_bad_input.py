@@ -14,6 +14,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -439,3 +440,64 @@ def test_schedules_add_refuses_every_bad_input(conn: psycopg.Connection[Any], cl
 
     problems = check_door(conn, "pgsched schedules add", attempt, BAD_SCHEDULES)  # type: ignore[arg-type]
     assert problems == [], "\n".join(problems)
+
+
+# -- races: the same bad input from two sessions at once --------------------------------------------
+
+
+@pytest.mark.db
+def test_concurrent_enqueues_of_one_dedupe_key_through_every_door_make_one_job(
+    conn: psycopg.Connection[Any],
+    enqueuer: Any,
+    login: Login,  # noqa: F811
+) -> None:
+    dsn, _ = enqueuer
+    sessions = [login("pgsched_enqueuer")[1] for _ in range(4)]
+    with pgsched.App(dsn) as app:
+        app.open()
+        doors = [
+            lambda: app.enqueue("noop", {}, dedupe_key="once"),
+            lambda: app.enqueue_many([{"task": "noop", "dedupe_key": "once"}]),
+            lambda: sessions[0].execute("SELECT pgsched.enqueue('noop', dedupe_key => 'once')"),
+            lambda: sessions[1].execute("SELECT pgsched.enqueue('noop', dedupe_key => 'once')"),
+            lambda: sessions[2].execute("INSERT INTO pgsched.jobs (task, dedupe_key) VALUES ('noop', 'once')"),
+            lambda: sessions[3].execute("INSERT INTO pgsched.jobs (task, dedupe_key) VALUES ('noop', 'once')"),
+        ]
+        start = threading.Barrier(len(doors))
+        outcomes: list[Exception | None] = [None] * len(doors)
+
+        def run(i: int) -> None:
+            start.wait()
+            outcomes[i] = refusal(doors[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(doors))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert sum(o is None for o in outcomes) == 1, outcomes
+    assert all(field_of(o, "noop") == "dedupe_key" for o in outcomes if o is not None), outcomes
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs WHERE dedupe_key = 'once'").fetchone() == (1,)
+
+
+@pytest.mark.db
+def test_two_sessions_closing_a_cycle_at_once_leave_one_edge(conn: psycopg.Connection[Any], login: Login) -> None:  # noqa: F811
+    a, b = (row[0] for row in conn.execute("INSERT INTO pgsched.jobs (task) VALUES ('x'), ('y') RETURNING id"))
+    first, second = login("pgsched_worker")[1], login("pgsched_worker")[1]  # workers may write job_deps
+    errors: list[Exception | None] = []
+    with first.transaction():
+        first.execute("INSERT INTO pgsched.job_deps (job_id, depends_on) VALUES (%s, %s)", (a, b))
+        # The other edge, from another session, waits for this transaction (the graph lock)...
+        racer = threading.Thread(
+            target=lambda: errors.append(
+                refusal(
+                    lambda: second.execute("INSERT INTO pgsched.job_deps (job_id, depends_on) VALUES (%s, %s)", (b, a))
+                )
+            )
+        )
+        racer.start()
+        racer.join(0.5)
+        assert racer.is_alive()  # ...and only then, seeing the first edge, is refused
+    racer.join(30)
+    assert len(errors) == 1 and field_of(errors[0], "y") == "depends_on", errors
+    assert conn.execute("SELECT job_id, depends_on FROM pgsched.job_deps").fetchall() == [(a, b)]
