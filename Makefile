@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: up test lint docs docs-check install install-test bench chaos clean
+.PHONY: up test lint audit docs docs-check install install-test bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,18 @@ docs: install-test
 docs-check: install-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-## test: lint, the docs build, then the whole suite in parallel
-test: lint docs-check
+## audit: bandit on the package (skips justified in pyproject.toml), then pip-audit on the installed
+## dependencies; pip-audit needs its vulnerability database (PyPI's or OSV's) over the network, and
+## without it says so in one line and passes
+audit: install-test
+	$(BIN)/bandit -q -c pyproject.toml -r pgsched api worker
+	@out=$$($(BIN)/pip-audit --progress-spinner off --desc off --skip-editable --local 2>&1); status=$$?; \
+	if echo "$$out" | grep -q "known vulnerabilit" && [ $$status -ne 0 ]; then echo "$$out"; exit 1; \
+	elif [ $$status -eq 0 ] && ! echo "$$out" | grep -q "could not be audited"; then echo "pip-audit: no known vulnerability"; \
+	else echo "pip-audit: skipped: no vulnerability database reachable (offline): $$(echo "$$out" | grep -m1 -E 'could not be audited|Error' | tr -s ' ' | cut -c1-120)"; fi
+
+## test: lint, audit and the docs build, then the whole suite in parallel
+test: lint audit docs-check
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## chaos: the fault-injection scenarios of tests/chaos at their full sizes (several minutes each)

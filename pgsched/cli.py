@@ -370,6 +370,8 @@ def configure_logging(settings: Settings) -> None:
 def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:
     """Enqueue one job of TASK."""
     args = loads_json(read_argument(args_json, "args"), "args")
+    if args is None:  # to the client, None means "no args"; the text null is not an object
+        raise ValidationError("args", "must be a JSON object, not null")
     if run_at is not None:
         try:
             options["run_at"] = datetime.fromisoformat(run_at)

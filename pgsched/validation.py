@@ -393,6 +393,8 @@ CONSTRAINT_FIELDS = {
     "jobs_owner_length": "owner",
     "jobs_concurrency_key_length": "concurrency_key",
     "jobs_timeout_positive": "timeout",
+    "jobs_run_at_range": "run_at",
+    "jobs_args_depth": "args",
     "jobs_schedule_id_fkey": "schedule_id",
     "job_deps_not_self": "depends_on",
     "job_deps_depends_on_fkey": "depends_on",

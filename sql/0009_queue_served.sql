@@ -1,4 +1,4 @@
--- pgsched schema, version 8: whether a live worker serves a queue (issue 20).
+-- pgsched schema, version 9: whether a live worker serves a queue (issue 20).
 --
 -- A client warns once when it enqueues to a queue no live worker serves: the
 -- job would wait, counted only as `unroutable` in queue_stats. Enqueuers may

@@ -247,7 +247,8 @@ async def http_request(args: dict[str, Any], *, allow_private: bool) -> dict[str
     tls = _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     # No environment (proxies, .netrc), no redirects nor cookies of its own: every hop goes through
     # the checks here.
-    client = httpx.AsyncClient(
+    # timeout=None: run_http's one deadline bounds the whole call, every redirect and byte included.
+    client = httpx.AsyncClient(  # nosec B113
         verify=tls, trust_env=False, follow_redirects=False, timeout=None, cookies=httpx.Cookies(_no_cookies())
     )
     async with client:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +23,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgsched
+from pgsched import crypto, embedded
 
 from ..processes import PgschedProcess
 from . import app as chaos_app
@@ -65,6 +68,15 @@ class Settings:
         ]  # fmt: skip
 
 
+def shifted_clock(offset: str) -> dict[str, str]:
+    """The environment that makes a process's wall clock (time(), gettimeofday, CLOCK_REALTIME) run
+    ``offset`` from the host's, through libfaketime preloaded; its monotonic clock stays true."""
+    import libfaketime
+
+    _, env = libfaketime.get_reload_information()
+    return {**env, "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
+
+
 class Cluster:
     """The pgsched processes of one scenario, each with an application_name of its own (``chaos-w1``,
     ``chaos-s1``...) so that a fault can pick its sessions."""
@@ -73,18 +85,36 @@ class Cluster:
         self.dsn = dsn
         self.directory = directory
         self.settings = settings
-        self.env = {**env, chaos_app.HISTORY_DSN: dsn, "PGSCHED_LOG_LEVEL": "warning"}
+        # Secrets the processes hold and must never write anywhere (``leaked_secrets``): the password
+        # of their DSN (the test servers trust local connections, so an invented one is never even
+        # asked for) and an encryption keyring.
+        self.password = str(conninfo_to_dict(dsn).get("password") or f"chaos-pw-{secrets.token_hex(12)}")
+        self.keys = crypto.generate_key("chaos1")
+        self.env = {
+            **env,
+            chaos_app.HISTORY_DSN: dsn,
+            "PGSCHED_LOG_LEVEL": "warning",
+            "PGSCHED_ENCRYPTION_KEYS": self.keys,
+        }
         self.workers: dict[str, PgschedProcess] = {}
         self.schedulers: dict[str, PgschedProcess] = {}
         self.dsns: dict[str, str] = {}
         self.options: dict[str, Settings] = {}
         self.exits: list[tuple[str, int | None]] = []  # (name, exit status) of every process that ended
+        self.skews: dict[str, str] = {}  # process name -> the shift of its wall clock (libfaketime)
         self._starts = itertools.count(1)
+
+    def skew(self, name: str, offset: str) -> None:
+        """Shift the wall clock of process ``name`` (at every start) by ``offset``, in libfaketime's
+        spelling (``+10m``, ``-600``): its host clock runs ahead or behind the database's."""
+        self.skews[name] = offset
 
     def _spawn(self, name: str, args: list[str], dsn: str) -> PgschedProcess:
         directory = self.directory / f"{name}-{next(self._starts)}"
         directory.mkdir(parents=True)
-        env = {**self.env, "PGSCHED_DSN": dsn, "PGAPPNAME": f"chaos-{name}"}
+        env = {**self.env, "PGSCHED_DSN": make_conninfo(dsn, password=self.password), "PGAPPNAME": f"chaos-{name}"}
+        if name in self.skews:
+            env.update(shifted_clock(self.skews[name]))
         return PgschedProcess(args, env, directory)
 
     def worker(self, name: str, *, dsn: str | None = None, settings: Settings | None = None) -> PgschedProcess:
@@ -247,6 +277,24 @@ def load(conn: psycopg.Connection[Any]) -> Observed:
         )
     ]
     return Observed(history, acks, jobs, runs)
+
+
+def leaked_secrets(cluster: Cluster, conn: psycopg.Connection[Any]) -> list[str]:
+    """Where a secret of the cluster (its DSN password, its key material) shows up: the output of
+    every process it started, the text pgsched stored (run logs, errors, results) and a pg_dump of
+    the database. Run after the faults, so that crash, reconnect and rescue paths have logged."""
+    found = {"DSN password": cluster.password, "encryption key": cluster.keys.partition(":")[2]}
+    sources = {str(path.relative_to(cluster.directory)): path.read_text(errors="replace")
+               for path in sorted(cluster.directory.rglob("*")) if path.is_file()}  # fmt: skip
+    for table, column in (("run_logs", "message"), ("runs", "error"), ("jobs", "error"), ("jobs", "result::text")):
+        row = conn.execute(f"SELECT string_agg({column}, chr(10)) FROM pgsched.{table}").fetchone()
+        sources[f"pgsched.{table}.{column}"] = (row[0] if row else None) or ""
+    dump = subprocess.run(
+        [str(embedded.bin_dir() / "pg_dump"), "--data-only", "-d", cluster.dsn],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    sources["pg_dump"] = dump.stdout
+    return [f"{kind} in {where}" for kind, secret in found.items() for where, text in sources.items() if secret in text]
 
 
 def unfinished(conn: psycopg.Connection[Any]) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -10,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..conftest import wait_until
 from . import faults
-from .harness import harness_connection, socket_path, with_application
+from .harness import Cluster, Settings, harness_connection, leaked_secrets, socket_path, with_application
 
 pytestmark = pytest.mark.db
 
@@ -62,3 +64,21 @@ def test_idle_in_transaction_and_idle_connections_show_in_pg_stat_activity(dsn: 
             assert dict(observer.execute(query).fetchall()) == {"idle in transaction": 1, "idle": 5}
         # A closed session's backend leaves pg_stat_activity a moment later.
         wait_until(lambda: observer.execute(query).fetchall() == [], message="the sessions to end")
+
+
+def test_the_secret_grep_finds_a_password_or_key_in_logs_and_tables(
+    dsn: str, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    cluster = Cluster(dsn, tmp_path, {}, Settings())
+    assert leaked_secrets(cluster, conn) == []
+    (tmp_path / "w1-1").mkdir()
+    (tmp_path / "w1-1" / "stderr").write_text(f"connecting to password={cluster.password}\n")
+    job = conn.execute(
+        "INSERT INTO pgsched.jobs (task, error) VALUES ('t', %s) RETURNING id", (cluster.keys,)
+    ).fetchone()
+    assert job is not None
+    assert leaked_secrets(cluster, conn) == [
+        "DSN password in w1-1/stderr",
+        "encryption key in pgsched.jobs.error",
+        "encryption key in pg_dump",
+    ]

@@ -42,6 +42,7 @@ from .harness import (
     Timeline,
     create_schema,
     harness_connection,
+    leaked_secrets,
     load,
     socket_path,
     unfinished,
@@ -108,6 +109,9 @@ def running(name: str, dsn: str, env: dict[str, str], directory: Path) -> Iterat
     s = Scenario(name, dsn, cluster, enqueuer, conn, Timeline())
     try:
         yield s
+        cluster.kill()  # everything they wrote is in their files
+        s.reconnect()  # a scenario may have crashed the server since
+        assert leaked_secrets(cluster, s.conn) == []
     finally:
         cluster.kill()
         s.enqueuer.close()  # a scenario may have replaced it
