@@ -275,6 +275,34 @@ def test_a_claim_sent_with_a_failed_write_does_not_hold(tasks: pgsched.App, conn
     assert scalar(conn, "SELECT count(*) FROM pgsched.runs") == 300  # each ran once: nothing rescued
 
 
+def test_a_claim_sent_with_outcomes_that_lands_after_the_stop_is_given_back(
+    tasks: pgsched.App, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stop arrives while a claim travels with a batch of outcomes (held up by a lock on the
+    history): the jobs it brings once the lock goes must go back to the queue, not stay
+    ``running`` under a worker that has stopped (the rescuer would take them only after the lease,
+    counting an attempt)."""
+    tasks.enqueue_many([{"task": "nap", "args": {"seconds": 0.001}} for _ in range(400)])
+    blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%WITH done AS%%'"
+
+    async def scenario() -> None:
+        worker, task = await start_worker(tasks, poll_seconds=0.05, concurrency=4, prefetch=4)
+        await wait_until_async(lambda: states(conn).get("succeeded", 0) >= 20, message="the drain under way")
+        with psycopg.connect(conn.info.dsn) as locker, locker.transaction():
+            locker.execute("LOCK TABLE pgsched.runs IN EXCLUSIVE MODE")
+            await wait_until_async(lambda: scalar(conn, blocked) == 1, message="a write (and its claim) held up")
+            with caplog.at_level(logging.INFO, logger="pgsched.worker"):
+                worker.stop()
+                await wait_until_async(lambda: "stopping: writing" in caplog.text, message="the shutdown under way")
+        await asyncio.wait_for(task, timeout=30)
+
+    asyncio.run(scenario())
+    left = states(conn)
+    assert "running" not in left and left.get("queued", 0) > 0, left
+    assert scalar(conn, "SELECT count(*) FROM pgsched.workers") == 0
+    assert scalar(conn, "SELECT count(*) FROM pgsched.runs WHERE outcome <> 'succeeded'") == 0
+
+
 def test_an_outcome_the_database_refuses_fails_alone(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     """R6: a result that passes the worker's check but not the column's is split out of its
     batch and fails with the reason; the rest of the batch is written."""

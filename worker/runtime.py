@@ -183,6 +183,8 @@ class Worker:
             log.info("stopping: writing %d buffered outcomes", len(self.writer.pending))
             self.writer.close()
             await flusher  # every buffered outcome is written (the heartbeat keeps the lease meanwhile)
+            # A claim sent with outcomes before the stop may have landed after the slots stopped.
+            await self._release_waiting()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
