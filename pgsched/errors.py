@@ -70,3 +70,7 @@ class DecryptionError(EncryptionError):
         super().__init__(f"{field}: the encrypted value cannot be decrypted{key} (tampered with, or moved)")
         self.field = field
         self.kid = kid
+
+
+class DatabaseUnreachable(PgschedError, ConnectionError):
+    """The database could not be reached at start-up, within ``wait_for_db`` seconds."""
