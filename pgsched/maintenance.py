@@ -189,7 +189,9 @@ class Maintenance:
                     await conn.close()
                 conn = None
                 continue
-            if result.changed:
+            if not result.leader:
+                log.debug("%s: another process leads this pass", service.name)
+            elif result.changed:
                 log.info("%s: %s", service.name, ", ".join(f"{k} {v}" for k, v in result.done.items() if v))
         if conn is not None:
             await conn.close()

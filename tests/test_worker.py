@@ -414,11 +414,11 @@ def test_burst_with_the_scheduler_returns(tasks: pgsched.App, conn: psycopg.Conn
     job = tasks.enqueue("echo", {"value": 1})
     done = threading.Event()
     runner = threading.Thread(
-        target=lambda: (tasks.run_worker(burst=True, with_scheduler=True, poll_seconds=0.1), done.set())
+        target=lambda: (tasks.run_worker(burst=True, poll_seconds=0.1), done.set())
     )
     runner.start()
     runner.join(timeout=30)
-    assert done.is_set(), "run_worker(burst=True, with_scheduler=True) did not return"
+    assert done.is_set(), "run_worker(burst=True) did not return (with the scheduler, which is on by default)"
     assert tasks.get(job.id).state == "succeeded"
 
 
