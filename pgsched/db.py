@@ -152,7 +152,7 @@ def wait_for_database(dsn: str, seconds: float, stopped: threading.Event | None 
                 raise DatabaseUnreachable(f"cannot reach the database{waited}: {reason}") from None
             pause = min(pause, left)
             log.warning(
-                "waiting for the database %s (attempt %d, next in %.1f s, giving up in %.0f s): %s",
+                "waiting for the database %s (attempt %d, next in %.1f s, giving up in %.1f s): %s",
                 masked_dsn(dsn),
                 attempt,
                 pause,

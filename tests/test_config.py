@@ -85,3 +85,29 @@ def test_settings_repr_never_shows_a_dsn_password(dsn: str, shown: str) -> None:
     assert settings.dsn == dsn  # the value itself is intact
     assert f"dsn={shown!r}" in repr(settings)
     assert "s3" not in repr(settings) and "cret" not in repr(settings)
+
+
+def test_python_callers_give_python_values() -> None:
+    from datetime import timedelta
+
+    from pgsched.config import replace_settings
+
+    settings = replace_settings(
+        Settings(), queues=["a", "b"], concurrency=4, lease_seconds=timedelta(minutes=1), wait_for_db=timedelta(0)
+    )
+    assert (settings.queues, settings.queue_list, settings.concurrency) == ("a,b", ("a", "b"), 4)
+    assert (settings.lease_seconds, settings.wait_for_db) == (60.0, 0.0)
+    assert replace_settings(Settings(), queues="a, b").queue_list == ("a", "b")  # a string still works
+    with pytest.raises(ConfigError, match=r"queues: expected queue names \(str\), got \['a', 1\]"):
+        replace_settings(Settings(), queues=["a", 1])
+    with pytest.raises(ConfigError, match="--concurrency / PGSCHED_CONCURRENCY"):
+        replace_settings(Settings(), concurrency=0)
+
+
+def test_the_scheduler_is_on_unless_turned_off() -> None:
+    assert Settings().scheduler is True
+    assert load_settings(environ={"PGSCHED_SCHEDULER": "false"}).scheduler is False
+    assert load_settings({"scheduler": False}, environ={}).scheduler is False
+    help_text = CliRunner().invoke(main, ["worker", "--help"]).output
+    assert "--no-scheduler" in help_text and "--wait-for-db" in help_text
+    assert "--with-scheduler" not in help_text  # still accepted (a no-op), no longer offered

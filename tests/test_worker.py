@@ -450,3 +450,21 @@ def test_wait_cancelled_waits_for_the_stop_or_the_timeout() -> None:
     stopped_first = Context(None, None)  # type: ignore[arg-type]
     stopped_first._cancel()
     assert stopped_first.wait_cancelled(30) is True  # stopped before the first wait
+
+
+def test_run_worker_takes_python_values(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    @tasks.task(queue="b")
+    def on_b() -> str:
+        return "ran on b"
+
+    jobs = [tasks.enqueue("echo", {"value": 1}, queue="a"), on_b.enqueue()]
+    stats = tasks.run_worker(
+        queues=["a", "b"],
+        concurrency=4,
+        burst=True,
+        poll_seconds=timedelta(milliseconds=100),
+        grace_seconds=timedelta(seconds=5),
+        scheduler=False,
+    )
+    assert (stats.claimed, stats.succeeded) == (2, 2)
+    assert [tasks.get(job.id).result for job in jobs] == [1, "ran on b"]
