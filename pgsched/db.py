@@ -159,6 +159,8 @@ def wait_for_database(dsn: str, seconds: float, stopped: threading.Event | None 
                 left,
                 reason,
             )
-        if (stopped or threading.Event()).wait(pause):
+        if stopped is None:
+            time.sleep(pause)
+        elif stopped.wait(pause):
             return False  # a signal came: the caller stops
         pause = min(pause * 2, 5.0)

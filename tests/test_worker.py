@@ -413,9 +413,7 @@ def test_a_prefetched_job_cancelled_before_it_starts_never_runs(
 def test_burst_with_the_scheduler_returns(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     job = tasks.enqueue("echo", {"value": 1})
     done = threading.Event()
-    runner = threading.Thread(
-        target=lambda: (tasks.run_worker(burst=True, poll_seconds=0.1), done.set())
-    )
+    runner = threading.Thread(target=lambda: (tasks.run_worker(burst=True, poll_seconds=0.1), done.set()))
     runner.start()
     runner.join(timeout=30)
     assert done.is_set(), "run_worker(burst=True) did not return (with the scheduler, which is on by default)"

@@ -345,9 +345,7 @@ def test_a_deliberate_second_ctrl_c_to_the_supervisor_puts_the_jobs_back(
     supervisor = spawn_worker("--processes", "2", "--grace-seconds", "300")
     wait_until(lambda: registered(conn, 2) and running(conn, job.id), timeout=20, message="the job to run")
     supervisor.signal(signal.SIGINT)
-    wait_until(
-        lambda: supervisor.stderr().count("stopping: finishing") == 2, message="both children to begin stopping"
-    )
+    wait_until(lambda: supervisor.stderr().count("stopping: finishing") == 2, message="both children to begin stopping")
     signal_until(supervisor, signal.SIGINT, "running jobs left")
     assert supervisor.wait(20) == 130, supervisor.stderr()
     assert f"running jobs left: {job.id} (sleep_async)" in supervisor.stderr()

@@ -72,7 +72,7 @@ def supervise(settings: Settings) -> int:
         if not stopping:
             stopping, first_signal, relay = True, time.monotonic(), RELAYED_STOP
         elif stopped_now or time.monotonic() - first_signal < SIGNAL_WINDOW_SECONDS:
-            return  # the same stop, signalled twice
+            return  # the same stop signalled twice (or stopping now already)
         else:
             stopped_now, relay = True, RELAYED_STOP_NOW
             log.warning("stopping now: telling the worker processes to put their running jobs back")
