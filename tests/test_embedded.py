@@ -219,10 +219,9 @@ class Up:
             if line.strip().startswith("database:"):
                 return line.split("database:", 1)[1].strip()
 
-    def stop(self, sig: signal.Signals, times: int = 1) -> tuple[int, str]:
-        """Send ``sig`` (``times`` times at once); the exit status and what it printed after the database line."""
-        for _ in range(times):
-            self.proc.send_signal(sig)
+    def stop(self, sig: signal.Signals) -> tuple[int, str]:
+        """Send ``sig``; the exit status and what it printed after the database line."""
+        self.proc.send_signal(sig)
         returncode = self.proc.wait(timeout=DEADLINE)
         rest = []
         while (line := self.lines.get(timeout=DEADLINE)) is not None:
@@ -274,7 +273,11 @@ def test_up_stopped_by_two_signals_at_once_still_stops_the_server(
     try:
         up.wait_for_dsn()
         pid = postmaster_pid(data_dir)
-        returncode, rest = up.stop(signal.SIGTERM, times=2)
+        wait_until(lambda: "started: queues" in up.stderr(), "up's worker to start")
+        up.proc.send_signal(signal.SIGTERM)
+        # Not before the first is handled: two signals pending at once would be delivered as one.
+        wait_until(lambda: "stopping: finishing" in up.stderr(), "up to begin its graceful stop")
+        returncode, rest = up.stop(signal.SIGTERM)  # the worker may be done by now: up stops its server
         assert returncode == 0, up.stderr()
         assert "pgsched stopped" in rest
         wait_until(lambda: not alive(pid), f"the postmaster {pid} to exit")

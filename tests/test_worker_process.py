@@ -137,8 +137,11 @@ def test_two_signals_at_once_are_one_graceful_stop(
     worker = spawn_worker("--grace-seconds", "60")
     wait_until(lambda: running(conn, job.id), message="the job to run")
     worker.signal(signal.SIGTERM)
+    # Not before the first is handled: two signals pending at once would be delivered as one.
+    wait_until(lambda: "stopping: finishing" in worker.stderr(), message="the worker to begin its graceful stop")
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.stderr()
+    assert "already stopping" in worker.stderr()
     assert "stopping now" not in worker.stderr()
     assert job_row(conn, job.id)["state"] == "succeeded"  # it had its grace period, and finished
     assert worker_pids(conn) == {}

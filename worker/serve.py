@@ -65,6 +65,7 @@ async def serve(
         for service in services:  # the worker is done (stopped, or --burst found nothing left)
             service.stop()
         await asyncio.gather(*running, return_exceptions=True)
+        stop.uninstall()
     if stop.now:
         raise SystemExit(STOP_NOW_STATUS)
     return stats
@@ -78,14 +79,30 @@ class Stop:
         self.others = others
         self.first: float | None = None  # when the graceful stop began (monotonic)
         self.now = False
+        self.previous: dict[int, Any] = {}
 
     def install(self, supervised: bool) -> None:
+        """Handle the stop signals until ``uninstall``.
+
+        Not with the loop's ``add_signal_handler``: the loop puts the default action back when it
+        closes, and a second signal arriving then would kill the process (``pgsched up`` while it
+        stops its embedded server). The handlers in place before (``up``'s own) come back instead.
+        """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.on_signal, False)
+        actions = {signal.SIGTERM: lambda: self.on_signal(False), signal.SIGINT: lambda: self.on_signal(False)}
         if supervised:
-            loop.add_signal_handler(RELAYED_STOP, self.on_signal, True)
-            loop.add_signal_handler(RELAYED_STOP_NOW, self.stop_now)
+            actions |= {RELAYED_STOP: lambda: self.on_signal(True), RELAYED_STOP_NOW: self.stop_now}
+        for sig, action in actions.items():
+
+            def handler(signum: int, frame: Any, action: Any = action) -> None:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(action)
+
+            self.previous[sig] = signal.signal(sig, handler)
+
+    def uninstall(self) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
     def on_signal(self, relayed: bool) -> None:
         if self.first is None:
