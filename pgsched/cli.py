@@ -29,7 +29,7 @@ from . import crypto, migrations, queries, rotation
 from .app_import import import_app
 from .client import App
 from .config import Settings, env_names, flag_name, load_settings, masked_dsn, option_help
-from .db import configure_adapters, job_row, resolve_dsn
+from .db import configure_adapters, job_row, resolve_dsn, wait_for_database
 from .display import error_summary, progress_bar
 from .errors import PermissionDenied, PgschedError, ValidationError
 from .jobs import STATES, Job
@@ -73,6 +73,14 @@ def setting_option(name: str) -> Callable[[Any], Any]:
     details = [f"env: {env_names(name)}"]
     if default is not None and kind is not bool:
         details.append(f"default: {default:g}" if kind is float else f"default: {default}")
+    if default is True:  # on unless turned off: --NAME / --no-NAME
+        details.append("default: on")
+        return click.option(
+            f"{flag_name(name)}/{flag_name('no_' + name)}",
+            name,
+            default=None,
+            help=f"{option_help(name)} [{'; '.join(details)}]",
+        )
     return click.option(
         flag_name(name),
         name,
@@ -205,9 +213,13 @@ def _global_setting(ctx: click.Context, param: click.Parameter, value: Any) -> A
     expose_value=False,
     help="Data directory of the embedded PostgreSQL (the command's own --data-dir wins).",
 )
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """pgsched: a distributed task scheduler whose whole state lives in PostgreSQL."""
     warnings.showwarning = _show_warning
+    # Names this process's sessions in pg_stat_activity ("pgsched worker"), for operators and for
+    # `db stop`, which counts them; an application_name in the DSN wins.
+    os.environ.setdefault("PGAPPNAME", f"pgsched {ctx.invoked_subcommand}")
 
 
 @main.command()
@@ -225,7 +237,15 @@ def migrate(settings: Settings) -> None:
 
 @main.command()
 @with_settings(
-    "app", "queues", "concurrency", "prefetch", "lease_seconds", "allow_shell", "allow_private_http", "encryption_keys"
+    "app",
+    "queues",
+    "concurrency",
+    "prefetch",
+    "lease_seconds",
+    "allow_shell",
+    "allow_private_http",
+    "encryption_keys",
+    "wait_for_db",
 )
 def up(settings: Settings) -> None:
     """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set), migrations and a worker.
@@ -240,6 +260,8 @@ def up(settings: Settings) -> None:
     configure_logging(settings)
     where = "configured database" if settings.dsn else "embedded PostgreSQL 18"
     dsn = resolve_dsn(settings, stop_on_exit=True)
+    if not wait_for_database(dsn, settings.wait_for_db, stop):
+        return
     with psycopg.connect(dsn, autocommit=True) as conn:
         done = migrations.migrate(conn)
     app = load_app(msgspec.structs.replace(settings, dsn=dsn))
@@ -256,7 +278,7 @@ def up(settings: Settings) -> None:
     click.echo(f"  psql:       psql '{masked_dsn(dsn)}'")
     click.echo("  running:    database, migrations, worker, scheduler (Ctrl-C stops)")
     sys.stdout.flush()
-    app.settings = msgspec.structs.replace(app.settings, with_scheduler=True)
+    app.settings = msgspec.structs.replace(app.settings, scheduler=True)
     app._run_worker_in_own_loop(app.settings, stopped=stop)
     app.close()
     click.echo("pgsched stopped")
@@ -282,7 +304,8 @@ WORKER_OPTIONS = (
     "allow_shell",
     "allow_private_http",
     "burst",
-    "with_scheduler",
+    "scheduler",
+    "wait_for_db",
     "encryption_keys",
 )
 
@@ -292,17 +315,23 @@ WORKER_OPTIONS = (
 @click.option(
     "--secrets-on-stdin", is_flag=True, hidden=True, is_eager=True, expose_value=False, callback=_secrets_from_stdin
 )
-def worker(settings: Settings) -> None:
-    """Claim and run jobs (SIGTERM/Ctrl-C: finish running jobs, then stop; twice: stop now)."""
+# Every worker runs the scheduler now; the old opt-in flag stays accepted so old scripts keep working.
+@click.option("--with-scheduler", is_flag=True, hidden=True, expose_value=False)
+# A child of the --processes supervisor, which relays stop signals (see worker/serve.py).
+@click.option("--supervised", is_flag=True, hidden=True)
+def worker(settings: Settings, supervised: bool) -> None:
+    """Claim and run jobs (SIGTERM/Ctrl-C: finish running jobs, then stop; again, a second later: stop now)."""
     protect_process()  # before any job (or the user's app) runs: see pgsched/protect.py
     settings.check_worker()
     configure_logging(settings)
     if settings.processes > 1:
         from pgsched.worker.supervisor import supervise
 
+        wait_for_database(resolve_dsn(settings), settings.wait_for_db)  # once, before any child starts
+
         sys.exit(supervise(settings))
     app = load_app(settings)
-    stats = app._run_worker_in_own_loop(settings)
+    stats = app._run_worker_in_own_loop(settings, supervised=supervised)
     if settings.burst:
         click.echo(
             f"done: {stats.claimed} claimed, {stats.succeeded} succeeded, {stats.failed} failed, "
@@ -317,7 +346,7 @@ def worker(settings: Settings) -> None:
 
 
 @main.command()
-@with_settings("app", "lease_seconds")
+@with_settings("app", "lease_seconds", "wait_for_db")
 def scheduler(settings: Settings) -> None:
     """Run the maintenance services: promote due jobs, rescue expired leases, prune history.
 
@@ -325,6 +354,7 @@ def scheduler(settings: Settings) -> None:
     """
     configure_logging(settings)
     app = load_app(settings)
+    wait_for_database(app.dsn, settings.wait_for_db)
     app.open()
     maintenance = Maintenance(app.dsn, default_services(settings.lease_seconds))
 
@@ -460,13 +490,21 @@ def url(settings: Settings) -> None:
 
 
 @db.command("stop")
+@click.option("--force", is_flag=True, help="Stop it even while other pgsched processes use it.")
 @with_settings()
-def stop_db(settings: Settings) -> None:
-    """Stop the embedded server."""
+def stop_db(settings: Settings, force: bool) -> None:
+    """Stop the embedded server (refused while other pgsched processes use it, unless --force)."""
     from . import embedded
 
     if settings.dsn:
         raise click.ClickException("a DSN is configured: pgsched does not stop servers it did not start")
+    users = {} if force else embedded.pgsched_sessions(settings.embedded_data_dir)
+    if users:
+        which = ", ".join(f"{name} ({count})" for name, count in users.items())
+        raise click.ClickException(
+            f"the embedded server is in use by {sum(users.values())} pgsched session(s): {which}; "
+            "stop those processes first, or pass --force"
+        )
     stopped = embedded.stop(settings.embedded_data_dir)
     click.echo("stopped" if stopped else "not running")
 

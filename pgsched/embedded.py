@@ -117,6 +117,25 @@ def running_pid(data_dir: Path) -> int | None:
     return pid if _alive(pid) else None
 
 
+def pgsched_sessions(data_dir: Path) -> dict[str, int]:
+    """Sessions of other pgsched processes on the server running on ``data_dir``, by their
+    application_name ("pgsched up", "pgsched worker", ...); empty if it cannot be asked."""
+    import psycopg
+
+    try:
+        lines = (data_dir.expanduser().absolute() / "postmaster.pid").read_text().splitlines()
+        port, socket_dir = int(lines[3]), lines[4]
+        with psycopg.connect(host=socket_dir, port=port, user="postgres", dbname="postgres", connect_timeout=5) as conn:
+            rows = conn.execute(
+                """SELECT application_name, count(*) FROM pg_stat_activity
+                   WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+                     AND application_name LIKE 'pgsched%' GROUP BY 1 ORDER BY 1"""
+            ).fetchall()
+    except (OSError, ValueError, IndexError, psycopg.Error):
+        return {}
+    return {name: count for name, count in rows}
+
+
 def stop(data_dir: Path) -> bool:
     """Stop the server running on ``data_dir``; False if none was running."""
     data_dir = data_dir.expanduser().absolute()

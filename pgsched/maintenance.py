@@ -104,9 +104,12 @@ class Promoter(Service):
 class Rescuer(Service):
     """``running`` jobs whose lease expired go back to ``queued`` (or ``failed``).
 
-    After gaining leadership (or reconnecting) it waits one lease length before
-    rescuing anything: after a database restart the workers' heartbeats need
-    that long to come back, and their jobs are not lost, only unrefreshed.
+    After it first leads on a connection (and after every reconnection) it waits
+    one lease length before rescuing anything: after a database restart the
+    workers' heartbeats need that long to come back, and their jobs are not
+    lost, only unrefreshed. A pass led by another process does not restart that
+    wait: leadership is per pass, and with every worker contending some passes
+    always go elsewhere, so a wait restarted by each of them might never end.
     """
 
     name = "rescuer"
@@ -117,13 +120,8 @@ class Rescuer(Service):
         self.leading_since: datetime | None = None
 
     def lost_leadership(self) -> None:
+        """The connection was lost: wait one lease again before the next rescue."""
         self.leading_since = None
-
-    async def run_once(self, conn: psycopg.AsyncConnection[Any], now: datetime | None = None) -> Pass:
-        result = await super().run_once(conn, now)
-        if not result.leader:
-            self.lost_leadership()
-        return result
 
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
         if self.leading_since is None:
@@ -189,7 +187,9 @@ class Maintenance:
                     await conn.close()
                 conn = None
                 continue
-            if result.changed:
+            if not result.leader:
+                log.debug("%s: another process leads this pass", service.name)
+            elif result.changed:
                 log.info("%s: %s", service.name, ", ".join(f"{k} {v}" for k, v in result.done.items() if v))
         if conn is not None:
             await conn.close()

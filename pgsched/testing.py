@@ -243,7 +243,7 @@ class Kit:
                         concurrency=concurrency,
                         burst=True,
                         poll_seconds=0.05,
-                        with_scheduler=False,
+                        scheduler=False,
                     )
                     drained.add(await Worker(self.app, settings).run())
                 if not until_empty:

@@ -101,6 +101,7 @@ class Worker:
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._no_grace = False  # stop_now(): running jobs get no grace period
         self._live = False  # the incarnation's lease is confirmed
         self._lease_until = 0.0  # monotonic time until which it is
         self._busy = False  # the last claim got all it asked for: the queues have more
@@ -113,7 +114,7 @@ class Worker:
             "queues": list(self.options.queue_list),
             "tasks": self.runnable,
             "concurrency": self.options.concurrency,
-            "with_scheduler": self.options.with_scheduler,
+            "with_scheduler": self.options.scheduler,
             "version": __version__,
             "lease": self.options.lease_seconds,
         }
@@ -140,6 +141,13 @@ class Worker:
         """Begin a graceful shutdown (what SIGTERM does)."""
         self._stopping.set()
         self._wake.set()
+
+    def stop_now(self) -> list[Job]:
+        """Stop without the grace period (a deliberate second signal): running jobs are stopped
+        and put back at once, as at the end of a grace period. Returns the jobs it leaves."""
+        self._no_grace = True
+        self.stop()
+        return [a.job for a in self._running()]
 
     async def run(self) -> Stats:
         """Run until stopped (or, with ``burst``, until the queues are empty)."""
@@ -207,7 +215,7 @@ class Worker:
     async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
         await self._release_waiting()  # prefetched jobs never started: give them back now
         deadline = time.monotonic() + self.options.grace_seconds
-        while self._running() and time.monotonic() < deadline:
+        while self._running() and time.monotonic() < deadline and not self._no_grace:
             await asyncio.sleep(0.01)
         running = self._running()
         if running:
