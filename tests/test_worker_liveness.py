@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,40 @@ def test_a_claim_sent_with_a_failed_write_does_not_hold(tasks: pgsched.App, conn
     assert max(seen) <= 8  # concurrency + prefetch
     assert scalar(conn, "SELECT count(*) FROM pgsched.runs WHERE outcome = 'succeeded'") == 300
     assert scalar(conn, "SELECT count(*) FROM pgsched.runs") == 300  # each ran once: nothing rescued
+
+
+def test_a_claim_whose_commit_fails_is_not_run(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    """A claim sent with outcomes gets its rows before the commit (the pipeline's sync): when the
+    commit then fails (here a deferred constraint trigger on the history; in production a killed
+    session), those jobs are still queued and must not run. Had the worker run them, each would
+    run again when claimed for real."""
+    executions: Counter[int] = Counter()
+
+    @app.task
+    def count(i: int) -> None:
+        executions[i] += 1
+
+    conn.execute(
+        """CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'the commit fails for a moment'; END $$"""
+    )
+    conn.execute(
+        "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON pgsched.runs DEFERRABLE INITIALLY DEFERRED"
+        " FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse()"
+    )
+    app.enqueue_many([{"task": "count", "args": {"i": i}} for i in range(300)])
+
+    async def scenario() -> None:
+        worker, task = await start_worker(app, poll_seconds=0.05, concurrency=4, prefetch=4)
+        await wait_until_async(lambda: worker.writer.failures >= 3, message="commits failing")
+        conn.execute("DROP TRIGGER refuse ON pgsched.runs")
+        await wait_until_async(lambda: states(conn) == {"succeeded": 300}, timeout=30, message="all 300 written")
+        worker.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert sorted(executions) == list(range(300))
+    assert max(executions.values()) == 1, {i: n for i, n in executions.items() if n > 1}
 
 
 def test_a_claim_sent_with_outcomes_that_lands_after_the_stop_is_given_back(
