@@ -310,6 +310,30 @@ def test_a_claim_whose_commit_fails_is_not_run(app: pgsched.App, conn: psycopg.C
     assert max(executions.values()) == 1, {i: n for i, n in executions.items() if n > 1}
 
 
+def test_a_job_claimed_in_a_reply_the_worker_never_got_is_given_back(
+    tasks: pgsched.App, conn: psycopg.Connection[Any]
+) -> None:
+    """A claim can commit and its reply be lost (the session cut just after the commit): the
+    database then says the worker runs a job it does not hold. The lease is alive, so the rescuer
+    leaves it alone; without the heartbeat's check it would stay ``running`` forever."""
+
+    async def scenario() -> int:
+        worker, task = await start_worker(tasks, poll_seconds=0.05, heartbeat_seconds=0.2)
+        orphan = scalar(
+            conn,
+            "INSERT INTO pgsched.jobs (task, args, state, attempts, worker_id, started_at)"
+            " VALUES ('echo', '{\"a\": 7}', 'running', 1, %s, pgsched.now()) RETURNING id",
+            worker.lease,
+        )
+        await wait_until_async(lambda: states(conn) == {"succeeded": 1}, timeout=10, message="the orphan run")
+        worker.stop()
+        await task
+        return int(orphan)
+
+    job_id = asyncio.run(scenario())
+    assert [r[:2] for r in runs(conn, job_id)] == [(1, "succeeded")]  # the lost claim did not count
+
+
 def test_a_claim_sent_with_outcomes_that_lands_after_the_stop_is_given_back(
     tasks: pgsched.App, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:

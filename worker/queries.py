@@ -169,6 +169,15 @@ SELECT id FROM pgsched.jobs
 WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running' AND cancel_requested_at IS NOT NULL
 """
 
+# Jobs running under this incarnation that the worker does not hold: claimed by
+# a claim whose commit succeeded but whose reply was lost (the session cut just
+# after the commit). The heartbeat reads them when no claim is on its way, and
+# gives them back (RELEASE). The running rows by jobs_running_idx.
+UNKNOWN_CLAIMS = """
+SELECT id FROM pgsched.jobs
+WHERE state = 'running' AND worker_id = %(worker)s AND NOT (id = ANY(%(held)s::bigint[]))
+"""
+
 # Save a task's checkpoint (fenced like a completion).
 SET_PROGRESS = """
 UPDATE pgsched.jobs SET progress = %(progress)s::jsonb

@@ -276,16 +276,21 @@ class Worker:
         ids = [
             a.job.id for a in self.attempts.values() if a.lease == lease and a.state in (State.BUFFERED, State.RUNNING)
         ]
-        params = {**self._registration, "worker": lease, "ids": ids}
+        held = [a.job.id for a in self.attempts.values() if a.lease == lease]
+        params = {**self._registration, "worker": lease, "ids": ids, "held": held}
+        # Whether any claim could have changed this incarnation's jobs while the heartbeat looked.
+        claims_before, quiet = self.stats.claims, self._reserved == 0
         sent = time.monotonic()
         async with self._pool.connection() as conn:
             async with conn.pipeline():
                 renewed = await conn.execute(queries.HEARTBEAT, params)
                 cancels = await conn.execute(queries.CANCEL_REQUESTS, params)
                 controls = await conn.execute(queries.CONTROLS, params)
+                unknown = await conn.execute(queries.UNKNOWN_CLAIMS, params)
             confirmed = await renewed.fetchone() is not None
             cancel_ids = [row[0] for row in await cancels.fetchall()]
             control_rows = await controls.fetchall()
+            unknown_ids = [row[0] for row in await unknown.fetchall()]
         if lease != self.lease:
             return  # lost while the heartbeat was on its way
         if not confirmed:
@@ -295,6 +300,20 @@ class Worker:
         for job_id in cancel_ids:
             self._cancel(job_id)
         await self._apply_controls(control_rows)
+        if unknown_ids and quiet and self._reserved == 0 and self.stats.claims == claims_before:
+            await self._give_back_unknown(unknown_ids, lease)
+
+    async def _give_back_unknown(self, ids: list[int], lease: uuid.UUID) -> None:
+        """Jobs the database says this incarnation runs, which it does not hold: a claim committed
+        whose reply never came (its session was cut after the commit). Nobody would ever run
+        them, and the rescuer leaves them alone while the lease lives: put them back."""
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(queries.RELEASE, {"ids": ids, "worker": lease})).fetchall()
+            queues = sorted({queue for _, queue, state in rows if state == "queued"})
+            if queues:
+                await conn.execute(queries.WAKE, (queues,))
+        if rows:
+            log.warning("worker %s gives back %d jobs claimed in a reply it never got: %s", lease, len(rows), ids[:20])
 
     async def _watch_lease(self) -> None:
         """Give up the incarnation when its lease runs out unconfirmed; register a new one."""
