@@ -33,7 +33,7 @@ from .db import configure_adapters, job_row, resolve_dsn, wait_for_database
 from .display import error_summary, progress_bar
 from .errors import PermissionDenied, PgschedError, ValidationError
 from .jobs import STATES, Job
-from .maintenance import Maintenance, default_services
+from .leader.loop import Maintenance, default_services
 from .protect import protect_process
 from .validation import loads_json
 

@@ -2,7 +2,7 @@
 
 A schedule is a timetable (a cron expression in an IANA zone, or a fixed
 interval) plus the template of the jobs it produces. ``Materializer``
-(``pgsched.materializer``) turns its due slots into jobs; this module only
+(``pgsched.leader.materializer``) turns its due slots into jobs; this module only
 defines, stores and changes schedules.
 """
 

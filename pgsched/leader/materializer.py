@@ -1,6 +1,6 @@
 """The materializer: turns due schedule slots into jobs.
 
-Per pass (a maintenance service, see ``pgsched.maintenance``), for a batch of
+Per pass (a leader service, see ``pgsched.leader``), for a batch of
 due schedules locked with SKIP LOCKED:
 
 - a schedule without ``next_run_at`` (new, or its timetable changed) starts
@@ -35,11 +35,12 @@ from typing import Any
 
 import psycopg
 
-from . import cron
-from .errors import ValidationError
-from .maintenance import BATCH, Service
-from .schedules import from_row
+from .. import cron
+from ..errors import ValidationError
+from ..schedules import from_row
+from .service import BATCH, Service
 
+# The name it has always logged under, which users' logging configurations select.
 log = logging.getLogger("pgsched.materializer")
 
 MISFIRE_GRACE = timedelta(seconds=60)
