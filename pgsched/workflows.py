@@ -23,9 +23,9 @@ import msgspec
 
 from . import queries
 from .db import Operation, Query
+from .encryption import Payloads
 from .errors import DuplicateJobError, ValidationError
 from .jobs import Job
-from .payloads import Payloads
 from .validation import NewJob, TaskDefaults, check_dependencies, check_options, known_task, new_job
 
 

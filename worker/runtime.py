@@ -49,7 +49,7 @@ from .attempts import LIVE, Attempt, State
 from .controls import Claim, Controls, claimed_row
 from .execution import Execution, lenient_loads
 from .outcomes import Outcome, Stats, complete_params, log_finished
-from .payloads import sealed
+from .run_encryption import sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
 from .writer import ClaimAhead, Writer
