@@ -586,9 +586,8 @@ class Worker:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.app.dsn, autocommit=True) as conn:
-                    await conn.execute("LISTEN pgsched_wakeup")
-                    await conn.execute("LISTEN pgsched_cancel")
-                    await conn.execute("LISTEN pgsched_queue_settings")
+                    for listen in queries.LISTEN:
+                        await conn.execute(listen)
                     # Anything that happened while we were not listening: a pause, new jobs.
                     await self._read_controls()
                     self._wake.set()

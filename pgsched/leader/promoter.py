@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 
+from .. import queries
 from .service import BATCH, Service, scalar
 
 
@@ -17,4 +18,4 @@ class Promoter(Service):
     interval = 0.5
 
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
-        return {"promoted": await scalar(conn, "SELECT pgsched.promote(%s)", BATCH)}
+        return {"promoted": await scalar(conn, queries.PROMOTE, BATCH)}

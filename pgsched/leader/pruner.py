@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 
+from .. import queries
 from .service import BATCH, Service, scalar
 
 
@@ -19,8 +20,8 @@ class Pruner(Service):
 
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
         return {
-            "jobs": await scalar(conn, "SELECT pgsched.prune_jobs(%s)", BATCH),
-            "history": await scalar(conn, "SELECT pgsched.prune_history(%s)", BATCH),
-            "workers": await scalar(conn, "SELECT pgsched.prune_workers()"),
-            "partitions": await scalar(conn, "SELECT pgsched.ensure_history_partitions(7)"),
+            "jobs": await scalar(conn, queries.PRUNE_JOBS, BATCH),
+            "history": await scalar(conn, queries.PRUNE_HISTORY, BATCH),
+            "workers": await scalar(conn, queries.PRUNE_WORKERS),
+            "partitions": await scalar(conn, queries.ENSURE_HISTORY_PARTITIONS),
         }

@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 
+from .. import queries
 from .service import BATCH, Service, scalar
 
 
@@ -37,4 +38,4 @@ class Rescuer(Service):
             self.leading_since = db_now
         if (db_now - self.leading_since).total_seconds() < self.lease_seconds:
             return {"rescued": 0}
-        return {"rescued": await scalar(conn, "SELECT pgsched.rescue(%s)", BATCH)}
+        return {"rescued": await scalar(conn, queries.RESCUE, BATCH)}

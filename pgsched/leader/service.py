@@ -15,11 +15,10 @@ from typing import Any
 
 import psycopg
 
+from .. import queries
+
 LEADER_KEY = 7451983510446851073  # "maintenance leader"
 BATCH = 1000
-
-# Lead this pass (or, with the lock disabled for tests, always lead).
-LEAD = "SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now()"
 
 
 @dataclass
@@ -56,8 +55,8 @@ class Service:
         for _ in range(1000):  # a pass is bounded: leftovers wait for the next one
             async with conn.transaction():
                 if now is not None:
-                    await conn.execute("SELECT set_config('pgsched.clock_offset', (%s - now())::text, true)", (now,))
-                row = await (await conn.execute(LEAD, (self.use_lock, LEADER_KEY))).fetchone()
+                    await conn.execute(queries.SET_CLOCK, (now,))
+                row = await (await conn.execute(queries.LEAD_PASS, (self.use_lock, LEADER_KEY))).fetchone()
                 assert row is not None
                 leader, db_now = row
                 if not leader:
