@@ -26,9 +26,9 @@ from .admin import Administration
 from .config import Settings, load_settings, replace_settings
 from .crypto import Keyring
 from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async, wait_for_database
+from .encryption import Payloads
 from .errors import ConfigError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
-from .payloads import Payloads
 from .tasks import Task, TaskOptions, make_task
 from .validation import (
     EXECUTOR_KINDS,

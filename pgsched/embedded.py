@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from . import queries
 from .errors import ConfigError
 from .extras import require
 from .protect import without_secrets
@@ -126,11 +127,7 @@ def pgsched_sessions(data_dir: Path) -> dict[str, int]:
         lines = (data_dir.expanduser().absolute() / "postmaster.pid").read_text().splitlines()
         port, socket_dir = int(lines[3]), lines[4]
         with psycopg.connect(host=socket_dir, port=port, user="postgres", dbname="postgres", connect_timeout=5) as conn:
-            rows = conn.execute(
-                """SELECT application_name, count(*) FROM pg_stat_activity
-                   WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
-                     AND application_name LIKE 'pgsched%' GROUP BY 1 ORDER BY 1"""
-            ).fetchall()
+            rows = conn.execute(queries.PGSCHED_SESSIONS).fetchall()
     except (OSError, ValueError, IndexError, psycopg.Error):
         return {}
     return {name: count for name, count in rows}

@@ -1,4 +1,4 @@
-"""Maintenance services driven with run_once and the test clock; dependencies; cycles under races."""
+"""Leader services (pgsched.leader) driven with run_once and the test clock; dependencies; cycles under races."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import psycopg
 import pytest
 
 import pgsched
-from pgsched.maintenance import LEADER_KEY, Promoter, Pruner, Rescuer
+from pgsched.leader.promoter import Promoter
+from pgsched.leader.pruner import Pruner
+from pgsched.leader.rescuer import Rescuer
+from pgsched.leader.service import LEADER_KEY
 
 from .conftest import wait_until, worker_incarnation
 

@@ -257,7 +257,7 @@ def test_worker_status_says_which_workers_run_the_scheduler(
 def test_workers_lead_maintenance_only_with_the_lock(
     client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., Process], dsn: str
 ) -> None:
-    from pgsched.maintenance import LEADER_KEY
+    from pgsched.leader.service import LEADER_KEY
 
     with psycopg.connect(dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LEADER_KEY,))  # someone else leads every pass

@@ -228,3 +228,7 @@ MAY_RUN_COMMANDS = """
 SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(role)s)
             THEN pgsched.may_create_command_jobs(%(role)s) ELSE false END
 """
+
+# The channels a worker listens on: new jobs (per queue, from the jobs insert trigger), cancels of
+# running jobs, and changed queue controls.
+LISTEN = ("LISTEN pgsched_wakeup", "LISTEN pgsched_cancel", "LISTEN pgsched_queue_settings")

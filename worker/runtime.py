@@ -49,7 +49,7 @@ from .attempts import LIVE, Attempt, State
 from .controls import Claim, Controls, claimed_row
 from .execution import Execution, lenient_loads
 from .outcomes import Outcome, Stats, complete_params, log_finished
-from .payloads import sealed
+from .run_encryption import sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
 from .writer import ClaimAhead, Writer
@@ -605,9 +605,8 @@ class Worker:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.app.dsn, autocommit=True) as conn:
-                    await conn.execute("LISTEN pgsched_wakeup")
-                    await conn.execute("LISTEN pgsched_cancel")
-                    await conn.execute("LISTEN pgsched_queue_settings")
+                    for listen in queries.LISTEN:
+                        await conn.execute(listen)
                     # Anything that happened while we were not listening: a pause, new jobs.
                     await self._read_controls()
                     self._wake.set()

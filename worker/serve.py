@@ -45,7 +45,7 @@ async def serve(
     ``burst``, until the queues are empty. ``signals``: SIGTERM/SIGINT stop it (see the module
     docstring); ``supervised``: it also takes the supervisor's relayed signals. ``stopped``: an
     event that, already set, means stop at once (a signal came during start-up)."""
-    from pgsched.maintenance import Maintenance, default_services
+    from pgsched.leader.loop import Maintenance, default_services
 
     if settings.allow_shell:
         # Commands of shell jobs are children of this process (run_worker() in the user's own

@@ -1,24 +1,28 @@
-"""``pgsched jobs show|logs`` and ``pgsched workers``: what a job did, what it logged, who runs jobs."""
+"""``pgsched enqueue`` and ``pgsched jobs ...``: enqueue a job; list, show, cancel and retry jobs; read their logs."""
 
 from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 import msgspec
 import psycopg
 
-from . import queries
-from .cli import JSON_FLAG, _cell, connect, jobs, main, print_json, print_table, with_settings
-from .client import App
-from .config import Settings
-from .crypto import Keyring, is_envelope
-from .display import duration, error_summary, progress_bar
-from .errors import EncryptionError, JobNotFound
-from .jobs import TERMINAL_STATES, Job
+from .. import queries
+from ..client import App
+from ..config import Settings
+from ..crypto import Keyring, is_envelope
+from ..db import job_row
+from ..display import duration, error_summary, progress_bar
+from ..errors import EncryptionError, JobNotFound, ValidationError
+from ..jobs import STATES, TERMINAL_STATES, Job
+from ..validation import loads_json
+from .options import JSON_FLAG, connect, load_app, with_settings
+from .output import cell, print_jobs, print_json, print_table, short_id
 
 # Lines of the log `jobs show` prints (the end of it); `jobs logs` prints them all.
 SHOW_LOG_LINES = 50
@@ -26,9 +30,105 @@ SHOW_LOG_LINES = 50
 FOLLOW_POLL_SECONDS = 0.5
 
 
-def short_id(worker: Any) -> str:
-    """The first 8 hex digits of a worker incarnation's id: what `pgsched workers` lists."""
-    return str(worker)[:8] if worker else ""
+@click.command()
+@click.argument("task")
+@click.option(
+    "--args",
+    "args_json",
+    default="{}",
+    show_default=True,
+    help="Task arguments as a JSON object; @FILE reads it from a file, - from stdin.",
+)
+@click.option("--queue", help="Queue (default: the task's).")
+@click.option("--priority", type=int, help="-100..100, higher runs first (default: the task's).")
+@click.option("--run-at", "run_at", help="Earliest start, ISO 8601 with a UTC offset.")
+@click.option("--delay", type=float, help="Start after this many seconds.")
+@click.option("--max-attempts", "max_attempts", type=int, help="Attempts before the job fails for good.")
+@click.option("--dedupe-key", "dedupe_key", help="At most one live job per key.")
+@click.option("--depends-on", "depends_on", multiple=True, type=int, help="Job id to wait for (repeatable).")
+@click.option("--owner", help="Owner (tenant) of the job.")
+@click.option("--timeout", type=float, help="Seconds an attempt may run (default: the task's).")
+@click.option("--concurrency-key", "concurrency_key", help="Jobs sharing a key are capped together.")
+@JSON_FLAG
+@with_settings("app", "encryption_keys")
+def enqueue(settings: Settings, task: str, args_json: str, as_json: bool, run_at: str | None, **options: Any) -> None:
+    """Enqueue one job of TASK."""
+    args = loads_json(read_argument(args_json, "args"), "args")
+    if args is None:  # to the client, None means "no args"; the text null is not an object
+        raise ValidationError("args", "must be a JSON object, not null")
+    if run_at is not None:
+        try:
+            options["run_at"] = datetime.fromisoformat(run_at)
+        except ValueError:
+            raise click.ClickException(f"run_at: {run_at!r} is not an ISO 8601 date and time") from None
+    options["depends_on"] = list(options["depends_on"]) or None
+    with load_app(settings) as app:
+        job = app.enqueue(task, args, **{k: v for k, v in options.items() if v is not None})
+    if as_json:
+        print_json(job)
+    else:
+        click.echo(f"enqueued job {job.id} ({job.task}, queue {job.queue}, {job.state})")
+
+
+def read_argument(value: str, field: str) -> str:
+    """``value`` itself, or the text of the file it names as ``@path``, or stdin for ``-`` (a payload
+    that does not fit on a command line, up to the 1 MiB limit)."""
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as file:
+                return file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValidationError(
+                field, f"cannot read {value[1:]!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+    return value
+
+
+@click.group("jobs")
+def jobs() -> None:
+    """List, show, cancel and retry jobs; read their logs."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--queue", help="Only jobs of this queue.")
+@click.option("--task", help="Only jobs of this task.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@JSON_FLAG
+@with_settings()
+def list_jobs(settings: Settings, as_json: bool, **filters: Any) -> None:
+    """The newest jobs first."""
+    with connect(settings) as conn, conn.cursor(row_factory=job_row) as cur:
+        cur.execute(queries.LIST_JOBS, filters)
+        print_jobs(cur.fetchall(), as_json)
+
+
+def _job_command(name: str, help_text: str, call: Callable[..., Job], *extra: Callable[..., Any]) -> None:
+    @jobs.command(name, help=help_text)
+    @click.argument("job_id", type=int)
+    @JSON_FLAG
+    @with_settings()
+    def command(settings: Settings, job_id: int, as_json: bool, **kwargs: Any) -> None:
+        with App(settings=settings) as app:
+            job = call(app, job_id, **kwargs)
+        if as_json:
+            print_json(job)
+        else:
+            click.echo(f"job {job.id}: {job.state}" + (" (cancel requested)" if job.cancel_requested_at else ""))
+
+    for decorator in extra:
+        decorator(command)
+
+
+_job_command(
+    "cancel",
+    "Cancel a job (a running one is stopped by its worker).",
+    App.cancel,
+    click.option("--reason", help="Why; stored as the job's error."),
+)
+_job_command("retry", "Run a failed, cancelled or scheduled job again now.", App.retry)
 
 
 def readable(text: str | None, field: str, scope: tuple[str, str], keyring: Keyring | None) -> str | None:
@@ -74,7 +174,7 @@ def show(settings: Settings, job_id: int, as_json: bool) -> None:
         print_json({**msgspec.structs.asdict(job), "runs": runs})
         return
     for field in Job.__struct_fields__:
-        value = _cell(getattr(job, field))
+        value = cell(getattr(job, field))
         if field == "progress" and progress_bar(job.progress):
             value = f"{progress_bar(job.progress)}  {value}"
         click.echo(f"{field:>24}  {value}".rstrip())
@@ -142,31 +242,5 @@ def logs(settings: Settings, job_id: int, attempt: int | None, follow: bool, as_
             time.sleep(FOLLOW_POLL_SECONDS)
 
 
-@main.command("workers")
-@JSON_FLAG
-@with_settings()
-def workers(settings: Settings, as_json: bool) -> None:
-    """Registered workers (the pgsched.worker_status view). STALE: its lease has passed (the process died
-    or stalled; its running jobs are rescued, and the row is pruned ten minutes later)."""
-    with connect(settings) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        rows = cur.execute(queries.WORKERS).fetchall()
-    if as_json:
-        print_json(rows)
-        return
-    headers = ("id", "host", "pid", "queues", "concurrency", "running", "last_heartbeat", "stale")
-    print_table(
-        [
-            [
-                short_id(r["id"]),
-                r["host"],
-                r["pid"],
-                ",".join(r["queues"]),
-                r["concurrency"],
-                r["running"],
-                f"{duration(r['heartbeat_age_seconds'])} ago",
-                "stale" if r["stale"] else "",
-            ]
-            for r in rows
-        ],
-        headers,
-    )
+# What pgsched.cli registers on the `pgsched` group.
+COMMANDS = [enqueue, jobs]
