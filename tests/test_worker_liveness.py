@@ -347,8 +347,10 @@ def test_a_claim_sent_with_outcomes_that_lands_after_the_stop_is_given_back(
     async def scenario() -> None:
         worker, task = await start_worker(tasks, poll_seconds=0.05, concurrency=4, prefetch=4)
         await wait_until_async(lambda: states(conn).get("succeeded", 0) >= 20, message="the drain under way")
-        with psycopg.connect(conn.info.dsn) as locker, locker.transaction():
-            locker.execute("LOCK TABLE pgsched.runs IN EXCLUSIVE MODE")
+        # Asynchronously: a blocking LOCK would stop the worker's event loop, in this thread, with
+        # a write of its own open (the worker's transaction ends only when its loop sends the sync).
+        async with await psycopg.AsyncConnection.connect(conn.info.dsn) as locker, locker.transaction():
+            await locker.execute("LOCK TABLE pgsched.runs IN EXCLUSIVE MODE")
             await wait_until_async(lambda: scalar(conn, blocked) == 1, message="a write (and its claim) held up")
             with caplog.at_level(logging.INFO, logger="pgsched.worker"):
                 worker.stop()
