@@ -502,7 +502,7 @@ def rotate(settings: Settings, batch: int, as_json: bool) -> None:
 
 
 # The queues and schedules commands live in their own modules; registered here, after everything they use.
-from . import cli_jobs  # noqa: E402, F401  (registers jobs show|logs and workers)
+from . import cli_api, cli_jobs  # noqa: E402, F401  (register api, users, tokens; jobs show|logs, workers)
 from .cli_queues import queues_group  # noqa: E402
 from .cli_schedules import schedules_group  # noqa: E402
 

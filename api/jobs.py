@@ -1,0 +1,166 @@
+"""``/jobs``: create one (through ``App.enqueue``: the library's rules, not a copy), list with
+filters and a keyset cursor, show with its runs, cancel, retry. Each change writes an audit row
+in its own transaction; another owner's job is 404, as a missing one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+
+from pgsched import queries as library_queries
+from pgsched.accounts import User, op_audit
+from pgsched.db import run_async
+from pgsched.jobs import STATES, Job, JobState
+from pgsched.validation import EXECUTOR_KINDS
+
+from . import idempotency, queries
+from .access import WRITERS, CurrentUser, roles
+from .account import audit_of
+from .database import Database, owner_filter
+from .errors import ApiError
+
+MAX_PAGE = 500
+
+
+class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A job to create. Fields left out take the task's defaults; the owner is the caller."""
+
+    task: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    queue: str | None = None
+    priority: int | None = None
+    run_at: datetime | None = None
+    delay: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    dedupe_key: str | None = None
+    depends_on: list[int] | None = None
+    concurrency_key: str | None = None
+    run_on_upstream_failure: bool = False
+
+
+class Run(msgspec.Struct):
+    attempt: int
+    outcome: str | None
+    worker_id: Any
+    started_at: datetime
+    finished_at: datetime | None
+    duration_ms: float | None
+    error: str | None
+
+
+class JobDetail(msgspec.Struct):
+    job: Job
+    runs: list[Run]
+
+
+class JobPage(msgspec.Struct):
+    """One page, newest first; ``next_cursor`` fetches the next (null on the last page)."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def summary(job: Job) -> dict[str, Any]:
+    """What an audit row keeps of a job: not its args or result, which may hold secrets."""
+    return {"id": job.id, "task": job.task, "queue": job.queue, "state": job.state, "owner": job.owner}
+
+
+@post("/jobs", status_code=201, summary="Create a job", tags=["jobs"], opt=roles(*WRITERS))
+async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[JobCreate]) -> Response[Any]:
+    if data.task in EXECUTOR_KINDS and not user.may_create_commands:
+        raise ApiError(403, f"{user.username!r} may not create {data.task} jobs", field="task")
+    options = {k: v for k, v in msgspec.structs.asdict(data).items() if k not in ("task", "args") and v is not None}
+    key = idempotency.key_of(request)
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        if key is not None and (replayed := await idempotency.replay(conn, request, user, key)) is not None:
+            return replayed
+        job = await db.app.enqueue_async(data.task, data.args, connection=conn, owner=user.username, **options)
+        await run_async(conn, op_audit(audit_of(request, user), "job.create", "job", job.id, after=summary(job)))
+        body = msgspec.to_builtins(job)
+        if key is not None:
+            await idempotency.remember(conn, request, user, key, 201, body)
+    return Response(body, status_code=201)
+
+
+@get("/jobs", summary="List jobs, newest first", tags=["jobs"])
+async def list_jobs(
+    request: Request[Any, Any, Any],
+    user: CurrentUser,
+    job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
+    queue: FromQuery[str | None] = None,
+    task: FromQuery[str | None] = None,
+    cursor: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(description=f"Jobs per page, at most {MAX_PAGE} (larger is clamped)")] = 50,
+) -> JobPage:
+    if job_state is not None and job_state not in STATES:
+        raise ApiError(422, f"must be one of {', '.join(STATES)}", field="state")
+    before = None
+    if cursor is not None:
+        if not cursor.isdigit() or len(cursor) > 19:
+            raise ApiError(422, "not a cursor returned by this endpoint", field="cursor")
+        before = int(cursor)
+    limit = max(1, min(limit, MAX_PAGE))
+    params = {
+        "owner": owner_filter(user),
+        "state": job_state,
+        "queue": queue,
+        "task": task,
+        "before": before,
+        "limit": limit + 1,
+    }
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        rows = await (await conn.execute(queries.LIST_JOBS, params)).fetchall()
+    jobs = [db.app.payloads.readable(Job(*row)) for row in rows[:limit]]
+    return JobPage(jobs=jobs, next_cursor=str(jobs[-1].id) if len(rows) > limit else None)
+
+
+async def _visible(conn: Any, user: User, job_id: FromPath[int]) -> None:
+    """404 unless ``user`` may see the job (the owner filter; row-level security hides it too)."""
+    owner = owner_filter(user)
+    if not await (await conn.execute(queries.VISIBLE_JOB, (job_id, owner, owner))).fetchone():
+        raise ApiError(404, f"job {job_id} does not exist")
+
+
+@get("/jobs/{job_id:int}", summary="A job and its runs", tags=["jobs"])
+async def show_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> JobDetail:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        job = await db.app.get_async(job_id, connection=conn)
+        if owner_filter(user) not in (None, job.owner):
+            raise ApiError(404, f"job {job_id} does not exist")
+        rows = await (await conn.execute(library_queries.JOB_RUNS, (job_id,))).fetchall()
+    return JobDetail(job=job, runs=[Run(*row) for row in rows])
+
+
+async def _change(request: Request[Any, Any, Any], user: CurrentUser, job_id: int, action: str) -> Job:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        await _visible(conn, user, job_id)
+        before = await db.app.get_async(job_id, connection=conn)
+        if action == "cancel":
+            job = await db.app.cancel_async(job_id, connection=conn)
+        else:
+            job = await db.app.retry_async(job_id, connection=conn)
+        audit = op_audit(audit_of(request, user), f"job.{action}", "job", job_id, summary(before), summary(job))
+        await run_async(conn, audit)
+    return job
+
+
+@post("/jobs/{job_id:int}/cancel", status_code=200, summary="Cancel an unfinished job", tags=["jobs"],
+      opt=roles(*WRITERS))
+async def cancel_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> Job:
+    return await _change(request, user, job_id, "cancel")
+
+
+@post("/jobs/{job_id:int}/retry", status_code=200, summary="Run a finished or scheduled job again now",
+      tags=["jobs"], opt=roles(*WRITERS))
+async def retry_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> Job:
+    return await _change(request, user, job_id, "retry")

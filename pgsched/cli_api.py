@@ -1,0 +1,107 @@
+"""``pgsched api`` (the REST API under uvicorn), and ``pgsched users|tokens create`` to bootstrap
+its access from the command line."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+import psycopg
+
+from . import accounts, migrations
+from .accounts import Audit
+from .cli import connect, main, with_settings
+from .config import Settings, replace_settings
+from .db import configure_adapters, resolve_dsn, run
+from .extras import require
+
+DEV_ADMIN = "dev"
+
+
+def _audit(conn: psycopg.Connection[Any]) -> Audit:
+    """Changes made from the command line are audited under the database role."""
+    return Audit(actor=f"db:{conn.info.user}")
+
+
+@main.group()
+def users() -> None:
+    """Users of the REST API."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Make the user an admin (same as --role admin).")
+@click.option(
+    "--role", type=click.Choice(accounts.ROLES), default="member", show_default=True, help="The user's role."
+)
+@click.option("--may-create-commands", is_flag=True, help="Allow the user to create shell and http jobs.")
+@with_settings()
+def create_user(settings: Settings, name: str, admin: bool, role: str, may_create_commands: bool) -> None:
+    """Create a user NAME (the owner of the jobs it creates)."""
+    with connect(settings) as conn, conn.transaction():
+        user = run(conn, accounts.op_create_user(_audit(conn), name, "admin" if admin else role, may_create_commands))
+    click.echo(f"created user {user.username!r} ({user.role}); give it a token: pgsched tokens create {user.username}")
+
+
+@main.group()
+def tokens() -> None:
+    """API tokens."""
+
+
+@tokens.command("create")
+@click.argument("user")
+@click.option("--name", default="cli", show_default=True, help="What the token is for.")
+@with_settings()
+def create_token(settings: Settings, user: str, name: str) -> None:
+    """Create an API token for USER and print it (only this once: only its hash is stored)."""
+    with connect(settings) as conn, conn.transaction():
+        _, secret = run(conn, accounts.op_create_token(_audit(conn), run(conn, accounts.op_user(user)), name))
+    click.echo(secret)
+
+
+@main.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="Development: start with no admin (creates one and prints a one-time token), and accept a database "
+    "login that bypasses row-level security (dropping to pgsched_api).",
+)
+@with_settings("api_dsn", "encryption_keys")
+def api(settings: Settings, host: str, port: int, dev: bool) -> None:
+    """Serve the REST API (/api/v1, docs at /api/v1/docs) with uvicorn."""
+    uvicorn = require("uvicorn", "api", "pgsched api")
+    require("litestar", "api", "pgsched api")
+    dsn = resolve_dsn(settings, stop_on_exit=True)
+    settings = replace_settings(settings, dsn=dsn)
+    token = None
+    with psycopg.connect(settings.api_dsn or dsn, autocommit=True) as conn:
+        configure_adapters(conn.adapters)
+        migrations.check(conn)
+        has_admin = run(conn, accounts.op_any_admin())
+    if dev:
+        token = _dev_token(dsn, has_admin)
+    elif not has_admin:
+        raise click.ClickException(
+            "no admin user: create one with `pgsched users create --admin NAME` and give it a token with "
+            "`pgsched tokens create NAME`, or start with --dev"
+        )
+    app = importlib.import_module("pgsched.api").create_app(settings, dev=dev)
+    click.echo(f"pgsched api on http://{host}:{port}/api/v1 (docs: http://{host}:{port}/api/v1/docs)")
+    if token:
+        click.echo(f"  dev token (shown once): {token}")
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), server_header=False)
+
+
+def _dev_token(dsn: str, has_admin: bool) -> str:
+    """A fresh token of the dev admin (created when no admin exists), through the privileged DSN."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        audit = _audit(conn)
+        try:
+            user = run(conn, accounts.op_user(DEV_ADMIN))
+        except accounts.ValidationError:
+            user = run(conn, accounts.op_create_user(audit, DEV_ADMIN, "admin"))
+        _, secret = run(conn, accounts.op_create_token(audit, user, "dev"))
+    return secret
