@@ -15,7 +15,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from pgsched import queries as library_queries
 from pgsched.accounts import User, op_audit
 from pgsched.db import run_async
-from pgsched.jobs import STATES, Job, JobState
+from pgsched.jobs import STATES, Job
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import idempotency, queries
@@ -93,7 +93,7 @@ async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: J
 async def list_jobs(
     request: Request[Any, Any, Any],
     user: CurrentUser,
-    job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
+    job_state: Annotated[str | None, QueryParameter(name="state", description=f"One of {', '.join(STATES)}")] = None,
     queue: FromQuery[str | None] = None,
     task: FromQuery[str | None] = None,
     cursor: FromQuery[str | None] = None,

@@ -1,0 +1,248 @@
+"""``/api/v1/jobs`` on the real app and database: creation through the library's rules, mass
+assignment refused, ownership (404, never in lists) held by the owner filter and by row-level
+security, cursor pagination, cancel and retry, idempotency keys, and an audit row per change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from .api_fixtures import api_dsn, as_user, client, tokens  # noqa: F401  (fixtures)
+from .conftest import row_counts, worker_incarnation
+from .test_api import error
+
+pytestmark = pytest.mark.db
+
+
+def create(client: Any, headers: dict[str, str], **body: Any) -> Any:
+    return client.post("/api/v1/jobs", json={"task": "noop", **body}, headers=headers)
+
+
+def audit_rows(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        "SELECT actor, action, target_id, before ->> 'state', after ->> 'state' FROM pgsched.audit_log"
+        " WHERE target_type = 'job' ORDER BY id"
+    ).fetchall()
+
+
+def test_create_a_job_owned_by_the_caller_with_an_audit_row(
+    client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    response = create(client, as_user("alice"), args={"day": "2026-11-22"}, queue="reports", priority=5)
+    assert response.status_code == 201
+    job = response.json()
+    assert (job["task"], job["args"], job["queue"], job["priority"], job["owner"], job["state"]) == (
+        "noop", {"day": "2026-11-22"}, "reports", 5, "alice", "queued"
+    )
+    row = conn.execute("SELECT owner, queue, priority FROM pgsched.jobs WHERE id = %s", (job["id"],)).fetchone()
+    assert row == ("alice", "reports", 5)
+    assert audit_rows(conn) == [("alice", "job.create", str(job["id"]), None, "queued")]
+    # args are not copied into the audit log (they may hold secrets)
+    assert conn.execute("SELECT after ? 'args' FROM pgsched.audit_log").fetchone() == (False,)
+    delayed = create(client, as_user("alice"), delay=3600).json()
+    assert delayed["state"] == "scheduled"
+
+
+@pytest.mark.parametrize("field", ["owner", "state", "attempts", "worker_id", "result"])
+def test_mass_assignment_is_refused_naming_the_field(
+    client: Any, as_user: Any, conn: psycopg.Connection[Any], field: str
+) -> None:
+    before = row_counts(conn)
+    response = create(client, as_user("alice"), **{field: "bob" if field == "owner" else 1})
+    assert response.status_code == 422
+    assert error(response)["field"] == field
+    assert "set by the server" in error(response)["message"]
+    assert row_counts(conn) == before
+
+
+def test_library_validation_becomes_422_with_its_field_and_nothing_is_written(
+    client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    before = row_counts(conn)
+    cases = [
+        ({"task": "nope"}, "task", "noop"),  # unknown task, with the catalog's nearest name
+        ({"task": "noop", "priority": 1000}, "priority", "-100"),
+        ({"task": "noop", "queue": "bad queue!"}, "queue", None),
+        ({"task": "noop", "delay": 5, "run_at": "2030-01-01T00:00:00Z"}, "delay", None),
+        ({"task": "noop", "colour": "red"}, "colour", "unknown field"),
+        ({"task": "noop", "priority": "high"}, "priority", None),
+        ({"task": "noop", "depends_on": [999999]}, "depends_on", None),
+    ]
+    for body, field, hint in cases:
+        response = client.post("/api/v1/jobs", json=body, headers=as_user("alice"))
+        assert response.status_code == 422, (body, response.json())
+        assert error(response)["field"] == field, (body, response.json())
+        if hint:
+            assert hint in error(response)["message"]
+        assert "Traceback" not in response.text and "SELECT" not in response.text
+    assert row_counts(conn) == before
+
+
+def test_duplicate_dedupe_key_is_409_with_the_existing_job(client: Any, as_user: Any) -> None:
+    first = create(client, as_user("alice"), dedupe_key="daily").json()
+    response = create(client, as_user("alice"), dedupe_key="daily")
+    assert response.status_code == 409
+    assert error(response)["field"] == "dedupe_key" and error(response)["existing_id"] == first["id"]
+    # Another owner holding the key learns that it is taken, never which job holds it.
+    other = create(client, as_user("bob"), dedupe_key="daily")
+    assert other.status_code == 409 and error(other)["existing_id"] is None
+
+
+def test_shell_and_http_jobs_need_the_users_permission(
+    client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    for task, args in (("shell", {"cmd": ["id"]}), ("http", {"url": "https://example.org/"})):
+        response = client.post("/api/v1/jobs", json={"task": task, "args": args}, headers=as_user("root"))
+        assert response.status_code == 403 and error(response)["field"] == "task"
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (0,)
+
+
+def test_viewers_read_their_own_and_change_nothing(client: Any, as_user: Any, app: Any) -> None:
+    app.enqueue("noop", owner="vera")
+    app.enqueue("noop", owner="alice")
+    listed = client.get("/api/v1/jobs", headers=as_user("vera")).json()
+    assert [j["owner"] for j in listed["jobs"]] == ["vera"]
+    assert create(client, as_user("vera")).status_code == 403
+    assert client.post("/api/v1/jobs/1/cancel", headers=as_user("vera")).status_code == 403
+    assert app.get(1).state == "queued"
+
+
+def test_another_owners_job_is_404_and_never_listed(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    mine = create(client, as_user("alice")).json()["id"]
+    theirs = create(client, as_user("bob")).json()["id"]
+    assert [j["id"] for j in client.get("/api/v1/jobs", headers=as_user("alice")).json()["jobs"]] == [mine]
+    for method, path in (("get", ""), ("post", "/cancel"), ("post", "/retry")):
+        response = getattr(client, method)(f"/api/v1/jobs/{theirs}{path}", headers=as_user("alice"))
+        assert response.status_code == 404, (path, response.json())
+        missing = getattr(client, method)(f"/api/v1/jobs/99999{path}", headers=as_user("alice"))
+        assert missing.status_code == 404
+        assert set(error(response)) == set(error(missing))  # the same answer as a job that does not exist
+    assert conn.execute("SELECT state FROM pgsched.jobs WHERE id = %s", (theirs,)).fetchone() == ("queued",)
+    # Admins and operators see every owner's jobs.
+    for name in ("root", "ops"):
+        listed = client.get("/api/v1/jobs", headers=as_user(name)).json()["jobs"]
+        assert sorted(j["id"] for j in listed) == [mine, theirs]
+        assert client.get(f"/api/v1/jobs/{theirs}", headers=as_user(name)).status_code == 200
+
+
+def test_list_filters_and_cursor_pages(client: Any, as_user: Any, app: Any) -> None:
+    ids = [app.enqueue("noop", owner="alice", queue="q1" if i % 2 else "q2").id for i in range(7)]
+    app.enqueue("report", owner="alice")
+    app.cancel(ids[0])
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"task": "noop", "limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = client.get("/api/v1/jobs", params=params, headers=as_user("alice")).json()
+        seen += [j["id"] for j in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)  # newest first, each once
+    by_queue = client.get("/api/v1/jobs", params={"queue": "q1"}, headers=as_user("alice")).json()
+    assert {j["queue"] for j in by_queue["jobs"]} == {"q1"} and len(by_queue["jobs"]) == 3
+    cancelled = client.get("/api/v1/jobs", params={"state": "cancelled"}, headers=as_user("alice")).json()
+    assert [j["id"] for j in cancelled["jobs"]] == [ids[0]]
+    clamped = client.get("/api/v1/jobs", params={"limit": 100000}, headers=as_user("alice")).json()
+    assert len(clamped["jobs"]) == 8
+    bad = client.get("/api/v1/jobs", params={"state": "sleeping"}, headers=as_user("alice"))
+    assert bad.status_code == 422 and error(bad)["field"] == "state"
+    bad = client.get("/api/v1/jobs", params={"cursor": "abc"}, headers=as_user("alice"))
+    assert bad.status_code == 422 and error(bad)["field"] == "cursor"
+
+
+def test_show_with_runs(client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]) -> None:
+    job = app.enqueue("noop", owner="alice")
+    conn.execute(
+        "INSERT INTO pgsched.runs (job_id, attempt, queue, task, outcome, started_at, finished_at, error)"
+        " VALUES (%s, 1, 'default', 'noop', 'failed', now(), now(), 'boom')",
+        (job.id,),
+    )
+    shown = client.get(f"/api/v1/jobs/{job.id}", headers=as_user("alice")).json()
+    assert shown["job"]["id"] == job.id and shown["job"]["owner"] == "alice"
+    assert [(r["attempt"], r["outcome"], r["error"]) for r in shown["runs"]] == [(1, "failed", "boom")]
+
+
+def test_cancel_and_retry_with_audit_rows(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    job_id = create(client, as_user("alice")).json()["id"]
+    cancelled = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=as_user("alice"))
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    again = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=as_user("alice"))
+    assert again.json()["state"] == "cancelled"  # idempotent, as the library's cancel
+    retried = client.post(f"/api/v1/jobs/{job_id}/retry", headers=as_user("ops"))
+    assert retried.status_code == 200 and retried.json()["state"] == "queued"
+    assert conn.execute("SELECT state FROM pgsched.jobs WHERE id = %s", (job_id,)).fetchone() == ("queued",)
+    worker = worker_incarnation(conn, "1 minute")
+    conn.execute(
+        "UPDATE pgsched.jobs SET state = 'running', attempts = 1, worker_id = %s, started_at = now() WHERE id = %s",
+        (worker, job_id),
+    )
+    refused = client.post(f"/api/v1/jobs/{job_id}/retry", headers=as_user("alice"))
+    assert refused.status_code == 409 and error(refused)["code"] == "invalid_state"
+    assert audit_rows(conn) == [
+        ("alice", "job.create", str(job_id), None, "queued"),
+        ("alice", "job.cancel", str(job_id), "queued", "cancelled"),
+        ("alice", "job.cancel", str(job_id), "cancelled", "cancelled"),
+        ("ops", "job.retry", str(job_id), "cancelled", "queued"),
+    ]
+
+
+def test_idempotency_key_replays_the_first_response(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    headers = {**as_user("alice"), "Idempotency-Key": "order-17"}
+    first = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 1}}, headers=headers)
+    replay = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 1}}, headers=headers)
+    assert first.status_code == replay.status_code == 201
+    assert replay.json() == first.json() and replay.headers["idempotent-replayed"] == "true"
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (1,)
+    other = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 2}}, headers=headers)
+    assert other.status_code == 422 and error(other)["field"] == "Idempotency-Key"
+    # Keys are per user: bob's "order-17" is his own.
+    bobs = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 1}},
+                       headers={**as_user("bob"), "Idempotency-Key": "order-17"})
+    assert bobs.status_code == 201 and bobs.json()["id"] != first.json()["id"]
+    # After 24 hours the key may be used again.
+    conn.execute("UPDATE pgsched.api_idempotency SET created_at = created_at - interval '25 hours'")
+    later = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 2}}, headers=headers)
+    assert later.status_code == 201 and later.json()["id"] not in (first.json()["id"], bobs.json()["id"])
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (3,)
+
+
+def test_row_level_security_holds_without_the_python_owner_filter(
+    api_dsn: str, client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    """SQL straight from the API's login: what the policies let through, whatever the code does."""
+    alices = create(client, as_user("alice")).json()["id"]
+    bobs = create(client, as_user("bob")).json()["id"]
+    with psycopg.connect(api_dsn) as api:
+        # No owner set: nothing.
+        assert api.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (0,)
+        api.rollback()
+        api.execute("SELECT set_config('pgsched.owner', 'bob', true), set_config('pgsched.role', 'member', true)")
+        assert api.execute("SELECT id FROM pgsched.jobs").fetchall() == [(bobs,)]
+        assert api.execute("SELECT count(*) FROM pgsched.jobs WHERE owner = 'alice'").fetchone() == (0,)
+        # Changing alice's job: no row matches, by UPDATE or by the library's cancel.
+        assert api.execute("UPDATE pgsched.jobs SET state = 'cancelled' WHERE id = %s", (alices,)).rowcount == 0
+        with pytest.raises(psycopg.Error) as refused:
+            api.execute("SELECT pgsched.cancel(%s)", (alices,))
+        assert refused.value.sqlstate == "PGS04"  # "does not exist", as for a missing job
+        api.rollback()
+        # A viewer changes nothing, not even its own jobs.
+        api.execute("SELECT set_config('pgsched.owner', 'bob', true), set_config('pgsched.role', 'viewer', true)")
+        assert api.execute("UPDATE pgsched.jobs SET state = 'cancelled' WHERE id = %s", (bobs,)).rowcount == 0
+        api.rollback()
+        # The settings are the transaction's: the next one sees nothing again.
+        assert api.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (0,)
+        api.rollback()
+        # The audit log is append-only for the API.
+        for sql in ("UPDATE pgsched.audit_log SET actor = 'x'", "DELETE FROM pgsched.audit_log",
+                    "TRUNCATE pgsched.audit_log", "INSERT INTO pgsched.jobs (task) VALUES ('noop')",
+                    "UPDATE pgsched.jobs SET owner = 'bob'", "UPDATE pgsched.users SET role = 'admin'"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                api.execute(sql)
+            api.rollback()
+    assert conn.execute("SELECT owner, state FROM pgsched.jobs ORDER BY id").fetchall() == [
+        ("alice", "queued"), ("bob", "queued")
+    ]
