@@ -12,6 +12,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {
     "pgsched.cli",
+    "pgsched.cli_api",
     "pgsched.cli_jobs",
     "pgsched.cli_queues",
     "pgsched.cli_schedules",
