@@ -22,7 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, health, jobs
+from . import account, health, jobs, operations
 from .access import authenticate, current_user
 from .database import Database
 from .errors import handle_http, handle_internal, handle_pgsched
@@ -112,6 +112,11 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             jobs.show_job,
             jobs.cancel_job,
             jobs.retry_job,
+            operations.list_queues,
+            operations.pause_queue,
+            operations.resume_queue,
+            operations.list_workers,
+            operations.list_tasks,
         ],
     )
     return Litestar(

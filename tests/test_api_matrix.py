@@ -15,6 +15,7 @@ pytestmark = pytest.mark.db
 PUBLIC = "public"  # no token needed
 EVERY = frozenset(USERS.values())
 WRITERS = frozenset({"admin", "operator", "member"})
+OPERATORS = frozenset({"admin", "operator"})
 
 # (method, path as routed) -> who may call it: PUBLIC, or the roles allowed.
 ACCESS: dict[tuple[str, str], Any] = {
@@ -35,6 +36,11 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("GET", "/api/v1/jobs/{job_id:int}"): EVERY,
     ("POST", "/api/v1/jobs/{job_id:int}/cancel"): WRITERS,
     ("POST", "/api/v1/jobs/{job_id:int}/retry"): WRITERS,
+    ("GET", "/api/v1/queues"): OPERATORS,
+    ("POST", "/api/v1/queues/{name:str}/pause"): OPERATORS,
+    ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
+    ("GET", "/api/v1/workers"): OPERATORS,
+    ("GET", "/api/v1/tasks"): EVERY,
 }
 
 BODIES = {
@@ -85,7 +91,7 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
             # A fresh token of alice's for each revocation, so her own token stays valid.
             token = client.post("/api/v1/tokens", json={"name": "target"}, headers=as_user("alice")).json()["id"]
             url = path.replace("{job_id:int}", str(job)).replace("{token_id:int}", str(token))
-            url = url.replace("{path:str}", "anything")
+            url = url.replace("{path:str}", "anything").replace("{name:str}", "default")
             headers = as_user(user) if user else {}
             response = client.request(method, url, json=BODIES.get(key), headers=headers)
             status = response.status_code

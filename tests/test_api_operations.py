@@ -1,0 +1,66 @@
+"""Queues (queue_stats, pause, resume), workers and the task catalog over the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from .api_fixtures import api_dsn, as_user, client, tokens  # noqa: F401  (fixtures)
+from .conftest import worker_incarnation
+from .test_api import error
+
+pytestmark = pytest.mark.db
+
+
+def test_queues_list_pause_and_resume_with_audit(
+    client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]
+) -> None:
+    app.enqueue("noop", owner="alice", queue="reports")
+    app.enqueue("noop", owner="bob", queue="reports")
+    stats = {q["queue"]: q for q in client.get("/api/v1/queues", headers=as_user("ops")).json()}
+    assert stats["reports"]["queued"] == 2 and stats["reports"]["paused"] is False
+
+    paused = client.post("/api/v1/queues/reports/pause", headers=as_user("ops"))
+    assert paused.status_code == 200 and paused.json()["paused"] is True
+    assert conn.execute("SELECT paused FROM pgsched.queues WHERE name = 'reports'").fetchone() == (True,)
+    assert client.get("/api/v1/queues", headers=as_user("root")).json()[-1]["paused"] is True
+    resumed = client.post("/api/v1/queues/reports/resume", headers=as_user("root"))
+    assert resumed.json()["paused"] is False
+    assert conn.execute(
+        "SELECT actor, action, target_id, before ->> 'paused', after ->> 'paused' FROM pgsched.audit_log"
+        " WHERE target_type = 'queue' ORDER BY id"
+    ).fetchall() == [("ops", "queue.pause", "reports", "false", "true"),
+                     ("root", "queue.resume", "reports", "true", "false")]
+
+    unknown = client.post("/api/v1/queues/reprots/pause", headers=as_user("ops"))
+    assert unknown.status_code == 422 and error(unknown)["field"] == "name"
+    assert "did you mean 'reports'" in error(unknown)["message"]
+    # Members see no queue counts: they would count other owners' jobs.
+    assert client.get("/api/v1/queues", headers=as_user("alice")).status_code == 403
+    assert client.post("/api/v1/queues/reports/pause", headers=as_user("alice")).status_code == 403
+    assert conn.execute("SELECT paused FROM pgsched.queues WHERE name = 'reports'").fetchone() == (False,)
+
+
+def test_workers_list(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    live = worker_incarnation(conn, "1 minute")
+    dead = worker_incarnation(conn, "-1 minute")
+    listed = {w["id"]: w for w in client.get("/api/v1/workers", headers=as_user("ops")).json()}
+    assert set(listed) == {str(live), str(dead)}
+    assert listed[str(live)]["stale"] is False and listed[str(dead)]["stale"] is True
+    assert listed[str(live)]["queues"] == ["default"]
+
+
+def test_task_catalog(client: Any, as_user: Any, app: Any) -> None:
+    @app.task(queue="reports", max_attempts=3)
+    def send_report(day: str, dry_run: bool = False) -> None:
+        """Build and send the report of one day."""
+
+    app.open()  # writes the catalog
+    catalog = {t["name"]: t for t in client.get("/api/v1/tasks", headers=as_user("vera")).json()}
+    assert set(catalog) == {"noop", "report", "send_report"}
+    report = catalog["send_report"]
+    assert report["queue"] == "reports" and report["options"]["max_attempts"] == 3
+    assert report["description"] == "Build and send the report of one day."
+    assert [(p["name"], p["required"]) for p in report["parameters"]] == [("day", True), ("dry_run", False)]
