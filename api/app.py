@@ -22,7 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, health, jobs, operations
+from . import account, health, jobs, operations, schedules
 from .access import authenticate, current_user
 from .database import Database
 from .errors import handle_http, handle_internal, handle_pgsched
@@ -117,6 +117,8 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             operations.resume_queue,
             operations.list_workers,
             operations.list_tasks,
+            schedules.list_schedules,
+            schedules.create_schedule,
         ],
     )
     return Litestar(

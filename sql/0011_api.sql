@@ -1,7 +1,7 @@
 -- pgsched schema, version 11: the REST API (issue 21; docs/api.md).
 --
 -- * pgsched_api: the group of the API's database login. It is subject to row-level security on
---   jobs: each transaction says whose request it serves with
+--   jobs and schedules: each transaction says whose request it serves with
 --   set_config('pgsched.owner', <user name>, true) and set_config('pgsched.role', <user role>, true);
 --   a member or viewer sees the jobs of its owner only, an admin or operator every job. The
 --   API checks the owner in its own queries too: RLS is the second line, not the only one.
@@ -66,6 +66,14 @@ GRANT INSERT (name, paused, max_running, rate_limit, rate_period, max_per_key, f
       UPDATE (paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt, updated_at)
     ON pgsched.queues TO pgsched_api;
 GRANT SELECT (queues) ON pgsched.workers TO pgsched_api;
+-- Schedules: created through the library's upsert, for the user's own owner (policies below).
+GRANT SELECT ON pgsched.schedules TO pgsched_api;
+GRANT INSERT (name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner,
+              misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, source, options),
+      UPDATE (task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner,
+              misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, source, options,
+              enabled, updated_at, invalid_reason, next_run_at, paused)
+    ON pgsched.schedules TO pgsched_api;
 GRANT SELECT, INSERT ON pgsched.api_tokens TO pgsched_api;
 GRANT UPDATE (revoked_at, last_used_at) ON pgsched.api_tokens TO pgsched_api;
 GRANT SELECT, INSERT ON pgsched.audit_log TO pgsched_api;
@@ -92,6 +100,27 @@ CREATE POLICY jobs_api_change ON pgsched.jobs FOR UPDATE TO pgsched_api
     USING (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
            OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
                AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')));
+
+-- Schedules, likewise: their owner's for a member or viewer, every one for an admin or operator;
+-- a member creates and changes only schedules of its own owner, a viewer none.
+ALTER TABLE pgsched.schedules ENABLE ROW LEVEL SECURITY;
+CREATE POLICY schedules_unrestricted ON pgsched.schedules
+    TO pgsched_worker, pgsched_enqueuer, pgsched_reader, pgsched_admin, pgsched_owner
+    USING (true) WITH CHECK (true);
+CREATE POLICY schedules_api_read ON pgsched.schedules FOR SELECT TO pgsched_api
+    USING (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
+           OR owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), ''));
+CREATE POLICY schedules_api_insert ON pgsched.schedules FOR INSERT TO pgsched_api
+    WITH CHECK (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
+                OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
+                    AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')));
+CREATE POLICY schedules_api_change ON pgsched.schedules FOR UPDATE TO pgsched_api
+    USING (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
+           OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
+               AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')))
+    WITH CHECK (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
+                OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
+                    AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')));
 
 -- ---------------------------------------------------------------------------
 -- pgsched.enqueue, as in version 10, except who "sees all": for the API's login, the role of

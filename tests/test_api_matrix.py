@@ -41,6 +41,8 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
     ("GET", "/api/v1/workers"): OPERATORS,
     ("GET", "/api/v1/tasks"): EVERY,
+    ("GET", "/api/v1/schedules"): EVERY,
+    ("POST", "/api/v1/schedules"): WRITERS,
 }
 
 BODIES = {
@@ -93,7 +95,10 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
             url = path.replace("{job_id:int}", str(job)).replace("{token_id:int}", str(token))
             url = url.replace("{path:str}", "anything").replace("{name:str}", "default")
             headers = as_user(user) if user else {}
-            response = client.request(method, url, json=BODIES.get(key), headers=headers)
+            body = BODIES.get(key)
+            if key == ("POST", "/api/v1/schedules"):
+                body = {"name": f"matrix-{len(outcomes)}", "task": "noop", "every": 60}
+            response = client.request(method, url, json=body, headers=headers)
             status = response.status_code
             got = "ok" if status < 400 else str(status)
             if key == ("GET", "/api/v1/_openapi/{path:str}") and status == 404:

@@ -64,3 +64,62 @@ def test_task_catalog(client: Any, as_user: Any, app: Any) -> None:
     assert report["queue"] == "reports" and report["options"]["max_attempts"] == 3
     assert report["description"] == "Build and send the report of one day."
     assert [(p["name"], p["required"]) for p in report["parameters"]] == [("day", True), ("dry_run", False)]
+
+
+def test_schedules_create_and_list_per_owner(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    created = client.post(
+        "/api/v1/schedules",
+        json={"name": "nightly", "task": "report", "cron": "30 2 * * *", "timezone": "Europe/Paris"},
+        headers=as_user("alice"),
+    )
+    assert created.status_code == 201
+    body = created.json()
+    assert (body["owner"], body["cron"], body["timezone"], body["source"]) == ("alice", "30 2 * * *", "Europe/Paris", "api")
+    assert conn.execute("SELECT owner, source FROM pgsched.schedules WHERE name = 'nightly'").fetchone() == ("alice", "api")
+    every = client.post("/api/v1/schedules", json={"name": "poll", "task": "noop", "every": 30},
+                        headers=as_user("bob"))
+    assert every.status_code == 201 and every.json()["every"] == "PT30S"
+
+    assert [s["name"] for s in client.get("/api/v1/schedules", headers=as_user("alice")).json()] == ["nightly"]
+    assert [s["name"] for s in client.get("/api/v1/schedules", headers=as_user("bob")).json()] == ["poll"]
+    assert [s["name"] for s in client.get("/api/v1/schedules", headers=as_user("ops")).json()] == ["nightly", "poll"]
+
+    # Names are unique across owners: bob cannot take (or replace) alice's schedule.
+    taken = client.post("/api/v1/schedules", json={"name": "nightly", "task": "noop", "every": 5},
+                        headers=as_user("bob"))
+    assert taken.status_code == 409 and error(taken)["field"] == "name"
+    mine = client.post("/api/v1/schedules", json={"name": "nightly", "task": "noop", "every": 5},
+                       headers=as_user("alice"))
+    assert mine.status_code == 409
+    assert conn.execute("SELECT owner, task, cron FROM pgsched.schedules WHERE name = 'nightly'").fetchone() == (
+        "alice", "report", "30 2 * * *"
+    )
+    # The library's validation, field by field; the owner is the server's.
+    for body, field in (
+        ({"name": "bad", "task": "noop", "cron": "61 * * * *"}, "cron"),
+        ({"name": "bad", "task": "noop", "cron": "* * * * *", "timezone": "Mars/Olympus"}, "timezone"),
+        ({"name": "bad", "task": "noop"}, "cron"),
+        ({"name": "bad", "task": "nope", "every": 5}, "task"),
+        ({"name": "bad", "task": "noop", "every": 5, "owner": "bob"}, "owner"),
+    ):
+        response = client.post("/api/v1/schedules", json=body, headers=as_user("alice"))
+        assert response.status_code == 422 and error(response)["field"] == field, (body, response.json())
+    assert client.post("/api/v1/schedules", json={"name": "v", "task": "noop", "every": 5},
+                       headers=as_user("vera")).status_code == 403
+    assert conn.execute("SELECT count(*) FROM pgsched.schedules").fetchone() == (2,)
+    assert conn.execute(
+        "SELECT actor, action FROM pgsched.audit_log WHERE target_type = 'schedule' ORDER BY id"
+    ).fetchall() == [("alice", "schedule.create"), ("bob", "schedule.create")]
+
+
+def test_schedule_row_level_security_holds_alone(
+    api_dsn: str, client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    client.post("/api/v1/schedules", json={"name": "a", "task": "noop", "every": 60}, headers=as_user("alice"))
+    with psycopg.connect(api_dsn) as api:
+        api.execute("SELECT set_config('pgsched.owner', 'bob', true), set_config('pgsched.role', 'member', true)")
+        assert api.execute("SELECT count(*) FROM pgsched.schedules").fetchone() == (0,)
+        assert api.execute("UPDATE pgsched.schedules SET paused = true").rowcount == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # a schedule for another owner
+            api.execute("INSERT INTO pgsched.schedules (name, task, every, owner) VALUES ('b', 'noop', '1 minute', 'alice')")
+    assert conn.execute("SELECT name, owner, paused FROM pgsched.schedules").fetchall() == [("a", "alice", False)]
