@@ -11,8 +11,8 @@ from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
 from litestar.di import NamedDependency
+from litestar.handlers.base import BaseRouteHandler
 from litestar.params import SkipValidation
 
 from pgsched.accounts import ROLES, User, op_authenticate

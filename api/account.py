@@ -8,7 +8,7 @@ import msgspec
 from litestar import Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from pgsched.accounts import Audit, Token, User, op_create_token, op_list_tokens, op_revoke_token
+from pgsched.accounts import Audit, Token, op_create_token, op_list_tokens, op_revoke_token
 from pgsched.db import run_async
 
 from .access import CurrentUser

@@ -54,14 +54,15 @@ class ApiError(HTTPException):
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.field = field
-        self.extra = extra
+        self.members = extra
 
 
 def error_response(
     status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response[Any]:
-    return Response({"error": {"code": code, "message": message, "field": field, **extra}}, status_code=status,
-                    headers=headers)
+    return Response(
+        {"error": {"code": code, "message": message, "field": field, **extra}}, status_code=status, headers=headers
+    )
 
 
 UNAUTHORIZED_MESSAGE = "a valid bearer token is required (Authorization: Bearer pgs_...)"
@@ -94,7 +95,7 @@ def _body_error(exc: ValidationException) -> tuple[str, str | None]:
 
 def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, ApiError):
-        return error_response(exc.status_code, exc.code, exc.message, exc.field, **exc.extra)
+        return error_response(exc.status_code, exc.code, exc.message, exc.field, **exc.members)
     if isinstance(exc, ValidationException):
         message, field = _body_error(exc)
         return error_response(422, "invalid", message, field)

@@ -154,13 +154,19 @@ async def _change(request: Request[Any, Any, Any], user: CurrentUser, job_id: in
     return job
 
 
-@post("/jobs/{job_id:int}/cancel", status_code=200, summary="Cancel an unfinished job", tags=["jobs"],
-      opt=roles(*WRITERS))
+@post(
+    "/jobs/{job_id:int}/cancel", status_code=200, summary="Cancel an unfinished job", tags=["jobs"], opt=roles(*WRITERS)
+)
 async def cancel_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> Job:
     return await _change(request, user, job_id, "cancel")
 
 
-@post("/jobs/{job_id:int}/retry", status_code=200, summary="Run a finished or scheduled job again now",
-      tags=["jobs"], opt=roles(*WRITERS))
+@post(
+    "/jobs/{job_id:int}/retry",
+    status_code=200,
+    summary="Run a finished or scheduled job again now",
+    tags=["jobs"],
+    opt=roles(*WRITERS),
+)
 async def retry_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> Job:
     return await _change(request, user, job_id, "retry")

@@ -82,24 +82,33 @@ async def _set_paused(request: Request[Any, Any, Any], user: CurrentUser, name: 
         before = await run_async(conn, queues.op_get(name))
         after = await run_async(conn, queues.op_configure(name, {"paused": paused}, create=False))
         action = "queue.pause" if paused else "queue.resume"
-        audit = op_audit(audit_of(request, user), action, "queue", name, msgspec.to_builtins(before),
-                         msgspec.to_builtins(after))
+        audit = op_audit(
+            audit_of(request, user), action, "queue", name, msgspec.to_builtins(before), msgspec.to_builtins(after)
+        )
         await run_async(conn, audit)
     return after
 
 
-@post("/queues/{name:str}/pause", status_code=200, summary="Stop workers claiming from a queue", tags=["queues"],
-      opt=roles(*OPERATORS))
+@post(
+    "/queues/{name:str}/pause",
+    status_code=200,
+    summary="Stop workers claiming from a queue",
+    tags=["queues"],
+    opt=roles(*OPERATORS),
+)
 async def pause_queue(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> queues.QueueSettings:
-    return await _set_paused(request, user, name, True)  # type: ignore[no-any-return]
+    return await _set_paused(request, user, name, True)
 
 
-@post("/queues/{name:str}/resume", status_code=200, summary="Let workers claim from a queue again",
-      tags=["queues"], opt=roles(*OPERATORS))
-async def resume_queue(
-    request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]
-) -> queues.QueueSettings:
-    return await _set_paused(request, user, name, False)  # type: ignore[no-any-return]
+@post(
+    "/queues/{name:str}/resume",
+    status_code=200,
+    summary="Let workers claim from a queue again",
+    tags=["queues"],
+    opt=roles(*OPERATORS),
+)
+async def resume_queue(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> queues.QueueSettings:
+    return await _set_paused(request, user, name, False)
 
 
 @get("/workers", summary="Worker incarnations (worker_status)", tags=["workers"], opt=roles(*OPERATORS))

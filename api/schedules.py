@@ -45,8 +45,14 @@ class ScheduleCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 def summary(schedule: schedules.Schedule) -> dict[str, Any]:
     """What an audit row keeps of a schedule (not its args)."""
-    return {"name": schedule.name, "task": schedule.task, "cron": schedule.cron, "owner": schedule.owner,
-            "every": schedule.every.total_seconds() if schedule.every else None, "paused": schedule.paused}
+    return {
+        "name": schedule.name,
+        "task": schedule.task,
+        "cron": schedule.cron,
+        "owner": schedule.owner,
+        "every": schedule.every.total_seconds() if schedule.every else None,
+        "paused": schedule.paused,
+    }
 
 
 @get("/schedules", summary="Schedules, by name", tags=["schedules"])
@@ -78,6 +84,7 @@ async def create_schedule(
             if "row-level security" not in str(exc):
                 raise
             raise ApiError(409, f"a schedule named {data.name!r} exists", field="name") from None
-        await run_async(conn, op_audit(audit_of(request, user), "schedule.create", "schedule", created.id,
-                                       after=summary(created)))
+        await run_async(
+            conn, op_audit(audit_of(request, user), "schedule.create", "schedule", created.id, after=summary(created))
+        )
     return created

@@ -25,7 +25,7 @@ from .errors import ValidationError
 
 Role = Literal["admin", "operator", "member", "viewer"]
 ROLES: tuple[str, ...] = ("admin", "operator", "member", "viewer")
-TOKEN_PREFIX = "pgs_"
+TOKEN_PREFIX = "pgs_"  # nosec B105: the public start of every token, not a secret
 # pgs_ and 43 characters of base64: the prefix shows pgs_ and the first 8 of them.
 DISPLAY_PREFIX_LENGTH = 12
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
@@ -54,7 +54,7 @@ class Token(msgspec.Struct):
 
 
 USER_COLUMNS = "id, username, role, may_create_commands, disabled"
-TOKEN_COLUMNS = "id, name, prefix, created_at, last_used_at, expires_at, revoked_at"
+TOKEN_COLUMNS = "id, name, prefix, created_at, last_used_at, expires_at, revoked_at"  # nosec B105: column names
 
 # Primary key / users_username_unique.
 INSERT_USER = f"""
@@ -64,7 +64,7 @@ RETURNING {USER_COLUMNS}
 USER_BY_NAME = f"SELECT {USER_COLUMNS} FROM pgsched.users WHERE username = %s"
 ANY_ADMIN = "SELECT EXISTS (SELECT 1 FROM pgsched.users WHERE role = 'admin' AND NOT disabled)"
 # api_tokens_hash_unique: one index lookup per authenticated request.
-USER_BY_TOKEN = """
+AUTHENTICATE = """
 SELECT u.id, u.username, u.role, u.may_create_commands, u.disabled
 FROM pgsched.api_tokens t JOIN pgsched.users u ON u.id = t.user_id
 WHERE t.token_hash = %s AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > pgsched.now())
@@ -107,16 +107,14 @@ def token_hash(token: str) -> bytes:
 
 def check_username(username: Any) -> str:
     if not isinstance(username, str) or not _USERNAME.match(username):
-        raise ValidationError(
-            "username", "must be 1 to 100 letters, digits or _.@- (starting with a letter or digit)"
-        )
+        raise ValidationError("username", "must be 1 to 100 letters, digits or _.@- (starting with a letter or digit)")
     return username
 
 
 def check_role(role: Any) -> Role:
     if role not in ROLES:
         raise ValidationError("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-    return role  # type: ignore[no-any-return]
+    return role
 
 
 def check_token_name(name: Any) -> str:
@@ -188,7 +186,7 @@ def op_authenticate(secret: str) -> Operation[User | None]:
     """The enabled user of a valid, unrevoked, unexpired token; None otherwise (whatever the cause)."""
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 100:
         return None
-    rows = yield Query(USER_BY_TOKEN, (token_hash(secret),))
+    rows = yield Query(AUTHENTICATE, (token_hash(secret),))
     return _user(rows[0]) if rows else None
 
 

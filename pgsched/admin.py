@@ -63,7 +63,9 @@ class Administration:
         Job options not given (queue, priority, max_attempts, timeout) are the task's."""
         return self._execute(self._op_add_schedule(name, task, fields), None)
 
-    async def add_schedule_async(self, name: str, task: str, *, connection: Any = None, **fields: Any) -> schedules.Schedule:
+    async def add_schedule_async(
+        self, name: str, task: str, *, connection: Any = None, **fields: Any
+    ) -> schedules.Schedule:
         """``add_schedule`` for async code; with ``connection``, in the caller's transaction."""
         return await self._execute_async(self._op_add_schedule(name, task, fields), connection)
 

@@ -32,9 +32,7 @@ def users() -> None:
 @users.command("create")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="Make the user an admin (same as --role admin).")
-@click.option(
-    "--role", type=click.Choice(accounts.ROLES), default="member", show_default=True, help="The user's role."
-)
+@click.option("--role", type=click.Choice(accounts.ROLES), default="member", show_default=True, help="The user's role.")
 @click.option("--may-create-commands", is_flag=True, help="Allow the user to create shell and http jobs.")
 @with_settings()
 def create_user(settings: Settings, name: str, admin: bool, role: str, may_create_commands: bool) -> None:

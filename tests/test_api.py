@@ -10,7 +10,6 @@ import pytest
 
 from pgsched import ConfigError, load_settings
 
-from .api_fixtures import api_dsn, as_user, client, tokens  # noqa: F401  (fixtures)
 from .conftest import row_counts
 
 pytestmark = pytest.mark.db
@@ -20,7 +19,7 @@ ERROR_KEYS = {"code", "message", "field"}
 
 def error(response: Any) -> dict[str, Any]:
     body = response.json()
-    assert set(body) == {"error"} and ERROR_KEYS <= set(body["error"]), body
+    assert set(body) == {"error"} and set(body["error"]) >= ERROR_KEYS, body
     return body["error"]
 
 
@@ -91,8 +90,12 @@ def test_tokens_create_list_revoke_own(client: Any, as_user: Any, conn: psycopg.
     # The secret is stored nowhere: not in any column of any table (only its SHA-256 is).
     dump = "".join(str(row) for row in conn.execute("SELECT to_jsonb(t) FROM pgsched.api_tokens t").fetchall())
     assert secret not in dump and secret[12:] not in dump
-    assert conn.execute("SELECT count(*) FROM pgsched.audit_log WHERE position(%s IN after::text) > 0",
-                        (secret[12:],)).fetchone()[0] == 0
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM pgsched.audit_log WHERE position(%s IN after::text) > 0", (secret[12:],)
+        ).fetchone()[0]
+        == 0
+    )
     new = {"Authorization": f"Bearer {secret}"}
     assert client.get("/api/v1/me", headers=new).json()["username"] == "alice"
 
@@ -112,8 +115,10 @@ def test_tokens_create_list_revoke_own(client: Any, as_user: Any, conn: psycopg.
         "SELECT actor, action, target_id, request_id IS NOT NULL, client_addr IS NOT NULL FROM pgsched.audit_log"
         " WHERE actor = 'alice' ORDER BY id"
     ).fetchall()
-    assert actions == [("alice", "token.create", str(token_id), True, True),
-                       ("alice", "token.revoke", str(token_id), True, True)]
+    assert actions == [
+        ("alice", "token.create", str(token_id), True, True),
+        ("alice", "token.revoke", str(token_id), True, True),
+    ]
 
 
 def test_unknown_route_and_method_get_the_error_body(client: Any, as_user: Any) -> None:
@@ -123,9 +128,7 @@ def test_unknown_route_and_method_get_the_error_body(client: Any, as_user: Any) 
     assert response.status_code == 405 and error(response)["code"] == "method_not_allowed"
 
 
-def test_body_over_the_cap_is_413_before_the_database(
-    client: Any, as_user: Any, conn: psycopg.Connection[Any]
-) -> None:
+def test_body_over_the_cap_is_413_before_the_database(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
     before = row_counts(conn)
     big = {"task": "noop", "args": {"blob": "x" * 300_000}}
     response = client.post("/api/v1/jobs", json=big, headers=as_user("alice"))

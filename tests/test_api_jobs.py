@@ -9,7 +9,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from .api_fixtures import api_dsn, as_user, client, tokens  # noqa: F401  (fixtures)
 from .conftest import row_counts, worker_incarnation
 from .test_api import error
 
@@ -34,7 +33,12 @@ def test_create_a_job_owned_by_the_caller_with_an_audit_row(
     assert response.status_code == 201
     job = response.json()
     assert (job["task"], job["args"], job["queue"], job["priority"], job["owner"], job["state"]) == (
-        "noop", {"day": "2026-11-22"}, "reports", 5, "alice", "queued"
+        "noop",
+        {"day": "2026-11-22"},
+        "reports",
+        5,
+        "alice",
+        "queued",
     )
     row = conn.execute("SELECT owner, queue, priority FROM pgsched.jobs WHERE id = %s", (job["id"],)).fetchone()
     assert row == ("alice", "reports", 5)
@@ -200,8 +204,11 @@ def test_idempotency_key_replays_the_first_response(client: Any, as_user: Any, c
     other = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 2}}, headers=headers)
     assert other.status_code == 422 and error(other)["field"] == "Idempotency-Key"
     # Keys are per user: bob's "order-17" is his own.
-    bobs = client.post("/api/v1/jobs", json={"task": "noop", "args": {"n": 1}},
-                       headers={**as_user("bob"), "Idempotency-Key": "order-17"})
+    bobs = client.post(
+        "/api/v1/jobs",
+        json={"task": "noop", "args": {"n": 1}},
+        headers={**as_user("bob"), "Idempotency-Key": "order-17"},
+    )
     assert bobs.status_code == 201 and bobs.json()["id"] != first.json()["id"]
     # After 24 hours the key may be used again.
     conn.execute("UPDATE pgsched.api_idempotency SET created_at = created_at - interval '25 hours'")
@@ -237,12 +244,18 @@ def test_row_level_security_holds_without_the_python_owner_filter(
         assert api.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (0,)
         api.rollback()
         # The audit log is append-only for the API.
-        for sql in ("UPDATE pgsched.audit_log SET actor = 'x'", "DELETE FROM pgsched.audit_log",
-                    "TRUNCATE pgsched.audit_log", "INSERT INTO pgsched.jobs (task) VALUES ('noop')",
-                    "UPDATE pgsched.jobs SET owner = 'bob'", "UPDATE pgsched.users SET role = 'admin'"):
+        for sql in (
+            "UPDATE pgsched.audit_log SET actor = 'x'",
+            "DELETE FROM pgsched.audit_log",
+            "TRUNCATE pgsched.audit_log",
+            "INSERT INTO pgsched.jobs (task) VALUES ('noop')",
+            "UPDATE pgsched.jobs SET owner = 'bob'",
+            "UPDATE pgsched.users SET role = 'admin'",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 api.execute(sql)
             api.rollback()
     assert conn.execute("SELECT owner, state FROM pgsched.jobs ORDER BY id").fetchall() == [
-        ("alice", "queued"), ("bob", "queued")
+        ("alice", "queued"),
+        ("bob", "queued"),
     ]

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from .api_fixtures import USERS, api_dsn, as_user, client, tokens  # noqa: F401  (fixtures)
+from .api_fixtures import USERS
 
 pytestmark = pytest.mark.db
 

@@ -7,7 +7,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from .api_fixtures import api_dsn, as_user, client, tokens  # noqa: F401  (fixtures)
 from .conftest import worker_incarnation
 from .test_api import error
 
@@ -31,8 +30,10 @@ def test_queues_list_pause_and_resume_with_audit(
     assert conn.execute(
         "SELECT actor, action, target_id, before ->> 'paused', after ->> 'paused' FROM pgsched.audit_log"
         " WHERE target_type = 'queue' ORDER BY id"
-    ).fetchall() == [("ops", "queue.pause", "reports", "false", "true"),
-                     ("root", "queue.resume", "reports", "true", "false")]
+    ).fetchall() == [
+        ("ops", "queue.pause", "reports", "false", "true"),
+        ("root", "queue.resume", "reports", "true", "false"),
+    ]
 
     unknown = client.post("/api/v1/queues/reprots/pause", headers=as_user("ops"))
     assert unknown.status_code == 422 and error(unknown)["field"] == "name"
@@ -74,10 +75,17 @@ def test_schedules_create_and_list_per_owner(client: Any, as_user: Any, conn: ps
     )
     assert created.status_code == 201
     body = created.json()
-    assert (body["owner"], body["cron"], body["timezone"], body["source"]) == ("alice", "30 2 * * *", "Europe/Paris", "api")
-    assert conn.execute("SELECT owner, source FROM pgsched.schedules WHERE name = 'nightly'").fetchone() == ("alice", "api")
-    every = client.post("/api/v1/schedules", json={"name": "poll", "task": "noop", "every": 30},
-                        headers=as_user("bob"))
+    assert (body["owner"], body["cron"], body["timezone"], body["source"]) == (
+        "alice",
+        "30 2 * * *",
+        "Europe/Paris",
+        "api",
+    )
+    assert conn.execute("SELECT owner, source FROM pgsched.schedules WHERE name = 'nightly'").fetchone() == (
+        "alice",
+        "api",
+    )
+    every = client.post("/api/v1/schedules", json={"name": "poll", "task": "noop", "every": 30}, headers=as_user("bob"))
     assert every.status_code == 201 and every.json()["every"] == "PT30S"
 
     assert [s["name"] for s in client.get("/api/v1/schedules", headers=as_user("alice")).json()] == ["nightly"]
@@ -85,14 +93,18 @@ def test_schedules_create_and_list_per_owner(client: Any, as_user: Any, conn: ps
     assert [s["name"] for s in client.get("/api/v1/schedules", headers=as_user("ops")).json()] == ["nightly", "poll"]
 
     # Names are unique across owners: bob cannot take (or replace) alice's schedule.
-    taken = client.post("/api/v1/schedules", json={"name": "nightly", "task": "noop", "every": 5},
-                        headers=as_user("bob"))
+    taken = client.post(
+        "/api/v1/schedules", json={"name": "nightly", "task": "noop", "every": 5}, headers=as_user("bob")
+    )
     assert taken.status_code == 409 and error(taken)["field"] == "name"
-    mine = client.post("/api/v1/schedules", json={"name": "nightly", "task": "noop", "every": 5},
-                       headers=as_user("alice"))
+    mine = client.post(
+        "/api/v1/schedules", json={"name": "nightly", "task": "noop", "every": 5}, headers=as_user("alice")
+    )
     assert mine.status_code == 409
     assert conn.execute("SELECT owner, task, cron FROM pgsched.schedules WHERE name = 'nightly'").fetchone() == (
-        "alice", "report", "30 2 * * *"
+        "alice",
+        "report",
+        "30 2 * * *",
     )
     # The library's validation, field by field; the owner is the server's.
     for body, field in (
@@ -104,8 +116,12 @@ def test_schedules_create_and_list_per_owner(client: Any, as_user: Any, conn: ps
     ):
         response = client.post("/api/v1/schedules", json=body, headers=as_user("alice"))
         assert response.status_code == 422 and error(response)["field"] == field, (body, response.json())
-    assert client.post("/api/v1/schedules", json={"name": "v", "task": "noop", "every": 5},
-                       headers=as_user("vera")).status_code == 403
+    assert (
+        client.post(
+            "/api/v1/schedules", json={"name": "v", "task": "noop", "every": 5}, headers=as_user("vera")
+        ).status_code
+        == 403
+    )
     assert conn.execute("SELECT count(*) FROM pgsched.schedules").fetchone() == (2,)
     assert conn.execute(
         "SELECT actor, action FROM pgsched.audit_log WHERE target_type = 'schedule' ORDER BY id"
@@ -121,5 +137,7 @@ def test_schedule_row_level_security_holds_alone(
         assert api.execute("SELECT count(*) FROM pgsched.schedules").fetchone() == (0,)
         assert api.execute("UPDATE pgsched.schedules SET paused = true").rowcount == 0
         with pytest.raises(psycopg.errors.InsufficientPrivilege):  # a schedule for another owner
-            api.execute("INSERT INTO pgsched.schedules (name, task, every, owner) VALUES ('b', 'noop', '1 minute', 'alice')")
+            api.execute(
+                "INSERT INTO pgsched.schedules (name, task, every, owner) VALUES ('b', 'noop', '1 minute', 'alice')"
+            )
     assert conn.execute("SELECT name, owner, paused FROM pgsched.schedules").fetchall() == [("a", "alice", False)]

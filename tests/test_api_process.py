@@ -15,7 +15,6 @@ import httpx
 import psycopg
 import pytest
 
-from .api_fixtures import api_dsn  # noqa: F401  (fixture)
 from .conftest import wait_until
 
 pytestmark = pytest.mark.process
@@ -96,7 +95,8 @@ def test_bootstrap_from_the_cli_then_serve_over_loopback(
         assert http.get("/api/v1/me", headers={"Authorization": "Bearer pgs_wrong"}).status_code == 401
         assert http.get("/api/v1/openapi.json").json()["openapi"].startswith("3.1")
     assert conn.execute("SELECT owner, created_by FROM pgsched.jobs").fetchone() == (
-        "root", psycopg.conninfo.conninfo_to_dict(api_dsn)["user"]
+        "root",
+        psycopg.conninfo.conninfo_to_dict(api_dsn)["user"],
     )
     # Audit rows: the CLI's under the database role, the API's under the user.
     actors = conn.execute("SELECT actor, action FROM pgsched.audit_log ORDER BY id").fetchall()
