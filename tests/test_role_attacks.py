@@ -173,7 +173,8 @@ REFUSED = {
         "DELETE FROM pgsched.api_tokens",
         # the engine's tables and services
         "INSERT INTO pgsched.runs (job_id, attempt, queue, task, started_at) VALUES (1, 1, 'q', 't', now())",
-        "UPDATE pgsched.queues SET paused = true",
+        "DELETE FROM pgsched.queues",
+        "UPDATE pgsched.queues SET name = 'elsewhere'",
         "INSERT INTO pgsched.schedules (name, task, cron) VALUES ('mine', 'noop', '* * * * *')",
         "INSERT INTO pgsched.tasks (name) VALUES ('mine')",
         "SELECT pgsched.promote(1000)",
