@@ -89,6 +89,8 @@ def _body_error(exc: ValidationException) -> tuple[str, str | None]:
         located = re.search(r"at `\$\.([\w.\[\]]+)`", message)
         key = item.get("key")
         field = located.group(1) if located else (str(key) if key else None)
+        if field == "data":  # Litestar's name for the whole body, not a field of it
+            field = None
         return message.split(" - at ")[0] or "invalid request", field
     return "the request body is not valid JSON of the expected shape", None
 
