@@ -23,7 +23,7 @@ from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
 from . import account, health, jobs, operations, schedules
-from .access import authenticate, current_user
+from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
 from .errors import handle_http, handle_internal, handle_pgsched
 
@@ -123,7 +123,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
     )
     return Litestar(
         route_handlers=[health.healthz, health.readyz, openapi_document, openapi_page, api],
-        state=State({"db": db}),
+        state=State({"db": db, "failed_authentications": FailedAuthentications()}),
         on_startup=[open_pool],
         on_shutdown=[close_pool],
         middleware=[security_headers],

@@ -49,8 +49,17 @@ _CODES = {
 class ApiError(HTTPException):
     """An error answered as is: its status, code, message and field (and extra members)."""
 
-    def __init__(self, status: int, message: str, *, field: str | None = None, code: str | None = None, **extra: Any):
-        super().__init__(status_code=status, detail=message)
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ):
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.field = field
@@ -97,7 +106,7 @@ def _body_error(exc: ValidationException) -> tuple[str, str | None]:
 
 def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, ApiError):
-        return error_response(exc.status_code, exc.code, exc.message, exc.field, **exc.members)
+        return error_response(exc.status_code, exc.code, exc.message, exc.field, exc.headers, **exc.members)
     if isinstance(exc, ValidationException):
         message, field = _body_error(exc)
         return error_response(422, "invalid", message, field)

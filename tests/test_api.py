@@ -155,3 +155,22 @@ def test_the_api_refuses_a_login_outside_pgsched_api(dsn: str, conn: psycopg.Con
             create_app(load_settings({"dsn": dsn, "api_dsn": login_dsn(dsn, "pgs_api_outsider")}))
     finally:
         conn.execute("DROP ROLE pgs_api_outsider")
+
+
+def test_repeated_failures_from_one_client_are_rate_limited(client: Any, tokens: dict[str, str]) -> None:
+    limiter = client.app.state.failed_authentications
+    now = [1000.0]
+    limiter.clock = lambda: now[0]  # the window passes when the test says so
+    good = {"Authorization": f"Bearer {tokens['alice']}"}
+    for _ in range(limiter.limit):
+        assert client.get("/api/v1/me", headers={"Authorization": "Bearer pgs_guess"}).status_code == 401
+    limited = client.get("/api/v1/me", headers={"Authorization": "Bearer pgs_guess"})
+    assert limited.status_code == 429 and error(limited)["code"] == "too_many_requests"
+    assert limited.headers["retry-after"] == "60"
+    # Every request of that client, a valid token's too: a right guess must not stand out.
+    assert client.get("/api/v1/me", headers=good).status_code == 429
+    assert client.get("/healthz").status_code == 200  # the probes stay open
+    now[0] += 30
+    assert client.get("/api/v1/me", headers=good).headers["retry-after"] == "30"
+    now[0] += 30
+    assert client.get("/api/v1/me", headers=good).status_code == 200
