@@ -22,7 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, health, jobs, operations, schedules
+from . import account, admin, health, jobs, operations, schedules
 from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
 from .errors import handle_http, handle_internal, handle_pgsched
@@ -119,6 +119,10 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             operations.list_tasks,
             schedules.list_schedules,
             schedules.create_schedule,
+            admin.list_users,
+            admin.create_user,
+            admin.update_user,
+            admin.list_audit,
         ],
     )
     return Litestar(

@@ -62,6 +62,13 @@ INSERT INTO pgsched.users (username, role, may_create_commands) VALUES (%s, %s, 
 RETURNING {USER_COLUMNS}
 """
 USER_BY_NAME = f"SELECT {USER_COLUMNS} FROM pgsched.users WHERE username = %s"
+USER_BY_ID = f"SELECT {USER_COLUMNS} FROM pgsched.users WHERE id = %s FOR UPDATE"
+LIST_USERS = f"SELECT {USER_COLUMNS} FROM pgsched.users ORDER BY username"
+UPDATE_USER = f"""
+UPDATE pgsched.users SET role = %s, disabled = %s, may_create_commands = %s, updated_at = pgsched.now()
+WHERE id = %s
+RETURNING {USER_COLUMNS}
+"""
 ANY_ADMIN = "SELECT EXISTS (SELECT 1 FROM pgsched.users WHERE role = 'admin' AND NOT disabled)"
 # api_tokens_hash_unique: one index lookup per authenticated request.
 AUTHENTICATE = """
@@ -158,6 +165,29 @@ def op_create_user(audit: Audit, username: str, role: str, may_create_commands: 
         raise ValidationError("username", f"a user named {username!r} exists")
     user = _user((yield Query(INSERT_USER, (username, role, may_create_commands)))[0])
     yield from op_audit(audit, "user.create", "user", user.id, after=msgspec.to_builtins(user))
+    return user
+
+
+def op_list_users() -> Operation[list[User]]:
+    return [_user(row) for row in (yield Query(LIST_USERS))]
+
+
+def op_update_user(audit: Audit, user_id: int, changes: dict[str, Any]) -> Operation[User | None]:
+    """Change a user's ``role``, ``disabled`` or ``may_create_commands`` (None: no such user).
+    Its tokens follow at once: they act as the user as it now is."""
+    rows = yield Query(USER_BY_ID, (user_id,))
+    if not rows:
+        return None
+    before = _user(rows[0])
+    role = check_role(changes.get("role", before.role))
+    after = msgspec.structs.replace(
+        before,
+        role=role,
+        disabled=bool(changes.get("disabled", before.disabled)),
+        may_create_commands=bool(changes.get("may_create_commands", before.may_create_commands)),
+    )
+    user = _user((yield Query(UPDATE_USER, (after.role, after.disabled, after.may_create_commands, user_id)))[0])
+    yield from op_audit(audit, "user.update", "user", user.id, msgspec.to_builtins(before), msgspec.to_builtins(user))
     return user
 
 

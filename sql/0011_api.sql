@@ -44,8 +44,8 @@ COMMENT ON TABLE pgsched.api_idempotency IS
 
 -- What the API does, and nothing more: read and change jobs (cancel, retry and the dependency
 -- trigger they fire), enqueue through pgsched.enqueue, read history, the catalog and the
--- monitoring views, pause and resume queues, authenticate (users, tokens), manage its users'
--- tokens, append to the audit.
+-- monitoring views, pause and resume queues, create schedules, authenticate (users, tokens),
+-- manage users and their tokens, append to the audit and read it.
 GRANT USAGE ON SCHEMA pgsched TO pgsched_api;
 GRANT EXECUTE ON FUNCTION pgsched.now(), pgsched.may_create_command_jobs(name), pgsched.queue_served(text),
                           pgsched.cancel(bigint, text), pgsched.retry(bigint)
@@ -59,7 +59,10 @@ GRANT SELECT ON pgsched.jobs, pgsched.job_deps, pgsched.runs, pgsched.run_logs, 
     TO pgsched_api;
 GRANT UPDATE (state, error, finished_at, run_at, max_attempts, cancel_requested_at, worker_id)
     ON pgsched.jobs TO pgsched_api;
-GRANT UPDATE (last_login_at) ON pgsched.users TO pgsched_api;
+-- User management (admins only: the API checks the role).
+GRANT INSERT (username, role, may_create_commands),
+      UPDATE (role, disabled, may_create_commands, updated_at, last_login_at)
+    ON pgsched.users TO pgsched_api;
 -- Queue controls (admins and operators only: the API checks the role) through the library's
 -- upsert, which also reads which queues exist.
 GRANT INSERT (name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt),

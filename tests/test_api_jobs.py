@@ -250,7 +250,7 @@ def test_row_level_security_holds_without_the_python_owner_filter(
             "TRUNCATE pgsched.audit_log",
             "INSERT INTO pgsched.jobs (task) VALUES ('noop')",
             "UPDATE pgsched.jobs SET owner = 'bob'",
-            "UPDATE pgsched.users SET role = 'admin'",
+            "UPDATE pgsched.users SET username = 'bob'",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 api.execute(sql)

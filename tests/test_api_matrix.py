@@ -16,6 +16,7 @@ PUBLIC = "public"  # no token needed
 EVERY = frozenset(USERS.values())
 WRITERS = frozenset({"admin", "operator", "member"})
 OPERATORS = frozenset({"admin", "operator"})
+ADMINS = frozenset({"admin"})
 
 # (method, path as routed) -> who may call it: PUBLIC, or the roles allowed.
 ACCESS: dict[tuple[str, str], Any] = {
@@ -43,6 +44,10 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("GET", "/api/v1/tasks"): EVERY,
     ("GET", "/api/v1/schedules"): EVERY,
     ("POST", "/api/v1/schedules"): WRITERS,
+    ("GET", "/api/v1/users"): ADMINS,
+    ("POST", "/api/v1/users"): ADMINS,
+    ("PATCH", "/api/v1/users/{user_id:int}"): ADMINS,
+    ("GET", "/api/v1/audit"): ADMINS,
 }
 
 BODIES = {
@@ -95,10 +100,15 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
             token = client.post("/api/v1/tokens", json={"name": "target"}, headers=as_user("alice")).json()["id"]
             url = path.replace("{job_id:int}", str(job)).replace("{token_id:int}", str(token))
             url = url.replace("{path:str}", "anything").replace("{name:str}", "default")
+            url = url.replace("{user_id:int}", "4")  # bob
             headers = as_user(user) if user else {}
             body = BODIES.get(key)
             if key == ("POST", "/api/v1/schedules"):
                 body = {"name": f"matrix-{len(outcomes)}", "task": "noop", "every": 60}
+            if key == ("POST", "/api/v1/users"):
+                body = {"username": f"matrix-{len(outcomes)}"}
+            if key == ("PATCH", "/api/v1/users/{user_id:int}"):
+                body = {"may_create_commands": False}
             response = client.request(method, url, json=body, headers=headers)
             status = response.status_code
             got = "ok" if status < 400 else str(status)

@@ -161,13 +161,14 @@ REFUSED = {
         "ALTER TABLE pgsched.jobs DISABLE ROW LEVEL SECURITY",
         "DROP POLICY jobs_api_read ON pgsched.jobs",
         "CREATE POLICY mine ON pgsched.jobs TO pgsched_api USING (true)",
-        # the audit log is append-only; accounts change only by token creation and revocation
+        # the audit log is append-only; users keep their names and passwords (their roles and
+        # permissions are the API's to change, for its admins)
         "UPDATE pgsched.audit_log SET actor = 'nobody'",
         "DELETE FROM pgsched.audit_log",
         "TRUNCATE pgsched.audit_log",
-        "UPDATE pgsched.users SET role = 'admin'",
-        "UPDATE pgsched.users SET may_create_commands = true",
-        "INSERT INTO pgsched.users (username, role) VALUES ('mallory', 'admin')",
+        "UPDATE pgsched.users SET username = 'mallory'",
+        "UPDATE pgsched.users SET password_hash = 'x'",
+        "INSERT INTO pgsched.users (username, password_hash) VALUES ('mallory', 'x')",
         "DELETE FROM pgsched.users",
         "UPDATE pgsched.api_tokens SET user_id = 1",
         "DELETE FROM pgsched.api_tokens",
