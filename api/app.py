@@ -108,6 +108,8 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             account.create_token,
             account.revoke_token,
             jobs.create_job,
+            jobs.create_jobs,
+            jobs.retrigger_job,
             jobs.list_jobs,
             jobs.show_job,
             jobs.cancel_job,

@@ -14,8 +14,9 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from pgsched import queries as library_queries
 from pgsched.accounts import User, op_audit
+from pgsched.crypto import is_envelope
 from pgsched.db import run_async
-from pgsched.jobs import STATES, Job
+from pgsched.jobs import STATES, Job, JobSpec
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import idempotency, queries
@@ -25,6 +26,7 @@ from .database import Database, owner_filter
 from .errors import ApiError
 
 MAX_PAGE = 500
+MAX_BATCH = 1000
 
 
 class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +44,12 @@ class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     depends_on: list[int] | None = None
     concurrency_key: str | None = None
     run_on_upstream_failure: bool = False
+
+
+class JobBatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Jobs to create at once, all or none."""
+
+    jobs: Annotated[list[JobCreate], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
 class Run(msgspec.Struct):
@@ -71,11 +79,19 @@ def summary(job: Job) -> dict[str, Any]:
     return {"id": job.id, "task": job.task, "queue": job.queue, "state": job.state, "owner": job.owner}
 
 
+def _may_create(user: User, task: str, field: str = "task") -> None:
+    if task in EXECUTOR_KINDS and not user.may_create_commands:
+        raise ApiError(403, f"{user.username!r} may not create {task} jobs", field=field)
+
+
+def _options(data: JobCreate) -> dict[str, Any]:
+    return {k: v for k, v in msgspec.structs.asdict(data).items() if k not in ("task", "args") and v is not None}
+
+
 @post("/jobs", status_code=201, summary="Create a job", tags=["jobs"], opt=roles(*WRITERS))
 async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[JobCreate]) -> Response[Any]:
-    if data.task in EXECUTOR_KINDS and not user.may_create_commands:
-        raise ApiError(403, f"{user.username!r} may not create {data.task} jobs", field="task")
-    options = {k: v for k, v in msgspec.structs.asdict(data).items() if k not in ("task", "args") and v is not None}
+    _may_create(user, data.task)
+    options = _options(data)
     key = idempotency.key_of(request)
     db: Database = request.app.state.db
     async with db.acting_for(user) as conn:
@@ -84,6 +100,31 @@ async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: J
         job = await db.app.enqueue_async(data.task, data.args, connection=conn, owner=user.username, **options)
         await run_async(conn, op_audit(audit_of(request, user), "job.create", "job", job.id, after=summary(job)))
         body = msgspec.to_builtins(job)
+        if key is not None:
+            await idempotency.remember(conn, request, user, key, 201, body)
+    return Response(body, status_code=201)
+
+
+@post(
+    "/jobs/batch",
+    status_code=201,
+    summary=f"Create up to {MAX_BATCH} jobs at once, all or none",
+    tags=["jobs"],
+    opt=roles(*WRITERS),
+)
+async def create_jobs(request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[JobBatch]) -> Response[Any]:
+    for i, item in enumerate(data.jobs):
+        _may_create(user, item.task, f"jobs[{i}].task")
+    specs = [JobSpec(task=item.task, args=item.args, owner=user.username, **_options(item)) for item in data.jobs]
+    key = idempotency.key_of(request)
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        if key is not None and (replayed := await idempotency.replay(conn, request, user, key)) is not None:
+            return replayed
+        ids = await db.app.enqueue_many_async(specs, connection=conn)
+        audit = op_audit(audit_of(request, user), "job.create_many", "job", None, after={"ids": ids})
+        await run_async(conn, audit)
+        body = {"ids": ids}
         if key is not None:
             await idempotency.remember(conn, request, user, key, 201, body)
     return Response(body, status_code=201)
@@ -159,6 +200,38 @@ async def _change(request: Request[Any, Any, Any], user: CurrentUser, job_id: in
 )
 async def cancel_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> Job:
     return await _change(request, user, job_id, "cancel")
+
+
+@post(
+    "/jobs/{job_id:int}/retrigger",
+    status_code=201,
+    summary="Create a new job with the same definition (task, args, queue, options, owner)",
+    tags=["jobs"],
+    opt=roles(*WRITERS),
+)
+async def retrigger_job(request: Request[Any, Any, Any], user: CurrentUser, job_id: FromPath[int]) -> Job:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        await _visible(conn, user, job_id)
+        old = await db.app.get_async(job_id, connection=conn)
+        _may_create(user, old.task)
+        if is_envelope(old.args):
+            raise ApiError(409, "the job's args are encrypted with a key this API does not have", field="args")
+        job = await db.app.enqueue_async(
+            old.task,
+            old.args,
+            connection=conn,
+            queue=old.queue,
+            priority=old.priority,
+            max_attempts=old.max_attempts,
+            timeout=old.timeout_seconds,
+            dedupe_key=old.dedupe_key,
+            owner=old.owner,
+            concurrency_key=old.concurrency_key,
+        )
+        after = {**summary(job), "from": job_id}
+        await run_async(conn, op_audit(audit_of(request, user), "job.retrigger", "job", job.id, after=after))
+    return job
 
 
 @post(

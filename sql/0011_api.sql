@@ -59,6 +59,12 @@ GRANT SELECT ON pgsched.jobs, pgsched.job_deps, pgsched.runs, pgsched.run_logs, 
     TO pgsched_api;
 GRANT UPDATE (state, error, finished_at, run_at, max_attempts, cancel_requested_at, worker_id)
     ON pgsched.jobs TO pgsched_api;
+-- Batches go in as App.enqueue_many writes them (ids allocated ahead, one INSERT), for the
+-- user's own owner (jobs_api_insert).
+GRANT INSERT (id, task, args, queue, priority, run_at, max_attempts, timeout_seconds, dedupe_key, owner,
+              concurrency_key, run_on_upstream_failure)
+    ON pgsched.jobs TO pgsched_api;
+GRANT USAGE ON SEQUENCE pgsched.jobs_id_seq TO pgsched_api;
 -- User management (admins only: the API checks the role).
 GRANT INSERT (username, role, may_create_commands),
       UPDATE (role, disabled, may_create_commands, updated_at, last_login_at)
@@ -98,6 +104,11 @@ CREATE POLICY jobs_unrestricted ON pgsched.jobs
 CREATE POLICY jobs_api_read ON pgsched.jobs FOR SELECT TO pgsched_api
     USING (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
            OR owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), ''));
+-- New rows (batches): of the transaction's owner for a member, any for an admin or operator.
+CREATE POLICY jobs_api_insert ON pgsched.jobs FOR INSERT TO pgsched_api
+    WITH CHECK (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
+                OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
+                    AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')));
 -- Changes (cancel, retry): the same rows, and never for a viewer.
 CREATE POLICY jobs_api_change ON pgsched.jobs FOR UPDATE TO pgsched_api
     USING (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')

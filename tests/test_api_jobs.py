@@ -230,6 +230,11 @@ def test_row_level_security_holds_without_the_python_owner_filter(
         api.execute("SELECT set_config('pgsched.owner', 'bob', true), set_config('pgsched.role', 'member', true)")
         assert api.execute("SELECT id FROM pgsched.jobs").fetchall() == [(bobs,)]
         assert api.execute("SELECT count(*) FROM pgsched.jobs WHERE owner = 'alice'").fetchone() == (0,)
+        # A job for alice: refused by the policy.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            api.execute("INSERT INTO pgsched.jobs (task, owner) VALUES ('noop', 'alice')")
+        api.rollback()
+        api.execute("SELECT set_config('pgsched.owner', 'bob', true), set_config('pgsched.role', 'member', true)")
         # Changing alice's job: no row matches, by UPDATE or by the library's cancel.
         assert api.execute("UPDATE pgsched.jobs SET state = 'cancelled' WHERE id = %s", (alices,)).rowcount == 0
         with pytest.raises(psycopg.Error) as refused:
@@ -259,3 +264,56 @@ def test_row_level_security_holds_without_the_python_owner_filter(
         ("alice", "queued"),
         ("bob", "queued"),
     ]
+
+
+def test_batch_create_all_or_nothing(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    batch = {"jobs": [{"task": "noop", "args": {"n": n}, "priority": n} for n in range(5)]}
+    created = client.post("/api/v1/jobs/batch", json=batch, headers=as_user("alice"))
+    assert created.status_code == 201
+    ids = created.json()["ids"]
+    assert conn.execute("SELECT id, owner, priority FROM pgsched.jobs ORDER BY id").fetchall() == [
+        (job_id, "alice", n) for n, job_id in enumerate(ids)
+    ]
+    assert conn.execute(
+        "SELECT actor, action, after -> 'ids' FROM pgsched.audit_log WHERE action = 'job.create_many'"
+    ).fetchall() == [("alice", "job.create_many", ids)]
+    before = row_counts(conn)
+    for body, field in (
+        ({"jobs": [{"task": "noop"}, {"task": "noop", "priority": 500}]}, "jobs[1].priority"),
+        ({"jobs": [{"task": "noop"}, {"task": "nope"}]}, "jobs[1].task"),
+        ({"jobs": [{"task": "noop", "owner": "bob"}]}, "owner"),
+        ({"jobs": [{"task": "noop", "dedupe_key": "k"}, {"task": "noop", "dedupe_key": "k"}]}, "jobs[1].dedupe_key"),
+        ({"jobs": []}, "jobs"),
+        ({"jobs": [{"task": "noop"}] * 1001}, "jobs"),
+    ):
+        response = client.post("/api/v1/jobs/batch", json=body, headers=as_user("alice"))
+        assert response.status_code in (409, 422), (field, response.json())
+        assert error(response)["field"] == field, (field, response.json())
+    shell = client.post(
+        "/api/v1/jobs/batch", json={"jobs": [{"task": "noop"}, {"task": "shell"}]}, headers=as_user("alice")
+    )
+    assert shell.status_code == 403 and error(shell)["field"] == "jobs[1].task"
+    assert row_counts(conn) == before
+
+
+def test_retrigger_makes_a_new_job_of_the_same_definition(
+    client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    first = create(client, as_user("alice"), args={"day": "d"}, queue="reports", priority=7, max_attempts=2).json()
+    client.post(f"/api/v1/jobs/{first['id']}/cancel", headers=as_user("alice"))
+    again = client.post(f"/api/v1/jobs/{first['id']}/retrigger", headers=as_user("ops"))
+    assert again.status_code == 201
+    job = again.json()
+    assert job["id"] != first["id"] and job["state"] == "queued"
+    assert (job["task"], job["args"], job["queue"], job["priority"], job["max_attempts"], job["owner"]) == (
+        "noop",
+        {"day": "d"},
+        "reports",
+        7,
+        2,
+        "alice",
+    )
+    assert client.post(f"/api/v1/jobs/{first['id']}/retrigger", headers=as_user("bob")).status_code == 404
+    assert conn.execute(
+        "SELECT actor, target_id, after ->> 'from' FROM pgsched.audit_log WHERE action = 'job.retrigger'"
+    ).fetchall() == [("ops", str(job["id"]), str(first["id"]))]

@@ -37,6 +37,8 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("GET", "/api/v1/jobs/{job_id:int}"): EVERY,
     ("POST", "/api/v1/jobs/{job_id:int}/cancel"): WRITERS,
     ("POST", "/api/v1/jobs/{job_id:int}/retry"): WRITERS,
+    ("POST", "/api/v1/jobs/batch"): WRITERS,
+    ("POST", "/api/v1/jobs/{job_id:int}/retrigger"): WRITERS,
     ("GET", "/api/v1/queues"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/pause"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
@@ -53,6 +55,7 @@ ACCESS: dict[tuple[str, str], Any] = {
 BODIES = {
     ("POST", "/api/v1/tokens"): {"name": "matrix"},
     ("POST", "/api/v1/jobs"): {"task": "noop"},
+    ("POST", "/api/v1/jobs/batch"): {"jobs": [{"task": "noop"}, {"task": "report"}]},
 }
 
 # Objects in paths belong to alice; who else may reach them: admins and operators, for jobs.
