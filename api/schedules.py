@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, get, post
-from litestar.params import JSONBody
+from litestar import Request, delete, get, post
+from litestar.params import FromPath, JSONBody, QueryParameter
 
-from pgsched import schedules
+from pgsched import cron, schedules
 from pgsched.accounts import op_audit
 from pgsched.db import run_async
 from pgsched.errors import PermissionDenied
@@ -41,6 +41,47 @@ class ScheduleCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     jitter_seconds: int = 0
     start_at: datetime | None = None
     end_at: datetime | None = None
+
+
+class Slot(msgspec.Struct):
+    """A fire time: in UTC, in the schedule's zone, and whether the zone's UTC offset changed since
+    the slot before (a daylight-saving transition lies between them)."""
+
+    utc: datetime
+    local: datetime
+    offset_changed: bool
+
+
+class ScheduleDetail(msgspec.Struct):
+    schedule: schedules.Schedule
+    next: list[Slot]
+
+
+PREVIEW_MAX = 100
+
+
+def slots(times: list[datetime], timezone: str) -> list[Slot]:
+    zone = cron.load_zone(timezone)
+    local = [t.astimezone(zone) for t in times]
+    return [
+        Slot(utc=t, local=lt, offset_changed=i > 0 and lt.utcoffset() != local[i - 1].utcoffset())
+        for i, (t, lt) in enumerate(zip(times, local, strict=True))
+    ]
+
+
+def next_times(schedule: schedules.Schedule, now: datetime, n: int = 5) -> list[datetime]:
+    """The schedule's next ``n`` slots after the database's now (or its next_run_at, when later)."""
+    after = max(now, schedule.next_run_at - timedelta(microseconds=1)) if schedule.next_run_at else now
+    if schedule.cron is not None:
+        return cron.next_fire_times(schedule.cron, schedule.timezone, after, n)
+    assert schedule.every is not None
+    first = schedule.next_run_at if schedule.next_run_at and schedule.next_run_at > now else now + schedule.every
+    return [first + k * schedule.every for k in range(n)]
+
+
+async def _db_now(conn: Any) -> datetime:
+    row = await (await conn.execute("SELECT pgsched.now()")).fetchone()
+    return row[0]  # type: ignore[no-any-return]
 
 
 def summary(schedule: schedules.Schedule) -> dict[str, Any]:
@@ -88,3 +129,85 @@ async def create_schedule(
             conn, op_audit(audit_of(request, user), "schedule.create", "schedule", created.id, after=summary(created))
         )
     return created
+
+
+@get("/schedules/preview", summary="The next fire times of a cron expression, without saving it", tags=["schedules"])
+async def preview_cron(
+    request: Request[Any, Any, Any],
+    user: CurrentUser,
+    expression: Annotated[str, QueryParameter(name="cron")],
+    timezone: str = "UTC",
+    n: Annotated[int, QueryParameter(description=f"How many, at most {PREVIEW_MAX}")] = 5,
+) -> list[Slot]:
+    if not 1 <= n <= PREVIEW_MAX:
+        raise ApiError(422, f"must be between 1 and {PREVIEW_MAX}", field="n")
+    db: Database = request.app.state.db
+    async with db.connection() as conn:
+        now = await _db_now(conn)
+    return slots(cron.next_fire_times(expression, timezone, now, n), timezone)
+
+
+async def _visible(conn: Any, user: CurrentUser, name: str) -> schedules.Schedule:
+    """The schedule, if ``user`` may see it; 404 as for a missing one otherwise."""
+    row = await (await conn.execute(schedules.GET, (name,))).fetchone()
+    owner = owner_filter(user)
+    if row is None or (owner is not None and schedules.from_row(row).owner != owner):
+        raise ApiError(404, f"schedule {name!r} does not exist")
+    return schedules.from_row(row)
+
+
+@get("/schedules/{name:str}", summary="A schedule and its next 5 fire times", tags=["schedules"])
+async def show_schedule(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> ScheduleDetail:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        schedule = await _visible(conn, user, name)
+        now = await _db_now(conn)
+    return ScheduleDetail(schedule=schedule, next=slots(next_times(schedule, now), schedule.timezone))
+
+
+async def _pause(request: Request[Any, Any, Any], user: CurrentUser, name: str, paused: bool) -> schedules.Schedule:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        before = await _visible(conn, user, name)
+        after = await run_async(conn, schedules.op_set_paused(name, paused))
+        action = "schedule.pause" if paused else "schedule.resume"
+        audit = op_audit(audit_of(request, user), action, "schedule", after.id, summary(before), summary(after))
+        await run_async(conn, audit)
+    return after
+
+
+@post(
+    "/schedules/{name:str}/pause", status_code=200, summary="Pause a schedule", tags=["schedules"], opt=roles(*WRITERS)
+)
+async def pause_schedule(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> schedules.Schedule:
+    return await _pause(request, user, name, True)
+
+
+@post(
+    "/schedules/{name:str}/resume",
+    status_code=200,
+    summary="Resume a schedule (missed slots follow its misfire policy)",
+    tags=["schedules"],
+    opt=roles(*WRITERS),
+)
+async def resume_schedule(
+    request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]
+) -> schedules.Schedule:
+    return await _pause(request, user, name, False)
+
+
+@delete(
+    "/schedules/{name:str}",
+    status_code=204,
+    summary="Delete a schedule (its jobs stay)",
+    tags=["schedules"],
+    opt=roles(*WRITERS),
+)
+async def delete_schedule(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> None:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        before = await _visible(conn, user, name)
+        await run_async(conn, schedules.op_delete(name))
+        await run_async(
+            conn, op_audit(audit_of(request, user), "schedule.delete", "schedule", before.id, summary(before))
+        )

@@ -83,6 +83,7 @@ GRANT INSERT (name, task, args, cron, every, timezone, queue, priority, max_atte
               misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, source, options,
               enabled, updated_at, invalid_reason, next_run_at, paused)
     ON pgsched.schedules TO pgsched_api;
+GRANT DELETE ON pgsched.schedules TO pgsched_api;
 GRANT SELECT, INSERT ON pgsched.api_tokens TO pgsched_api;
 GRANT UPDATE (revoked_at, last_used_at) ON pgsched.api_tokens TO pgsched_api;
 GRANT SELECT, INSERT ON pgsched.audit_log TO pgsched_api;
@@ -135,6 +136,11 @@ CREATE POLICY schedules_api_change ON pgsched.schedules FOR UPDATE TO pgsched_ap
     WITH CHECK (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
                 OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
                     AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')));
+
+CREATE POLICY schedules_api_delete ON pgsched.schedules FOR DELETE TO pgsched_api
+    USING (pg_catalog.current_setting('pgsched.role', true) IN ('admin', 'operator')
+           OR (pg_catalog.current_setting('pgsched.role', true) = 'member'
+               AND owner = NULLIF(pg_catalog.current_setting('pgsched.owner', true), '')));
 
 -- ---------------------------------------------------------------------------
 -- pgsched.enqueue, as in version 10, except who "sees all": for the API's login, the role of

@@ -46,6 +46,11 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("GET", "/api/v1/tasks"): EVERY,
     ("GET", "/api/v1/schedules"): EVERY,
     ("POST", "/api/v1/schedules"): WRITERS,
+    ("GET", "/api/v1/schedules/preview"): EVERY,
+    ("GET", "/api/v1/schedules/{name:str}"): EVERY,
+    ("POST", "/api/v1/schedules/{name:str}/pause"): WRITERS,
+    ("POST", "/api/v1/schedules/{name:str}/resume"): WRITERS,
+    ("DELETE", "/api/v1/schedules/{name:str}"): WRITERS,
     ("GET", "/api/v1/users"): ADMINS,
     ("POST", "/api/v1/users"): ADMINS,
     ("PATCH", "/api/v1/users/{user_id:int}"): ADMINS,
@@ -58,7 +63,8 @@ BODIES = {
     ("POST", "/api/v1/jobs/batch"): {"jobs": [{"task": "noop"}, {"task": "report"}]},
 }
 
-# Objects in paths belong to alice; who else may reach them: admins and operators, for jobs.
+# Objects in paths belong to alice; who else may reach them: admins and operators, for jobs and
+# schedules.
 SEES_EVERY_JOB = {"root", "ops"}
 
 
@@ -87,6 +93,8 @@ def expected(key: tuple[str, str], user: str | None) -> str:
     path = key[1]
     if "{job_id" in path and user != "alice" and user not in SEES_EVERY_JOB:
         return "404"
+    if "/schedules/{name" in path and user != "alice" and user not in SEES_EVERY_JOB:
+        return "404"
     if "{token_id" in path and user != "alice":
         return "404"  # tokens are their user's only, whatever the role
     return "ok"
@@ -102,7 +110,16 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
             # A fresh token of alice's for each revocation, so her own token stays valid.
             token = client.post("/api/v1/tokens", json={"name": "target"}, headers=as_user("alice")).json()["id"]
             url = path.replace("{job_id:int}", str(job)).replace("{token_id:int}", str(token))
-            url = url.replace("{path:str}", "anything").replace("{name:str}", "default")
+            # And a fresh schedule of hers, as one route deletes it.
+            schedule = f"alices-{len(outcomes)}"
+            conn.execute(
+                "INSERT INTO pgsched.schedules (name, task, every, owner) VALUES (%s, 'noop', '1 hour', 'alice')",
+                (schedule,),
+            )
+            url = url.replace("{path:str}", "anything").replace("/queues/{name:str}", "/queues/default")
+            url = url.replace("/schedules/{name:str}", f"/schedules/{schedule}")
+            if path.endswith("/preview"):
+                url += "?cron=0+9+*+*+*&timezone=Europe/Paris"
             url = url.replace("{user_id:int}", "4")  # bob
             headers = as_user(user) if user else {}
             body = BODIES.get(key)

@@ -141,3 +141,50 @@ def test_schedule_row_level_security_holds_alone(
                 "INSERT INTO pgsched.schedules (name, task, every, owner) VALUES ('b', 'noop', '1 minute', 'alice')"
             )
     assert conn.execute("SELECT name, owner, paused FROM pgsched.schedules").fetchall() == [("a", "alice", False)]
+
+
+def test_schedule_show_pause_resume_delete(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    body = {"name": "nightly", "task": "report", "cron": "30 2 * * *", "timezone": "America/New_York"}
+    client.post("/api/v1/schedules", json=body, headers=as_user("alice"))
+    shown = client.get("/api/v1/schedules/nightly", headers=as_user("alice")).json()
+    assert shown["schedule"]["owner"] == "alice" and len(shown["next"]) == 5
+    utc = [s["utc"] for s in shown["next"]]
+    assert utc == sorted(utc) and all(s["local"].endswith(("-05:00", "-04:00")) for s in shown["next"])
+    assert all(s["local"][11:16] == "02:30" for s in shown["next"])
+    assert client.get("/api/v1/schedules/nightly", headers=as_user("bob")).status_code == 404
+
+    paused = client.post("/api/v1/schedules/nightly/pause", headers=as_user("alice"))
+    assert paused.status_code == 200 and paused.json()["paused"] is True
+    assert client.post("/api/v1/schedules/nightly/resume", headers=as_user("bob")).status_code == 404
+    assert conn.execute("SELECT paused FROM pgsched.schedules WHERE name = 'nightly'").fetchone() == (True,)
+    assert client.post("/api/v1/schedules/nightly/resume", headers=as_user("ops")).json()["paused"] is False
+    assert client.delete("/api/v1/schedules/nightly", headers=as_user("bob")).status_code == 404
+    assert client.delete("/api/v1/schedules/nightly", headers=as_user("vera")).status_code == 403
+    assert client.delete("/api/v1/schedules/nightly", headers=as_user("alice")).status_code == 204
+    assert conn.execute("SELECT count(*) FROM pgsched.schedules").fetchone() == (0,)
+    assert client.get("/api/v1/schedules/nightly", headers=as_user("alice")).status_code == 404
+    assert conn.execute(
+        "SELECT actor, action FROM pgsched.audit_log WHERE target_type = 'schedule' ORDER BY id"
+    ).fetchall() == [
+        ("alice", "schedule.create"),
+        ("alice", "schedule.pause"),
+        ("ops", "schedule.resume"),
+        ("alice", "schedule.delete"),
+    ]
+
+
+def test_cron_preview_marks_dst_changes(client: Any, as_user: Any) -> None:
+    params = {"cron": "0 12 * * 0", "timezone": "Europe/Paris", "n": 60}
+    slots = client.get("/api/v1/schedules/preview", params=params, headers=as_user("vera")).json()
+    assert len(slots) == 60 and all(s["local"][11:16] == "12:00" for s in slots)
+    # Over 60 weeks Paris changes its offset twice or three times; each change is marked on the first slot after it.
+    changes = [i for i, s in enumerate(slots) if s["offset_changed"]]
+    assert 2 <= len(changes) <= 3
+    for i in changes:
+        assert slots[i]["local"][-6:] != slots[i - 1]["local"][-6:]
+    bad = client.get("/api/v1/schedules/preview", params={"cron": "61 * * * *"}, headers=as_user("vera"))
+    assert bad.status_code == 422 and error(bad)["field"] == "cron"
+    bad = client.get(
+        "/api/v1/schedules/preview", params={"cron": "* * * * *", "timezone": "Nowhere/City"}, headers=as_user("vera")
+    )
+    assert bad.status_code == 422 and error(bad)["field"] == "timezone"
