@@ -81,7 +81,7 @@ def next_times(schedule: schedules.Schedule, now: datetime, n: int = 5) -> list[
 
 async def _db_now(conn: Any) -> datetime:
     row = await (await conn.execute("SELECT pgsched.now()")).fetchone()
-    return row[0]  # type: ignore[no-any-return]
+    return row[0]
 
 
 def summary(schedule: schedules.Schedule) -> dict[str, Any]:
