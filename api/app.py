@@ -117,6 +117,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             operations.list_queues,
             operations.pause_queue,
             operations.resume_queue,
+            operations.configure_queue,
             operations.list_workers,
             operations.list_tasks,
             schedules.list_schedules,

@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from litestar import Request, get, post
-from litestar.params import FromPath
+from litestar import Request, get, patch, post
+from litestar.params import FromPath, JSONBody
 
 from pgsched import queries as library_queries
 from pgsched import queues
@@ -65,6 +65,16 @@ class TaskInfo(msgspec.Struct):
     last_seen_at: datetime
 
 
+class QueueChange(msgspec.Struct, forbid_unknown_fields=True):
+    """Queue controls to change (as ``pgsched queues set``); null clears one, those left out stay."""
+
+    max_running: int | None | msgspec.UnsetType = msgspec.UNSET
+    rate: str | None | msgspec.UnsetType = msgspec.UNSET
+    max_per_key: int | None | msgspec.UnsetType = msgspec.UNSET
+    fair: bool | None | msgspec.UnsetType = msgspec.UNSET
+    encrypt: bool | None | msgspec.UnsetType = msgspec.UNSET
+
+
 CATALOG = "SELECT name, queue, options, parameters, description, last_seen_at FROM pgsched.tasks ORDER BY name"
 
 
@@ -76,12 +86,15 @@ async def list_queues(request: Request[Any, Any, Any], user: CurrentUser) -> lis
     return [QueueStats(*row[: len(QueueStats.__struct_fields__)]) for row in rows]
 
 
-async def _set_paused(request: Request[Any, Any, Any], user: CurrentUser, name: str, paused: bool) -> Any:
+async def _configure(
+    request: Request[Any, Any, Any], user: CurrentUser, name: str, changes: dict[str, Any], action: str
+) -> queues.QueueSettings:
+    """Change a queue through the library's ``op_configure`` (its checks), audited."""
     db: Database = request.app.state.db
     async with db.acting_for(user) as conn:
         before = await run_async(conn, queues.op_get(name))
-        after = await run_async(conn, queues.op_configure(name, {"paused": paused}, create=False))
-        action = "queue.pause" if paused else "queue.resume"
+        after = await run_async(conn, queues.op_configure(name, changes, create=False))
+        db.app.payloads.note(after)
         audit = op_audit(
             audit_of(request, user), action, "queue", name, msgspec.to_builtins(before), msgspec.to_builtins(after)
         )
@@ -97,7 +110,7 @@ async def _set_paused(request: Request[Any, Any, Any], user: CurrentUser, name: 
     opt=roles(*OPERATORS),
 )
 async def pause_queue(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> queues.QueueSettings:
-    return await _set_paused(request, user, name, True)
+    return await _configure(request, user, name, {"paused": True}, "queue.pause")
 
 
 @post(
@@ -108,7 +121,15 @@ async def pause_queue(request: Request[Any, Any, Any], user: CurrentUser, name: 
     opt=roles(*OPERATORS),
 )
 async def resume_queue(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> queues.QueueSettings:
-    return await _set_paused(request, user, name, False)
+    return await _configure(request, user, name, {"paused": False}, "queue.resume")
+
+
+@patch("/queues/{name:str}", summary="Change a queue's controls", tags=["queues"], opt=roles(*OPERATORS))
+async def configure_queue(
+    request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str], data: JSONBody[QueueChange]
+) -> queues.QueueSettings:
+    changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
+    return await _configure(request, user, name, changes, "queue.configure")
 
 
 @get("/workers", summary="Worker incarnations (worker_status)", tags=["workers"], opt=roles(*OPERATORS))

@@ -48,3 +48,6 @@ IDEMPOTENCY_GET = "SELECT request_hash, status, response FROM pgsched.api_idempo
 IDEMPOTENCY_PUT = """
 INSERT INTO pgsched.api_idempotency (user_id, key, request_hash, status, response) VALUES (%s, %s, %s, %s, %s::jsonb)
 """
+
+# The database clock (STYLE habit 2): what "now" is for previews and next fire times.
+DB_NOW = "SELECT pgsched.now()"

@@ -16,6 +16,7 @@ from pgsched.db import run_async
 from pgsched.errors import PermissionDenied
 from pgsched.validation import EXECUTOR_KINDS
 
+from . import queries
 from .access import WRITERS, CurrentUser, roles
 from .account import audit_of
 from .database import Database, owner_filter
@@ -80,7 +81,7 @@ def next_times(schedule: schedules.Schedule, now: datetime, n: int = 5) -> list[
 
 
 async def _db_now(conn: Any) -> datetime:
-    row = await (await conn.execute("SELECT pgsched.now()")).fetchone()
+    row = await (await conn.execute(queries.DB_NOW)).fetchone()
     return row[0]
 
 

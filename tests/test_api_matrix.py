@@ -42,6 +42,7 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("GET", "/api/v1/queues"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/pause"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
+    ("PATCH", "/api/v1/queues/{name:str}"): OPERATORS,
     ("GET", "/api/v1/workers"): OPERATORS,
     ("GET", "/api/v1/tasks"): EVERY,
     ("GET", "/api/v1/schedules"): EVERY,
@@ -61,6 +62,7 @@ BODIES = {
     ("POST", "/api/v1/tokens"): {"name": "matrix"},
     ("POST", "/api/v1/jobs"): {"task": "noop"},
     ("POST", "/api/v1/jobs/batch"): {"jobs": [{"task": "noop"}, {"task": "report"}]},
+    ("PATCH", "/api/v1/queues/{name:str}"): {"max_running": 3},
 }
 
 # Objects in paths belong to alice; who else may reach them: admins and operators, for jobs and

@@ -188,3 +188,25 @@ def test_cron_preview_marks_dst_changes(client: Any, as_user: Any) -> None:
         "/api/v1/schedules/preview", params={"cron": "* * * * *", "timezone": "Nowhere/City"}, headers=as_user("vera")
     )
     assert bad.status_code == 422 and error(bad)["field"] == "timezone"
+
+
+def test_queue_controls_through_the_librarys_checks(
+    client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]
+) -> None:
+    app.enqueue("noop", queue="reports")
+    changed = client.patch(
+        "/api/v1/queues/reports", json={"max_running": 2, "rate": "10/minute"}, headers=as_user("ops")
+    )
+    assert changed.status_code == 200
+    assert (changed.json()["max_running"], changed.json()["rate"], changed.json()["fair"]) == (2, "10/minute", False)
+    cleared = client.patch("/api/v1/queues/reports", json={"rate": None, "fair": True}, headers=as_user("ops")).json()
+    assert (cleared["max_running"], cleared["rate"], cleared["fair"]) == (2, None, True)  # max_running stays
+    assert app.queue_settings("reports").fair is True
+    for body, field in (({"max_running": 0}, "max_running"), ({"rate": "lots"}, "rate"), ({"paused": True}, "paused")):
+        response = client.patch("/api/v1/queues/reports", json=body, headers=as_user("ops"))
+        assert response.status_code == 422 and error(response)["field"] == field, response.json()
+    assert client.patch("/api/v1/queues/reports", json={"max_running": 1}, headers=as_user("alice")).status_code == 403
+    assert app.queue_settings("reports").max_running == 2
+    assert conn.execute(
+        "SELECT after ->> 'max_running', after ->> 'rate' FROM pgsched.audit_log WHERE action = 'queue.configure' ORDER BY id"
+    ).fetchall() == [("2", "10/minute"), ("2", None)]
