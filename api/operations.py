@@ -68,11 +68,11 @@ class TaskInfo(msgspec.Struct):
 class QueueChange(msgspec.Struct, forbid_unknown_fields=True):
     """Queue controls to change (as ``pgsched queues set``); null clears one, those left out stay."""
 
-    max_running: int | None | msgspec.UnsetType = msgspec.UNSET
-    rate: str | None | msgspec.UnsetType = msgspec.UNSET
-    max_per_key: int | None | msgspec.UnsetType = msgspec.UNSET
-    fair: bool | None | msgspec.UnsetType = msgspec.UNSET
-    encrypt: bool | None | msgspec.UnsetType = msgspec.UNSET
+    max_running: int | msgspec.UnsetType | None = msgspec.UNSET
+    rate: str | msgspec.UnsetType | None = msgspec.UNSET
+    max_per_key: int | msgspec.UnsetType | None = msgspec.UNSET
+    fair: bool | msgspec.UnsetType | None = msgspec.UNSET
+    encrypt: bool | msgspec.UnsetType | None = msgspec.UNSET
 
 
 CATALOG = "SELECT name, queue, options, parameters, description, last_seen_at FROM pgsched.tasks ORDER BY name"
