@@ -4,6 +4,7 @@ its access from the command line."""
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import click
@@ -67,9 +68,15 @@ def create_token(settings: Settings, user: str, name: str) -> None:
     help="Development: start with no admin (creates one and prints a one-time token), and accept a database "
     "login that bypasses row-level security (dropping to pgsched_api).",
 )
+@click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS with this certificate (PEM)."
+)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="The certificate's private key (PEM).")
 @with_settings("api_dsn", "encryption_keys")
-def api(settings: Settings, host: str, port: int, dev: bool) -> None:
+def api(settings: Settings, host: str, port: int, dev: bool, tls_cert: str | None, tls_key: str | None) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs) with uvicorn."""
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     uvicorn = require("uvicorn", "api", "pgsched api")
     require("litestar", "api", "pgsched api")
     dsn = resolve_dsn(settings, stop_on_exit=True)
@@ -87,10 +94,20 @@ def api(settings: Settings, host: str, port: int, dev: bool) -> None:
             "`pgsched tokens create NAME`, or start with --dev"
         )
     app = importlib.import_module("pgsched.api").create_app(settings, dev=dev)
-    click.echo(f"pgsched api on http://{host}:{port}/api/v1 (docs: http://{host}:{port}/api/v1/docs)")
+    base = f"{'https' if tls_cert else 'http'}://{host}:{port}/api/v1"
+    click.echo(f"pgsched api on {base} (docs: {base}/docs)")
     if token:
         click.echo(f"  dev token (shown once): {token}")
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), server_header=False)
+    sys.stdout.flush()
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        server_header=False,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
 
 
 def _dev_token(dsn: str, has_admin: bool) -> str:

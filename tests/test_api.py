@@ -174,3 +174,12 @@ def test_repeated_failures_from_one_client_are_rate_limited(client: Any, tokens:
     assert client.get("/api/v1/me", headers=good).headers["retry-after"] == "30"
     now[0] += 30
     assert client.get("/api/v1/me", headers=good).status_code == 200
+
+
+def test_cors_is_off(client: Any, as_user: Any) -> None:
+    """No cross-origin access unless configured: browsers on other sites cannot call the API."""
+    origin = {"Origin": "https://evil.example"}
+    preflight = client.options("/api/v1/jobs", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    response = client.get("/api/v1/me", headers={**as_user("alice"), **origin})
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers

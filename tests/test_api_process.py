@@ -124,3 +124,45 @@ def test_dev_mode_starts_without_an_admin_and_prints_a_token(serve: Any, cli_env
 def test_bad_port_is_one_line(cli_env: dict[str, str]) -> None:
     result = pgsched(cli_env, "api", "--port", "70000")
     assert result.returncode == 2 and "70000" in result.stderr
+
+
+def test_tls(cli_env: dict[str, str], api_dsn: str, serve: Any, conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    """--tls-cert and --tls-key serve HTTPS (a self-signed certificate for 127.0.0.1)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    assert pgsched(cli_env, "api", "--tls-cert", str(cert_file)).returncode == 2  # one without the other
+    pgsched(cli_env, "users", "create", "--admin", "root")
+    env = {**cli_env, "PGSCHED_API_DSN": api_dsn}
+    process, base, out = serve("--tls-cert", str(cert_file), "--tls-key", str(key_file), env=env)
+    secure = base.replace("http://", "https://")
+
+    def answers() -> bool:
+        assert process.poll() is None, out.read_text()
+        try:
+            return httpx.get(f"{secure}/healthz", verify=str(cert_file), timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(answers, timeout=30, message="pgsched api answering over HTTPS")
+    assert f"pgsched api on {secure}/api/v1" in out.read_text()
