@@ -137,11 +137,28 @@ async def list_jobs(
     job_state: Annotated[str | None, QueryParameter(name="state", description=f"One of {', '.join(STATES)}")] = None,
     queue: FromQuery[str | None] = None,
     task: FromQuery[str | None] = None,
+    owner: Annotated[str | None, QueryParameter(description="Only this owner's jobs (admins and operators)")] = None,
+    search: Annotated[str | None, QueryParameter(description="Task names containing this text")] = None,
+    created_after: FromQuery[datetime | None] = None,
+    created_before: FromQuery[datetime | None] = None,
+    finished_after: FromQuery[datetime | None] = None,
+    finished_before: FromQuery[datetime | None] = None,
     cursor: FromQuery[str | None] = None,
     limit: Annotated[int, QueryParameter(description=f"Jobs per page, at most {MAX_PAGE} (larger is clamped)")] = 50,
 ) -> JobPage:
     if job_state is not None and job_state not in STATES:
         raise ApiError(422, f"must be one of {', '.join(STATES)}", field="state")
+    instants = {
+        "created_after": created_after,
+        "created_before": created_before,
+        "finished_after": finished_after,
+        "finished_before": finished_before,
+    }
+    for name, value in instants.items():
+        if value is not None and value.utcoffset() is None:
+            raise ApiError(422, "must be an ISO 8601 date and time with a UTC offset", field=name)
+    if owner is not None and owner_filter(user) is not None:
+        raise ApiError(403, "only admins and operators filter by owner", field="owner")
     before = None
     if cursor is not None:
         if not cursor.isdigit() or len(cursor) > 19:
@@ -153,6 +170,10 @@ async def list_jobs(
         "state": job_state,
         "queue": queue,
         "task": task,
+        "owner_param": owner,
+        # LIKE's wildcards in the text are matched as themselves.
+        "search": search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") if search else None,
+        **instants,
         "before": before,
         "limit": limit + 1,
     }

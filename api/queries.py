@@ -22,7 +22,8 @@ FROM pg_roles r, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE r.rolname = current_user AND n.nspname = 'pgsched' AND c.relname = 'jobs'
 """
 
-# Newest first by primary key, one page after a cursor (the last id of the previous page).
+# Newest first by primary key, one page after a cursor (the last id of the previous page): a
+# backward scan of the primary key, stopped by LIMIT, whatever the filters (no count is taken).
 # The owner filter is the first line of isolation, row-level security the second.
 LIST_JOBS = f"""
 SELECT {JOB_COLUMNS} FROM pgsched.jobs
@@ -30,6 +31,12 @@ WHERE (%(owner)s::text IS NULL OR owner = %(owner)s)
   AND (%(state)s::text IS NULL OR state = %(state)s)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(owner_param)s::text IS NULL OR owner = %(owner_param)s)
+  AND (%(search)s::text IS NULL OR task ILIKE '%%' || %(search)s || '%%')
+  AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
+  AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
+  AND (%(finished_after)s::timestamptz IS NULL OR finished_at >= %(finished_after)s)
+  AND (%(finished_before)s::timestamptz IS NULL OR finished_at < %(finished_before)s)
   AND (%(before)s::bigint IS NULL OR id < %(before)s)
 ORDER BY id DESC
 LIMIT %(limit)s

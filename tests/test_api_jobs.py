@@ -317,3 +317,30 @@ def test_retrigger_makes_a_new_job_of_the_same_definition(
     assert conn.execute(
         "SELECT actor, target_id, after ->> 'from' FROM pgsched.audit_log WHERE action = 'job.retrigger'"
     ).fetchall() == [("ops", str(job["id"]), str(first["id"]))]
+
+
+def test_list_filters_by_owner_time_and_task_search(
+    client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]
+) -> None:
+    old = app.enqueue("noop", owner="alice")
+    conn.execute("UPDATE pgsched.jobs SET created_at = created_at - interval '2 days' WHERE id = %s", (old.id,))
+    new = app.enqueue("report", owner="alice")
+    bobs = app.enqueue("noop", owner="bob")
+    app.cancel(new.id)
+    theirs = client.get("/api/v1/jobs", params={"owner": "bob"}, headers=as_user("ops")).json()["jobs"]
+    assert [j["id"] for j in theirs] == [bobs.id]
+    refused = client.get("/api/v1/jobs", params={"owner": "bob"}, headers=as_user("alice"))
+    assert refused.status_code == 403 and error(refused)["field"] == "owner"
+    since = conn.execute("SELECT now() - interval '1 day'").fetchone()[0].isoformat()
+    recent = client.get("/api/v1/jobs", params={"created_after": since}, headers=as_user("alice")).json()["jobs"]
+    assert [j["id"] for j in recent] == [new.id]
+    older = client.get("/api/v1/jobs", params={"created_before": since}, headers=as_user("alice")).json()["jobs"]
+    assert [j["id"] for j in older] == [old.id]
+    finished = client.get("/api/v1/jobs", params={"finished_after": since}, headers=as_user("alice")).json()["jobs"]
+    assert [j["id"] for j in finished] == [new.id]
+    found = client.get("/api/v1/jobs", params={"search": "epo"}, headers=as_user("alice")).json()["jobs"]
+    assert [j["task"] for j in found] == ["report"]
+    wildcard = client.get("/api/v1/jobs", params={"search": "%"}, headers=as_user("alice")).json()["jobs"]
+    assert wildcard == []  # a literal %, not "anything"
+    naive = client.get("/api/v1/jobs", params={"created_after": "2026-01-01T00:00:00"}, headers=as_user("alice"))
+    assert naive.status_code == 422 and error(naive)["field"] == "created_after"
