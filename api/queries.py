@@ -58,3 +58,6 @@ INSERT INTO pgsched.api_idempotency (user_id, key, request_hash, status, respons
 
 # The database clock (STYLE habit 2): what "now" is for previews and next fire times.
 DB_NOW = "SELECT pgsched.now()"
+
+# Whether the user may see a job, without locking it (reads).
+JOB_SEEN = "SELECT task, queue FROM pgsched.jobs WHERE id = %s AND (%s::text IS NULL OR owner = %s)"

@@ -15,10 +15,10 @@ from . import queries
 from .cli import JSON_FLAG, _cell, connect, jobs, main, print_json, print_table, with_settings
 from .client import App
 from .config import Settings
-from .crypto import Keyring, is_envelope
 from .display import duration, error_summary, progress_bar
-from .errors import EncryptionError, JobNotFound
+from .errors import JobNotFound
 from .jobs import TERMINAL_STATES, Job
+from .payloads import readable_text as readable
 
 # Lines of the log `jobs show` prints (the end of it); `jobs logs` prints them all.
 SHOW_LOG_LINES = 50
@@ -29,19 +29,6 @@ FOLLOW_POLL_SECONDS = 0.5
 def short_id(worker: Any) -> str:
     """The first 8 hex digits of a worker incarnation's id: what `pgsched workers` lists."""
     return str(worker)[:8] if worker else ""
-
-
-def readable(text: str | None, field: str, scope: tuple[str, str], keyring: Keyring | None) -> str | None:
-    """A text column of an encrypted job (``scope``: its task and queue), decrypted with the
-    configured keys (PGSCHED_ENCRYPTION_KEYS), else "(encrypted)"."""
-    if text is None or not is_envelope(text):
-        return text
-    if keyring is not None:
-        try:
-            return keyring.decrypt_text(text, field, scope)
-        except EncryptionError:
-            pass
-    return "(encrypted)"
 
 
 def from_start(job_id: int, attempt: int | None) -> dict[str, Any]:

@@ -344,3 +344,32 @@ def test_list_filters_by_owner_time_and_task_search(
     assert wildcard == []  # a literal %, not "anything"
     naive = client.get("/api/v1/jobs", params={"created_after": "2026-01-01T00:00:00"}, headers=as_user("alice"))
     assert naive.status_code == 422 and error(naive)["field"] == "created_after"
+
+
+def test_logs_paged_and_followed(client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]) -> None:
+    job = app.enqueue("noop", owner="alice")
+
+    def log(*messages: str) -> None:
+        for message in messages:
+            conn.execute(
+                "INSERT INTO pgsched.run_logs (job_id, attempt, stream, message) VALUES (%s, 1, 'stdout', %s)",
+                (job.id, message),
+            )
+
+    log("one", "two", "three")
+    url = f"/api/v1/jobs/{job.id}/logs"
+    first = client.get(url, params={"limit": 2}, headers=as_user("alice")).json()
+    assert [line["message"] for line in first["lines"]] == ["one", "two"]
+    rest = client.get(url, params={"cursor": first["next_cursor"]}, headers=as_user("alice")).json()
+    assert [line["message"] for line in rest["lines"]] == ["three"]
+    # Following a running job: nothing new yet, the same cursor back; then the new lines only.
+    idle = client.get(url, params={"cursor": rest["next_cursor"]}, headers=as_user("alice")).json()
+    assert idle == {"lines": [], "next_cursor": rest["next_cursor"]}
+    log("four")
+    assert [
+        line["message"]
+        for line in client.get(url, params={"cursor": idle["next_cursor"]}, headers=as_user("alice")).json()["lines"]
+    ] == ["four"]
+    assert client.get(url, headers=as_user("bob")).status_code == 404
+    bad = client.get(url, params={"cursor": "nonsense"}, headers=as_user("alice"))
+    assert bad.status_code == 422 and error(bad)["field"] == "cursor"

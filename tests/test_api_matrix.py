@@ -39,6 +39,7 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/jobs/{job_id:int}/retry"): WRITERS,
     ("POST", "/api/v1/jobs/batch"): WRITERS,
     ("POST", "/api/v1/jobs/{job_id:int}/retrigger"): WRITERS,
+    ("GET", "/api/v1/jobs/{job_id:int}/logs"): EVERY,
     ("GET", "/api/v1/queues"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/pause"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
