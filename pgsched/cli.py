@@ -224,10 +224,17 @@ def migrate(settings: Settings) -> None:
 
 
 @main.command()
+@click.option(
+    "--api-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the REST API on 127.0.0.1 (development mode: a dev admin and its token); 0: no API.",
+)
 @with_settings(
     "app", "queues", "concurrency", "prefetch", "lease_seconds", "allow_shell", "allow_private_http", "encryption_keys"
 )
-def up(settings: Settings) -> None:
+def up(settings: Settings, api_port: int) -> None:
     """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set), migrations and a worker.
 
     Stays in the foreground until Ctrl-C / SIGTERM; then the worker finishes
@@ -247,6 +254,11 @@ def up(settings: Settings) -> None:
         queues = ",".join(dict.fromkeys(["default", *(t.defaults.queue for t in app.tasks.values())]))
         app.settings = msgspec.structs.replace(app.settings, queues=queues)
     app.open()
+    api = None
+    if api_port:
+        from .cli_api import start_dev_api
+
+        api = start_dev_api(msgspec.structs.replace(settings, dsn=dsn), "127.0.0.1", api_port)
     click.echo(f"pgsched is up on the {where}")
     # Never the password: this goes to terminals and service logs.
     click.echo(f"  database:   {masked_dsn(dsn)}")
@@ -254,10 +266,22 @@ def up(settings: Settings) -> None:
     click.echo(f"  tasks:      {', '.join(sorted(app.tasks)) or '(none: pass --app module:app)'}")
     click.echo(f"  worker:     queues {app.settings.queues}, concurrency {app.settings.concurrency}")
     click.echo(f"  psql:       psql '{masked_dsn(dsn)}'")
-    click.echo("  running:    database, migrations, worker, scheduler (Ctrl-C stops)")
+    if isinstance(api, str):
+        click.echo(f"  api:        not started: {api}")
+    elif api is not None:
+        click.echo(f"  api:        {api.url} (docs: {api.url}/docs; dev token, shown once: {api.token})")
+    click.echo(
+        "  running:    database, migrations, worker, scheduler"
+        + (", api" if api and not isinstance(api, str) else "")
+        + " (Ctrl-C stops)"
+    )
     sys.stdout.flush()
     app.settings = msgspec.structs.replace(app.settings, with_scheduler=True)
-    app._run_worker_in_own_loop(app.settings, stopped=stop)
+    try:
+        app._run_worker_in_own_loop(app.settings, stopped=stop)
+    finally:
+        if api is not None and not isinstance(api, str):
+            api.stop()
     app.close()
     click.echo("pgsched stopped")
 

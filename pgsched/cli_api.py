@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
+import time
 from typing import Any
 
 import click
@@ -15,6 +17,7 @@ from .accounts import Audit
 from .cli import connect, main, with_settings
 from .config import Settings, replace_settings
 from .db import configure_adapters, resolve_dsn, run
+from .errors import ConfigError
 from .extras import require
 
 DEV_ADMIN = "dev"
@@ -110,7 +113,7 @@ def api(settings: Settings, host: str, port: int, dev: bool, tls_cert: str | Non
     )
 
 
-def _dev_token(dsn: str, has_admin: bool) -> str:
+def _dev_token(dsn: str, has_admin: bool = True) -> str:
     """A fresh token of the dev admin (created when no admin exists), through the privileged DSN."""
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
         audit = _audit(conn)
@@ -120,3 +123,42 @@ def _dev_token(dsn: str, has_admin: bool) -> str:
             user = run(conn, accounts.op_create_user(audit, DEV_ADMIN, "admin"))
         _, secret = run(conn, accounts.op_create_token(audit, user, "dev"))
     return secret
+
+
+class DevApi:
+    """The REST API served in a thread of ``pgsched up``, in development mode (``--dev``)."""
+
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
+        uvicorn = require("uvicorn", "api", "the REST API")
+        require("litestar", "api", "the REST API")
+        assert settings.dsn is not None
+        self.token = _dev_token(settings.dsn, has_admin=True)
+        app = importlib.import_module("pgsched.api").create_app(settings, dev=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False)
+        self.server = uvicorn.Server(config)
+        self.url = f"http://{host}:{port}/api/v1"
+        # uvicorn installs no signal handler outside the main thread: up's own handlers stop it.
+        self.thread = threading.Thread(target=self.server.run, name="pgsched-api", daemon=True)
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Serve; ConfigError when it cannot (the port is taken, most often)."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"the REST API did not start on {self.url} (is the port in use? --api-port)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_dev_api(settings: Settings, host: str, port: int) -> DevApi | str:
+    """The API of ``pgsched up``, started; or why it is not (one line for the terminal)."""
+    try:
+        api = DevApi(settings, host, port)
+        api.start()
+    except ConfigError as exc:
+        return str(exc)
+    return api

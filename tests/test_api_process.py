@@ -166,3 +166,39 @@ def test_tls(cli_env: dict[str, str], api_dsn: str, serve: Any, conn: psycopg.Co
 
     wait_until(answers, timeout=30, message="pgsched api answering over HTTPS")
     assert f"pgsched api on {secure}/api/v1" in out.read_text()
+
+
+def test_up_serves_the_api_in_development_mode(cli_env: dict[str, str], tmp_path: Path) -> None:
+    from .processes import PgschedProcess
+
+    port = free_port()
+    up = PgschedProcess(["up", "--api-port", str(port)], cli_env, tmp_path)
+    try:
+        wait_until(lambda: "running:" in up.stdout() or up.process.poll() is not None, timeout=60, message="up")
+        up.check_alive()
+        line = next(line for line in up.stdout().splitlines() if line.strip().startswith("api:"))
+        assert f"http://127.0.0.1:{port}/api/v1" in line
+        token = line.rsplit(" ", 1)[-1].rstrip(")")
+        me = httpx.get(f"http://127.0.0.1:{port}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert me.json()["username"] == "dev" and me.json()["role"] == "admin"
+        assert "worker, scheduler, api" in up.stdout()
+    finally:
+        up.signal(signal.SIGTERM)
+        assert up.wait(30) == 0, up.stderr()
+    with pytest.raises(httpx.TransportError):  # stopped with the rest
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+    # A port in use: up says so and runs without the API.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        (tmp_path / "again").mkdir()
+        up = PgschedProcess(["up", "--api-port", str(busy)], cli_env, tmp_path / "again")
+        try:
+            wait_until(lambda: "running:" in up.stdout() or up.process.poll() is not None, timeout=60, message="up")
+            up.check_alive()
+            assert "api:        not started" in up.stdout() and "worker, scheduler (Ctrl-C" in up.stdout()
+        finally:
+            up.signal(signal.SIGTERM)
+            assert up.wait(30) == 0, up.stderr()
