@@ -61,3 +61,22 @@ DB_NOW = "SELECT pgsched.now()"
 
 # Whether the user may see a job, without locking it (reads).
 JOB_SEEN = "SELECT task, queue FROM pgsched.jobs WHERE id = %s AND (%s::text IS NULL OR owner = %s)"
+
+# Bulk cancel and retry: the jobs a filter selects, in states the action applies to, one batch at
+# a time (newest first, below the previous batch), locked for the change that follows.
+_BULK_FILTER = """
+FROM pgsched.jobs
+WHERE (%(owner)s::text IS NULL OR owner = %(owner)s)
+  AND state = ANY(%(states)s::text[])
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(owner_param)s::text IS NULL OR owner = %(owner_param)s)
+"""
+BULK_COUNT = "SELECT count(*) " + _BULK_FILTER
+BULK_BATCH = (
+    "SELECT id "
+    + _BULK_FILTER
+    + "  AND (%(below)s::bigint IS NULL OR id < %(below)s) ORDER BY id DESC LIMIT %(batch)s FOR NO KEY UPDATE"
+)
+BULK_CANCEL = "SELECT c.id FROM unnest(%s::bigint[]) AS i(id), LATERAL pgsched.cancel(i.id, %s) AS c"
+BULK_RETRY = "SELECT r.id FROM unnest(%s::bigint[]) AS i(id), LATERAL pgsched.retry(i.id) AS r"

@@ -373,3 +373,31 @@ def test_logs_paged_and_followed(client: Any, as_user: Any, app: Any, conn: psyc
     assert client.get(url, headers=as_user("bob")).status_code == 404
     bad = client.get(url, params={"cursor": "nonsense"}, headers=as_user("alice"))
     assert bad.status_code == 422 and error(bad)["field"] == "cursor"
+
+
+def test_bulk_cancel_and_retry_by_filter_in_batches(
+    client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsched.api import bulk
+
+    monkeypatch.setattr(bulk, "BATCH", 3)
+    alices = app.enqueue_many([{"task": "noop", "owner": "alice", "queue": "q"} for _ in range(7)])
+    other_queue = app.enqueue("noop", owner="alice", queue="elsewhere").id
+    bobs = app.enqueue("noop", owner="bob", queue="q").id
+    dry = client.post("/api/v1/jobs/cancel", json={"queue": "q", "dry_run": True}, headers=as_user("alice")).json()
+    assert dry == {"count": 7, "batches": 0, "dry_run": True}
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'cancelled'").fetchone() == (0,)
+    done = client.post("/api/v1/jobs/cancel", json={"queue": "q"}, headers=as_user("alice")).json()
+    assert done == {"count": 7, "batches": 3, "dry_run": False}
+    states = dict(conn.execute("SELECT id, state FROM pgsched.jobs").fetchall())
+    assert all(states[i] == "cancelled" for i in alices)
+    assert states[other_queue] == "queued" and states[bobs] == "queued"  # another queue; another owner
+    audited = conn.execute(
+        "SELECT jsonb_array_length(after -> 'ids') FROM pgsched.audit_log WHERE action = 'job.cancel_many' ORDER BY id"
+    ).fetchall()
+    assert audited == [(3,), (3,), (1,)]
+    retried = client.post("/api/v1/jobs/retry", json={"queue": "q"}, headers=as_user("ops")).json()
+    assert retried["count"] == 7
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'queued'").fetchone() == (9,)
+    refused = client.post("/api/v1/jobs/cancel", json={"owner": "bob"}, headers=as_user("alice"))
+    assert refused.status_code == 403 and error(refused)["field"] == "owner"

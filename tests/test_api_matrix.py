@@ -40,6 +40,8 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/jobs/batch"): WRITERS,
     ("POST", "/api/v1/jobs/{job_id:int}/retrigger"): WRITERS,
     ("GET", "/api/v1/jobs/{job_id:int}/logs"): EVERY,
+    ("POST", "/api/v1/jobs/cancel"): WRITERS,
+    ("POST", "/api/v1/jobs/retry"): WRITERS,
     ("GET", "/api/v1/queues"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/pause"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
@@ -64,6 +66,8 @@ BODIES = {
     ("POST", "/api/v1/jobs"): {"task": "noop"},
     ("POST", "/api/v1/jobs/batch"): {"jobs": [{"task": "noop"}, {"task": "report"}]},
     ("PATCH", "/api/v1/queues/{name:str}"): {"max_running": 3},
+    ("POST", "/api/v1/jobs/cancel"): {"dry_run": True},
+    ("POST", "/api/v1/jobs/retry"): {"dry_run": True},
 }
 
 # Objects in paths belong to alice; who else may reach them: admins and operators, for jobs and
