@@ -130,6 +130,8 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             schedules.pause_schedule,
             schedules.resume_schedule,
             schedules.delete_schedule,
+            schedules.trigger_schedule,
+            schedules.update_schedule,
             admin.list_users,
             admin.create_user,
             admin.update_user,

@@ -7,13 +7,14 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Request, delete, get, patch, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from pgsched import cron, schedules
 from pgsched.accounts import op_audit
 from pgsched.db import run_async
 from pgsched.errors import PermissionDenied
+from pgsched.jobs import Job
 from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
@@ -42,6 +43,45 @@ class ScheduleCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     jitter_seconds: int = 0
     start_at: datetime | None = None
     end_at: datetime | None = None
+
+
+class ScheduleChange(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields of a schedule to change; those left out stay. Giving ``cron`` drops ``every`` and
+    the other way round. Its name, task and owner do not change."""
+
+    args: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    cron: str | msgspec.UnsetType = msgspec.UNSET
+    every: float | msgspec.UnsetType = msgspec.UNSET
+    timezone: str | msgspec.UnsetType = msgspec.UNSET
+    queue: str | msgspec.UnsetType = msgspec.UNSET
+    priority: int | msgspec.UnsetType = msgspec.UNSET
+    max_attempts: int | msgspec.UnsetType | None = msgspec.UNSET
+    timeout: float | msgspec.UnsetType | None = msgspec.UNSET
+    misfire: str | msgspec.UnsetType = msgspec.UNSET
+    overlap: str | msgspec.UnsetType = msgspec.UNSET
+    jitter_seconds: int | msgspec.UnsetType = msgspec.UNSET
+    start_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
+    end_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
+
+
+# The fields of a stored schedule that App.add_schedule takes back.
+_KEPT = (
+    "args",
+    "cron",
+    "every",
+    "timezone",
+    "queue",
+    "priority",
+    "max_attempts",
+    "timeout",
+    "misfire",
+    "overlap",
+    "jitter_seconds",
+    "start_at",
+    "end_at",
+    "catch_up_window",
+    "owner",
+)
 
 
 class Slot(msgspec.Struct):
@@ -212,3 +252,51 @@ async def delete_schedule(request: Request[Any, Any, Any], user: CurrentUser, na
         await run_async(
             conn, op_audit(audit_of(request, user), "schedule.delete", "schedule", before.id, summary(before))
         )
+
+
+@post(
+    "/schedules/{name:str}/trigger",
+    status_code=201,
+    summary="Run the schedule's job now (its timetable stays)",
+    tags=["schedules"],
+    opt=roles(*WRITERS),
+)
+async def trigger_schedule(request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str]) -> Job:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        schedule = await _visible(conn, user, name)
+        if schedule.task in EXECUTOR_KINDS and not user.may_create_commands:
+            raise ApiError(403, f"{user.username!r} may not create {schedule.task} jobs", field="task")
+        job = await db.app.get_async(await run_async(conn, schedules.op_trigger(name)), connection=conn)
+        after = {"job": job.id, **summary(schedule)}
+        await run_async(
+            conn, op_audit(audit_of(request, user), "schedule.trigger", "schedule", schedule.id, after=after)
+        )
+    return job
+
+
+@patch(
+    "/schedules/{name:str}",
+    summary="Change a schedule's timetable or job options",
+    tags=["schedules"],
+    opt=roles(*WRITERS),
+)
+async def update_schedule(
+    request: Request[Any, Any, Any], user: CurrentUser, name: FromPath[str], data: JSONBody[ScheduleChange]
+) -> schedules.Schedule:
+    changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        before = await _visible(conn, user, name)
+        fields = {field: getattr(before, field) for field in _KEPT}
+        if "cron" in changes:
+            fields["every"] = None
+        if "every" in changes:
+            fields["cron"] = None
+        fields.update(changes)
+        after = await db.app.add_schedule_async(name, before.task, connection=conn, source="api", **fields)
+        audit = op_audit(
+            audit_of(request, user), "schedule.update", "schedule", after.id, summary(before), summary(after)
+        )
+        await run_async(conn, audit)
+    return after

@@ -59,10 +59,11 @@ GRANT SELECT ON pgsched.jobs, pgsched.job_deps, pgsched.runs, pgsched.run_logs, 
     TO pgsched_api;
 GRANT UPDATE (state, error, finished_at, run_at, max_attempts, cancel_requested_at, worker_id)
     ON pgsched.jobs TO pgsched_api;
--- Batches go in as App.enqueue_many writes them (ids allocated ahead, one INSERT), for the
--- user's own owner (jobs_api_insert).
+-- Batches go in as App.enqueue_many writes them (ids allocated ahead, one INSERT), and a
+-- schedule's job triggered now as App.trigger_schedule writes it, for the user's own owner
+-- (jobs_api_insert).
 GRANT INSERT (id, task, args, queue, priority, run_at, max_attempts, timeout_seconds, dedupe_key, owner,
-              concurrency_key, run_on_upstream_failure)
+              concurrency_key, run_on_upstream_failure, schedule_id)
     ON pgsched.jobs TO pgsched_api;
 GRANT USAGE ON SEQUENCE pgsched.jobs_id_seq TO pgsched_api;
 -- User management (admins only: the API checks the role).

@@ -55,6 +55,8 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/schedules/{name:str}/pause"): WRITERS,
     ("POST", "/api/v1/schedules/{name:str}/resume"): WRITERS,
     ("DELETE", "/api/v1/schedules/{name:str}"): WRITERS,
+    ("POST", "/api/v1/schedules/{name:str}/trigger"): WRITERS,
+    ("PATCH", "/api/v1/schedules/{name:str}"): WRITERS,
     ("GET", "/api/v1/users"): ADMINS,
     ("POST", "/api/v1/users"): ADMINS,
     ("PATCH", "/api/v1/users/{user_id:int}"): ADMINS,
@@ -67,6 +69,7 @@ BODIES = {
     ("POST", "/api/v1/jobs/batch"): {"jobs": [{"task": "noop"}, {"task": "report"}]},
     ("PATCH", "/api/v1/queues/{name:str}"): {"max_running": 3},
     ("POST", "/api/v1/jobs/cancel"): {"dry_run": True},
+    ("PATCH", "/api/v1/schedules/{name:str}"): {"every": 120},
     ("POST", "/api/v1/jobs/retry"): {"dry_run": True},
 }
 

@@ -210,3 +210,38 @@ def test_queue_controls_through_the_librarys_checks(
     assert conn.execute(
         "SELECT after ->> 'max_running', after ->> 'rate' FROM pgsched.audit_log WHERE action = 'queue.configure' ORDER BY id"
     ).fetchall() == [("2", "10/minute"), ("2", None)]
+
+
+def test_schedule_update_and_trigger(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
+    body = {"name": "nightly", "task": "report", "cron": "30 2 * * *", "args": {"day": "today"}, "priority": 3}
+    client.post("/api/v1/schedules", json=body, headers=as_user("alice"))
+    client.post("/api/v1/schedules/nightly/pause", headers=as_user("alice"))
+    changed = client.patch("/api/v1/schedules/nightly", json={"every": 3600, "priority": 5}, headers=as_user("alice"))
+    assert changed.status_code == 200, changed.json()
+    schedule = changed.json()
+    assert (schedule["cron"], schedule["every"], schedule["priority"], schedule["args"]) == (
+        None,
+        "PT3600S",
+        5,
+        {"day": "today"},
+    )
+    assert (schedule["owner"], schedule["task"], schedule["paused"]) == ("alice", "report", True)  # kept
+    bad = client.patch("/api/v1/schedules/nightly", json={"cron": "99 * * * *"}, headers=as_user("alice"))
+    assert bad.status_code == 422 and error(bad)["field"] == "cron"
+    renamed = client.patch("/api/v1/schedules/nightly", json={"owner": "bob"}, headers=as_user("alice"))
+    assert renamed.status_code == 422 and error(renamed)["field"] == "owner"
+    assert client.patch("/api/v1/schedules/nightly", json={"priority": 1}, headers=as_user("bob")).status_code == 404
+    assert conn.execute("SELECT priority, owner FROM pgsched.schedules").fetchone() == (5, "alice")
+
+    triggered = client.post("/api/v1/schedules/nightly/trigger", headers=as_user("alice"))
+    assert triggered.status_code == 201
+    job = triggered.json()
+    assert (job["task"], job["args"], job["owner"], job["priority"]) == ("report", {"day": "today"}, "alice", 5)
+    assert conn.execute(
+        "SELECT s.name FROM pgsched.jobs j JOIN pgsched.schedules s ON s.id = j.schedule_id"
+    ).fetchone() == ("nightly",)
+    assert client.post("/api/v1/schedules/nightly/trigger", headers=as_user("bob")).status_code == 404
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (1,)
+    assert conn.execute(
+        "SELECT action FROM pgsched.audit_log WHERE target_type = 'schedule' ORDER BY id"
+    ).fetchall() == [("schedule.create",), ("schedule.pause",), ("schedule.update",), ("schedule.trigger",)]
