@@ -47,8 +47,10 @@ COMMENT ON TABLE pgsched.api_idempotency IS
 -- monitoring views, pause and resume queues, create schedules, authenticate (users, tokens),
 -- manage users and their tokens, append to the audit and read it.
 GRANT USAGE ON SCHEMA pgsched TO pgsched_api;
+-- (wake: the dependency trigger that a cancel or retry fires wakes the queues it released.)
 GRANT EXECUTE ON FUNCTION pgsched.now(), pgsched.may_create_command_jobs(name), pgsched.queue_served(text),
-                          pgsched.cancel(bigint, text), pgsched.retry(bigint)
+                          pgsched.cancel(bigint, text), pgsched.retry(bigint), pgsched.wake(text[]),
+                          pgsched.cancel_workflow(uuid, text), pgsched.retry_workflow(uuid)
     TO pgsched_api;
 GRANT EXECUTE ON FUNCTION pgsched.enqueue(text, jsonb, text, integer, timestamptz, integer, text, bigint[], text,
                                           interval, double precision, uuid, text, boolean)

@@ -401,3 +401,18 @@ def test_bulk_cancel_and_retry_by_filter_in_batches(
     assert conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'queued'").fetchone() == (9,)
     refused = client.post("/api/v1/jobs/cancel", json={"owner": "bob"}, headers=as_user("alice"))
     assert refused.status_code == 403 and error(refused)["field"] == "owner"
+
+
+def test_cancelling_a_job_cancels_its_waiting_dependents(
+    client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]
+) -> None:
+    upstream = create(client, as_user("alice")).json()["id"]
+    downstream = create(client, as_user("alice"), depends_on=[upstream]).json()
+    assert downstream["state"] == "waiting"
+    assert client.post(f"/api/v1/jobs/{upstream}/cancel", headers=as_user("alice")).status_code == 200
+    assert app.get(downstream["id"]).state == "cancelled"  # the dependency trigger ran as the API's login
+    assert client.post(f"/api/v1/jobs/{upstream}/retry", headers=as_user("alice")).status_code == 200
+    # depends_on naming another owner's job: as if it did not exist
+    bobs = create(client, as_user("bob")).json()["id"]
+    refused = create(client, as_user("alice"), depends_on=[bobs])
+    assert refused.status_code == 422 and error(refused)["field"] == "depends_on"
