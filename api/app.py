@@ -22,7 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, admin, bulk, health, jobs, logs, operations, schedules
+from . import account, admin, bulk, health, jobs, logs, operations, schedules, workflows
 from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
 from .errors import handle_http, handle_internal, handle_pgsched
@@ -117,6 +117,10 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             logs.job_logs,
             bulk.cancel_jobs,
             bulk.retry_jobs,
+            workflows.create_workflow,
+            workflows.show_workflow,
+            workflows.cancel_workflow,
+            workflows.retry_workflow,
             operations.list_queues,
             operations.pause_queue,
             operations.resume_queue,

@@ -42,6 +42,10 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("GET", "/api/v1/jobs/{job_id:int}/logs"): EVERY,
     ("POST", "/api/v1/jobs/cancel"): WRITERS,
     ("POST", "/api/v1/jobs/retry"): WRITERS,
+    ("POST", "/api/v1/workflows"): WRITERS,
+    ("GET", "/api/v1/workflows/{workflow_id:uuid}"): EVERY,
+    ("POST", "/api/v1/workflows/{workflow_id:uuid}/cancel"): WRITERS,
+    ("POST", "/api/v1/workflows/{workflow_id:uuid}/retry"): WRITERS,
     ("GET", "/api/v1/queues"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/pause"): OPERATORS,
     ("POST", "/api/v1/queues/{name:str}/resume"): OPERATORS,
@@ -69,6 +73,9 @@ BODIES = {
     ("POST", "/api/v1/jobs/batch"): {"jobs": [{"task": "noop"}, {"task": "report"}]},
     ("PATCH", "/api/v1/queues/{name:str}"): {"max_running": 3},
     ("POST", "/api/v1/jobs/cancel"): {"dry_run": True},
+    ("POST", "/api/v1/workflows"): {
+        "jobs": [{"key": "a", "task": "noop"}, {"key": "b", "task": "noop", "depends_on": ["a"]}]
+    },
     ("PATCH", "/api/v1/schedules/{name:str}"): {"every": 120},
     ("POST", "/api/v1/jobs/retry"): {"dry_run": True},
 }
@@ -101,7 +108,7 @@ def expected(key: tuple[str, str], user: str | None) -> str:
     if USERS[user] not in allowed:
         return "403"
     path = key[1]
-    if "{job_id" in path and user != "alice" and user not in SEES_EVERY_JOB:
+    if ("{job_id" in path or "{workflow_id" in path) and user != "alice" and user not in SEES_EVERY_JOB:
         return "404"
     if "/schedules/{name" in path and user != "alice" and user not in SEES_EVERY_JOB:
         return "404"
@@ -113,6 +120,8 @@ def expected(key: tuple[str, str], user: str | None) -> str:
 def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Connection[Any]) -> None:
     client.app.state.failed_authentications.limit = 10**6  # the anonymous calls below are failures too
     job = client.post("/api/v1/jobs", json={"task": "noop"}, headers=as_user("alice")).json()["id"]
+    workflow = client.post("/api/v1/workflows", json={"jobs": [{"key": "a", "task": "noop"}]}, headers=as_user("alice"))
+    workflow_id = workflow.json()["workflow_id"]
     outcomes = []
     for key in sorted(ACCESS):
         method, path = key
@@ -128,6 +137,7 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
             )
             url = url.replace("{path:str}", "anything").replace("/queues/{name:str}", "/queues/default")
             url = url.replace("/schedules/{name:str}", f"/schedules/{schedule}")
+            url = url.replace("{workflow_id:uuid}", workflow_id)
             if path.endswith("/preview"):
                 url += "?cron=0+9+*+*+*&timezone=Europe/Paris"
             url = url.replace("{user_id:int}", "4")  # bob
