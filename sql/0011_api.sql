@@ -5,7 +5,8 @@
 --   set_config('pgsched.owner', <user name>, true) and set_config('pgsched.role', <user role>, true);
 --   a member or viewer sees the jobs of its owner only, an admin or operator every job. The
 --   API checks the owner in its own queries too: RLS is the second line, not the only one.
--- * users may create shell/http jobs through the API only when may_create_commands is set.
+-- * users may create shell/http jobs through the API only when may_create_commands is set, and
+--   only when the API's login is a member of pgsched_api_commands.
 -- * audit_log records the request id and client address; the API may insert and read audit
 --   rows, never change or delete them.
 -- * api_idempotency keeps the first response of a POST with an Idempotency-Key for 24 hours.
@@ -21,6 +22,30 @@ BEGIN
     END IF;
 END
 $$;
+
+-- pgsched_api_commands: granted to the API's login by an operator who lets the API create shell
+-- and http jobs at all (for the users whose may_create_commands is set; the API checks that).
+-- Unlike pgsched_admin it gives no other right, and row-level security still applies.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgsched_api_commands') THEN
+        BEGIN
+            CREATE ROLE pgsched_api_commands NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
+    END IF;
+END
+$$;
+-- (CREATE OR REPLACE keeps its owner and grants; the worker asks it again about a command
+-- job's creator before running it.)
+CREATE OR REPLACE FUNCTION pgsched.may_create_command_jobs(role_name name) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT pg_catalog.pg_has_role(role_name, 'pgsched_admin', 'MEMBER')
+        OR pg_catalog.pg_has_role(role_name, 'pgsched_api_commands', 'MEMBER')
+$$;
+COMMENT ON FUNCTION pgsched.may_create_command_jobs(name) IS
+    'True for roles allowed to create shell and http jobs: members of pgsched_admin or pgsched_api_commands, and superusers';
 
 ALTER TABLE pgsched.users ADD COLUMN may_create_commands boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN pgsched.users.may_create_commands IS 'Whether the user may create shell and http jobs through the API';

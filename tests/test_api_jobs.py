@@ -416,3 +416,22 @@ def test_cancelling_a_job_cancels_its_waiting_dependents(
     bobs = create(client, as_user("bob")).json()["id"]
     refused = create(client, as_user("alice"), depends_on=[bobs])
     assert refused.status_code == 422 and error(refused)["field"] == "depends_on"
+
+
+def test_command_jobs_need_the_users_permission_and_the_logins(
+    client: Any, as_user: Any, api_dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    login = psycopg.conninfo.conninfo_to_dict(api_dsn)["user"]
+    conn.execute("UPDATE pgsched.users SET may_create_commands = true WHERE username = 'alice'")
+    shell = {"task": "shell", "args": {"cmd": ["echo", "hi"]}}
+    # The user may, the API's login may not (an operator has not granted pgsched_api_commands).
+    refused = client.post("/api/v1/jobs", json=shell, headers=as_user("alice"))
+    assert refused.status_code == 403 and "may not create shell jobs" in error(refused)["message"]
+    conn.execute(f'GRANT pgsched_api_commands TO "{login}"')
+    created = client.post("/api/v1/jobs", json=shell, headers=as_user("alice"))
+    assert created.status_code == 201 and created.json()["created_by"] == login
+    # The worker asks the same question of the job's creator before it runs the command.
+    assert conn.execute("SELECT pgsched.may_create_command_jobs(%s)", (login,)).fetchone() == (True,)
+    # A user without the permission still may not.
+    assert client.post("/api/v1/jobs", json=shell, headers=as_user("bob")).status_code == 403
+    assert conn.execute("SELECT count(*) FROM pgsched.jobs").fetchone() == (1,)

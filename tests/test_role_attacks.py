@@ -263,7 +263,7 @@ def test_no_pgsched_role_is_a_superuser_or_can_log_in(conn: psycopg.Connection[A
         """SELECT rolname, rolsuper, rolcanlogin, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication
            FROM pg_roles WHERE rolname LIKE 'pgsched%' ORDER BY 1"""
     ).fetchall()
-    assert [r[0] for r in rows] == sorted([*GROUPS, "pgsched_owner"])
+    assert [r[0] for r in rows] == sorted([*GROUPS, "pgsched_owner", "pgsched_api_commands"])
     assert [r for r in rows if any(r[1:])] == []
 
 
