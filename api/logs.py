@@ -14,7 +14,7 @@ from litestar import Request, get
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from pgsched import queries as library_queries
-from pgsched.payloads import readable_text
+from pgsched.encryption import readable_text
 
 from . import queries
 from .access import CurrentUser

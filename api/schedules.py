@@ -11,6 +11,7 @@ from litestar import Request, delete, get, patch, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from pgsched import cron, schedules
+from pgsched import queries as library_queries
 from pgsched.accounts import op_audit
 from pgsched.db import run_async
 from pgsched.errors import PermissionDenied
@@ -155,7 +156,7 @@ async def create_schedule(
     fields = {k: v for k, v in msgspec.structs.asdict(data).items() if k not in ("name", "task") and v is not None}
     db: Database = request.app.state.db
     async with db.acting_for(user) as conn:
-        if await (await conn.execute(schedules.GET, (data.name,))).fetchone():
+        if await (await conn.execute(library_queries.SCHEDULE_GET, (data.name,))).fetchone():
             raise ApiError(409, f"a schedule named {data.name!r} exists", field="name")
         try:
             created = await db.app.add_schedule_async(
@@ -190,7 +191,7 @@ async def preview_cron(
 
 async def _visible(conn: Any, user: CurrentUser, name: str) -> schedules.Schedule:
     """The schedule, if ``user`` may see it; 404 as for a missing one otherwise."""
-    row = await (await conn.execute(schedules.GET, (name,))).fetchone()
+    row = await (await conn.execute(library_queries.SCHEDULE_GET, (name,))).fetchone()
     owner = owner_filter(user)
     if row is None or (owner is not None and schedules.from_row(row).owner != owner):
         raise ApiError(404, f"schedule {name!r} does not exist")

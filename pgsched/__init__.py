@@ -17,8 +17,8 @@ from .errors import (
     ValidationError,
 )
 from .jobs import Job, JobSpec
-from .outcomes import Cancel, Retry, Snooze
 from .queues import QueueSettings
+from .task_control import Cancel, Retry, Snooze
 from .tasks import Task
 
 __version__ = "0.1.0"

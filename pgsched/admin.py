@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import queries, queues, schedules
 from .db import Operation, Query
+from .encryption import Payloads
 from .jobs import Job
-from .payloads import Payloads
 from .queues import QueueSettings
 from .validation import TaskDefaults, known_task
 

@@ -25,10 +25,10 @@ from . import bulk, crypto, migrations, queries, queues, schedules, workflows
 from .admin import Administration
 from .config import Settings, load_settings, replace_settings
 from .crypto import Keyring
-from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async
+from .db import Operation, Query, configure_adapters, configure_async, resolve_dsn, run, run_async, wait_for_database
+from .encryption import Payloads
 from .errors import ConfigError, JobNotFound, PermissionDenied, ValidationError
 from .jobs import Job, JobSpec
-from .payloads import Payloads
 from .tasks import Task, TaskOptions, make_task
 from .validation import (
     EXECUTOR_KINDS,
@@ -379,8 +379,9 @@ class App(Administration):
 
     def run_worker(self, **options: Any) -> Any:
         """Run a worker for this app in this process until it is stopped (or, with ``burst=True``,
-        until the queues are empty); options are the worker settings (``queues="a,b"``,
-        ``concurrency=4``, ``with_scheduler=True``, ...). In the main thread, SIGTERM and Ctrl-C
+        until the queues are empty); options are the worker settings as Python values
+        (``queues=["a", "b"]``, ``concurrency=4``, ``grace_seconds=timedelta(seconds=30)``,
+        ``scheduler=False``, ...). In the main thread, SIGTERM and Ctrl-C
         stop it gracefully (as ``pgsched worker``). Returns the worker's stats."""
         signals = threading.current_thread() is threading.main_thread()
         return self._run_worker_in_own_loop(replace_settings(self.settings, **options), signals=signals)
@@ -389,25 +390,30 @@ class App(Administration):
         """``run_worker`` inside a running event loop (signal handling is the caller's)."""
         return await self._serve(replace_settings(self.settings, **options), signals=False)
 
-    def _run_worker_in_own_loop(self, settings: Settings, *, signals: bool = True, stopped: Any = None) -> Any:
+    def _run_worker_in_own_loop(
+        self, settings: Settings, *, signals: bool = True, stopped: Any = None, supervised: bool = False
+    ) -> Any:
         """Run the worker in an event loop of its own (``run_worker``, ``pgsched worker``, ``up``).
         The loop ends here, so the app's async pool, which the worker and its tasks opened in it,
         is closed inside it first: the loop's teardown cancels a pool's tasks, and one caught
-        connecting can hang it."""
+        connecting can hang it. A database that cannot be reached yet is waited for, up to
+        ``wait_for_db`` seconds."""
+        if not wait_for_database(self.dsn, settings.wait_for_db, stopped):
+            return None  # stopped while waiting
 
         async def serve_then_close() -> Any:
             try:
-                return await self._serve(settings, signals=signals, stopped=stopped)
+                return await self._serve(settings, signals=signals, stopped=stopped, supervised=supervised)
             finally:
                 await self.close_async_pool()
 
         return asyncio.run(serve_then_close())
 
-    async def _serve(self, settings: Settings, *, signals: bool, stopped: Any = None) -> Any:
+    async def _serve(self, settings: Settings, *, signals: bool, stopped: Any = None, supervised: bool = False) -> Any:
         # Imported by name at call time: the worker depends on the core, never the other way
         # round (import-linter checks static imports), and an app that only enqueues never loads it.
         worker = importlib.import_module("pgsched.worker.serve")
-        return await worker.serve(self, settings, signals=signals, stopped=stopped)
+        return await worker.serve(self, settings, signals=signals, stopped=stopped, supervised=supervised)
 
     # -- public client API -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -99,7 +100,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         msgspec.Meta(
             gt=0,
             description="How long a claim holds without a heartbeat "
-            "(and how long a new scheduler leader waits before rescuing)",
+            "(and how long a scheduler waits after it connects before rescuing)",
         ),
     ] = 30.0
     heartbeat_seconds: Annotated[
@@ -117,9 +118,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         bool, msgspec.Meta(description="Let http jobs reach private, loopback and link-local addresses")
     ] = False
     burst: Annotated[bool, msgspec.Meta(description="Exit when the queues are empty")] = False
-    with_scheduler: Annotated[
-        bool, msgspec.Meta(description="Also run the maintenance services (promote, rescue, prune, schedules)")
-    ] = False
+    scheduler: Annotated[
+        bool,
+        msgspec.Meta(description="Also run the maintenance services (promote, rescue, prune, schedules)"),
+    ] = True
+    wait_for_db: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0, le=86_400, description="At start-up, how long to retry a database that cannot be reached (seconds)"
+        ),
+    ] = 30.0
 
     def __repr__(self) -> str:
         # Settings end up in tracebacks and debug output: never show the key material nor a password.
@@ -234,11 +242,25 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
 
 
 def replace_settings(settings: Settings, **changes: Any) -> Settings:
-    """``settings`` with some options changed, validated like any other input (ConfigError)."""
+    """``settings`` with some options changed, validated like any other input (ConfigError).
+
+    The values are Python's: ``queues`` may be a list of names, a duration a ``timedelta``
+    (the command line and the environment give strings, which ``load_settings`` parses)."""
     unknown = set(changes) - set(OPTION_NAMES)
     if unknown:
         raise ConfigError(f"unknown option {sorted(unknown)[0]!r}; options: {', '.join(OPTION_NAMES)}")
-    return _convert({**msgspec.structs.asdict(settings), **changes})
+    return _convert({**msgspec.structs.asdict(settings), **{k: _from_python(k, v) for k, v in changes.items()}})
+
+
+def _from_python(name: str, value: Any) -> Any:
+    """A value given from Python in the form its field holds."""
+    if name == "queues" and isinstance(value, (list, tuple)):
+        if not all(isinstance(queue, str) for queue in value):
+            raise ConfigError(f"queues: expected queue names (str), got {value!r}")
+        return ",".join(value)
+    if isinstance(value, timedelta) and (name.endswith("_seconds") or name == "wait_for_db"):
+        return value.total_seconds()
+    return value
 
 
 def _convert(raw: dict[str, Any]) -> Settings:

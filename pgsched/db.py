@@ -7,6 +7,9 @@ only two places that execute them, so no operation is written twice.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -18,11 +21,14 @@ from psycopg.adapt import AdaptersMap
 from psycopg.rows import RowFactory, tuple_row
 from psycopg.types.json import set_json_loads
 
-from .config import Settings, check_dsn
+from .config import Settings, check_dsn, masked_dsn
+from .errors import DatabaseUnreachable
 from .jobs import Job
 from .validation import error_from_db
 
 T = TypeVar("T")
+
+log = logging.getLogger("pgsched.db")
 
 
 @dataclass(frozen=True)
@@ -124,3 +130,38 @@ def resolve_dsn(settings: Settings, *, stop_on_exit: bool = False) -> str:
     from . import embedded
 
     return embedded.start(settings.embedded_data_dir, stop_on_exit=stop_on_exit)
+
+
+def wait_for_database(dsn: str, seconds: float, stopped: threading.Event | None = None) -> bool:
+    """Return once the database at ``dsn`` accepts a connection (True), retrying with backoff for up
+    to ``seconds`` (``wait_for_db``) and logging one line per failed attempt; False if ``stopped``
+    is set meanwhile. Raises DatabaseUnreachable when the time is up (at once with 0)."""
+    deadline = time.monotonic() + seconds
+    pause = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            timeout = max(2, min(10, int(deadline - time.monotonic()) + 1))
+            psycopg.connect(dsn, connect_timeout=timeout).close()
+            return True
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {seconds:g} s (--wait-for-db)" if seconds else ""
+                raise DatabaseUnreachable(f"cannot reach the database{waited}: {reason}") from None
+            pause = min(pause, left)
+            log.warning(
+                "waiting for the database %s (attempt %d, next in %.1f s, giving up in %.1f s): %s",
+                masked_dsn(dsn),
+                attempt,
+                pause,
+                left,
+                reason,
+            )
+        if stopped is None:
+            time.sleep(pause)
+        elif stopped.wait(pause):
+            return False  # a signal came: the caller stops
+        pause = min(pause * 2, 5.0)

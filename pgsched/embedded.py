@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from . import queries
 from .errors import ConfigError
 from .extras import require
 from .protect import without_secrets
@@ -115,6 +116,21 @@ def running_pid(data_dir: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return pid if _alive(pid) else None
+
+
+def pgsched_sessions(data_dir: Path) -> dict[str, int]:
+    """Sessions of other pgsched processes on the server running on ``data_dir``, by their
+    application_name ("pgsched up", "pgsched worker", ...); empty if it cannot be asked."""
+    import psycopg
+
+    try:
+        lines = (data_dir.expanduser().absolute() / "postmaster.pid").read_text().splitlines()
+        port, socket_dir = int(lines[3]), lines[4]
+        with psycopg.connect(host=socket_dir, port=port, user="postgres", dbname="postgres", connect_timeout=5) as conn:
+            rows = conn.execute(queries.PGSCHED_SESSIONS).fetchall()
+    except (OSError, ValueError, IndexError, psycopg.Error):
+        return {}
+    return {name: count for name, count in rows}
 
 
 def stop(data_dir: Path) -> bool:

@@ -80,3 +80,7 @@ class DecryptionError(EncryptionError):
 class UnservedQueueWarning(UserWarning):
     """A job was enqueued to a queue no live worker claims from: it waits (``unroutable`` in
     ``queue_stats``) until one does. Warned once per queue and process."""
+
+
+class DatabaseUnreachable(PgschedError, ConnectionError):
+    """The database could not be reached at start-up, within ``wait_for_db`` seconds."""

@@ -18,6 +18,7 @@ from importlib import resources
 
 import psycopg
 
+from . import queries
 from .errors import SchemaError
 
 # Key of the advisory lock held while a migration is applied ("pgsmigr").
@@ -54,10 +55,10 @@ def available() -> list[Migration]:
 
 
 def _applied(conn: psycopg.Connection) -> dict[int, tuple[str, str]]:
-    exists = conn.execute("SELECT to_regclass('pgsched.schema_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute(queries.SCHEMA_PRESENT).fetchone()
     if not exists or not exists[0]:
         return {}
-    rows = conn.execute("SELECT version, name, checksum FROM pgsched.schema_migrations").fetchall()
+    rows = conn.execute(queries.APPLIED_MIGRATIONS).fetchall()
     return {version: (name, checksum) for version, name, checksum in rows}
 
 
@@ -90,18 +91,15 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
     done = []
     for migration in code:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            conn.execute(queries.MIGRATION_LOCK, (MIGRATION_LOCK_KEY,))
             if migration not in _compare(_applied(conn), code):
                 continue
             if migration.version == 1:
-                schema = conn.execute("SELECT to_regnamespace('pgsched') IS NOT NULL").fetchone()
+                schema = conn.execute(queries.SCHEMA_EXISTS).fetchone()
                 if schema and schema[0]:
                     raise SchemaError("schema pgsched exists but has no migration history; refusing to touch it")
             conn.execute(migration.sql.encode())
-            conn.execute(
-                "INSERT INTO pgsched.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                (migration.version, migration.name, migration.checksum),
-            )
+            conn.execute(queries.RECORD_MIGRATION, (migration.version, migration.name, migration.checksum))
         done.append(migration)
     return done
 

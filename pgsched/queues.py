@@ -20,9 +20,9 @@ from typing import Any
 
 import msgspec
 
+from . import queries
 from .db import Operation, Query
 from .errors import UnservedQueueWarning, ValidationError
-from .queries import QUEUE_SERVED
 from .validation import MAX_INTEGER, QUEUE_PATTERN, check_int, check_name
 
 RATE_UNITS = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
@@ -41,7 +41,7 @@ def op_warn_unserved(queues: Iterable[str]) -> Operation[None]:
     and otherwise only ``queue_stats.unroutable`` would show it."""
     for queue in sorted(set(queues) - _checked_queues):
         _checked_queues.add(queue)
-        ((served,),) = yield Query(QUEUE_SERVED, (queue,))
+        ((served,),) = yield Query(queries.QUEUE_SERVED, (queue,))
         if not served:
             warnings.warn(
                 f"no live worker serves queue {queue!r}: its jobs wait until a worker runs with --queues {queue} "
@@ -89,33 +89,6 @@ def format_rate(limit: int | None, period: timedelta | None) -> str | None:
     return f"{limit}/{unit}" if unit else f"{limit}/{period.total_seconds():g}s"
 
 
-SELECT = "SELECT name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt FROM pgsched.queues"
-
-# Every queue pgsched has heard of: a row, jobs, a task's default queue, a live worker.
-KNOWN = """
-SELECT name FROM pgsched.queues
-UNION SELECT queue FROM pgsched.queue_stats
-UNION SELECT queue FROM pgsched.tasks
-UNION SELECT unnest(queues) FROM pgsched.workers
-"""
-
-UPSERT = """
-INSERT INTO pgsched.queues AS q (name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt)
-VALUES (%(name)s, COALESCE(%(paused)s, false), %(max_running)s, %(rate_limit)s, %(rate_period)s,
-        %(max_per_key)s, COALESCE(%(fair)s, false), COALESCE(%(encrypt)s, false))
-ON CONFLICT (name) DO UPDATE SET
-    paused = COALESCE(%(paused)s, q.paused),
-    max_running = CASE WHEN %(set_max_running)s THEN excluded.max_running ELSE q.max_running END,
-    rate_limit = CASE WHEN %(set_rate)s THEN excluded.rate_limit ELSE q.rate_limit END,
-    rate_period = CASE WHEN %(set_rate)s THEN excluded.rate_period ELSE q.rate_period END,
-    max_per_key = CASE WHEN %(set_max_per_key)s THEN excluded.max_per_key ELSE q.max_per_key END,
-    fair = COALESCE(%(fair)s, q.fair),
-    encrypt = COALESCE(%(encrypt)s, q.encrypt),
-    updated_at = pgsched.now()
-RETURNING name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt
-"""
-
-
 def _from_row(row: Any) -> QueueSettings:
     name, paused, max_running, rate_limit, rate_period, max_per_key, fair, encrypt = row
     return QueueSettings(
@@ -138,12 +111,12 @@ def _check_known(name: str, known: list[str]) -> None:
 
 def op_get(name: str) -> Operation[QueueSettings]:
     check_name(name, "name", pattern=QUEUE_PATTERN)
-    rows = yield Query(SELECT + " WHERE name = %s", (name,))
+    rows = yield Query(queries.QUEUE_SETTINGS_ONE, (name,))
     return _from_row(rows[0]) if rows else QueueSettings(name=name)
 
 
 def op_list() -> Operation[list[QueueSettings]]:
-    return [_from_row(r) for r in (yield Query(SELECT + " ORDER BY name"))]
+    return [_from_row(r) for r in (yield Query(queries.QUEUE_SETTINGS_ALL))]
 
 
 def op_configure(name: str, changes: dict[str, Any], *, create: bool) -> Operation[QueueSettings]:
@@ -172,5 +145,5 @@ def op_configure(name: str, changes: dict[str, Any], *, create: bool) -> Operati
         params["rate_limit"], params["rate_period"] = parse_rate(changes["rate"])
     params["set_rate"] = "rate" in changes
     if not create:
-        _check_known(name, [r[0] for r in (yield Query(KNOWN))])
-    return _from_row((yield Query(UPSERT, params))[0])
+        _check_known(name, [r[0] for r in (yield Query(queries.QUEUES_KNOWN))])
+    return _from_row((yield Query(queries.QUEUE_UPSERT, params))[0])

@@ -26,38 +26,9 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from . import queries
 from .crypto import Keyring, Scope
 from .errors import MissingKeyError
-
-# Live jobs with a payload encrypted under another key than %(kid)s, or in a version 1 envelope
-# (no task and queue bound), by primary key from %(after)s: a full pass over the table, which a
-# command an operator runs now and then can afford.
-STALE_JOBS = """
-SELECT id, task, queue, args, progress, result, error FROM pgsched.jobs
-WHERE id > %(after)s AND state IN ('waiting', 'scheduled', 'queued', 'running')
-  AND ((args @> '{"pgsched_encrypted": 1}' AND (args ->> 'kid' <> %(kid)s OR NOT args @> '{"v": 2}'))
-    OR (progress @> '{"pgsched_encrypted": 1}' AND (progress ->> 'kid' <> %(kid)s OR NOT progress @> '{"v": 2}'))
-    OR (result @> '{"pgsched_encrypted": 1}' AND (result ->> 'kid' <> %(kid)s OR NOT result @> '{"v": 2}'))
-    OR (error LIKE 'pgsched:enc:%%' AND (split_part(error, ':', 4) <> %(kid)s OR error NOT LIKE 'pgsched:enc:2:%%')))
-ORDER BY id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
-"""
-
-UPDATE_JOB = """
-UPDATE pgsched.jobs SET args = %(args)s, progress = %(progress)s, result = %(result)s, error = %(error)s
-WHERE id = %(id)s
-"""
-
-STALE_SCHEDULES = """
-SELECT id, task, queue, args FROM pgsched.schedules
-WHERE id > %(after)s AND args @> '{"pgsched_encrypted": 1}' AND (args ->> 'kid' <> %(kid)s OR NOT args @> '{"v": 2}')
-ORDER BY id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
-"""
-
-UPDATE_SCHEDULE = "UPDATE pgsched.schedules SET args = %(args)s, updated_at = pgsched.now() WHERE id = %(id)s"
 
 JOB_FIELDS = ("args", "progress", "result", "error")
 
@@ -84,8 +55,12 @@ def _reencrypted(keyring: Keyring, values: dict[str, Any], scope: Scope, rotatio
 def rotate(conn: psycopg.Connection[Any], keyring: Keyring, batch: int = 100) -> Rotation:
     """Re-encrypt, batch by batch, what live jobs and schedules hold under an older key."""
     rotation = Rotation(keyring.current)
-    rotation.jobs = _rotate_rows(conn, keyring, batch, rotation, STALE_JOBS, UPDATE_JOB, JOB_FIELDS)
-    rotation.schedules = _rotate_rows(conn, keyring, batch, rotation, STALE_SCHEDULES, UPDATE_SCHEDULE, ("args",))
+    rotation.jobs = _rotate_rows(
+        conn, keyring, batch, rotation, queries.ROTATE_STALE_JOBS, queries.ROTATE_UPDATE_JOB, JOB_FIELDS
+    )
+    rotation.schedules = _rotate_rows(
+        conn, keyring, batch, rotation, queries.ROTATE_STALE_SCHEDULES, queries.ROTATE_UPDATE_SCHEDULE, ("args",)
+    )
     return rotation
 
 

@@ -2,7 +2,7 @@
 
 A schedule is a timetable (a cron expression in an IANA zone, or a fixed
 interval) plus the template of the jobs it produces. ``Materializer``
-(``pgsched.materializer``) turns its due slots into jobs; this module only
+(``pgsched.leader.materializer``) turns its due slots into jobs; this module only
 defines, stores and changes schedules.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from . import cron
+from . import cron, queries
 from .db import Operation, Query
 from .errors import ValidationError
 from .validation import (
@@ -129,56 +129,6 @@ def for_task(task: Any, *, args: Any = None, **fields: Any) -> Schedule:
     )
 
 
-# -- statements ---------------------------------------------------------------------------------
-
-_COLUMNS = (
-    "id, name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner, "
-    "misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, paused, enabled, source, "
-    "next_run_at, last_slot, invalid_reason"
-)
-
-# A changed timetable clears next_run_at; the materializer then starts it from now.
-UPSERT = f"""
-INSERT INTO pgsched.schedules AS s (name, task, args, cron, every, timezone, queue, priority, max_attempts,
-    timeout_seconds, owner, misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at,
-    source, options)
-VALUES (%(name)s, %(task)s, %(args)s::jsonb, %(cron)s, %(every)s, %(timezone)s, %(queue)s, %(priority)s,
-    %(max_attempts)s, %(timeout)s, %(owner)s, %(misfire)s, %(catch_up_window)s, %(overlap)s, %(jitter_seconds)s,
-    %(start_at)s, %(end_at)s, %(source)s, %(options)s::jsonb)
-ON CONFLICT (name) DO UPDATE SET
-    task = excluded.task, args = excluded.args, cron = excluded.cron, every = excluded.every,
-    timezone = excluded.timezone, queue = excluded.queue, priority = excluded.priority,
-    max_attempts = excluded.max_attempts, timeout_seconds = excluded.timeout_seconds, owner = excluded.owner,
-    misfire_policy = excluded.misfire_policy, catch_up_window = excluded.catch_up_window,
-    overlap_policy = excluded.overlap_policy, jitter_seconds = excluded.jitter_seconds,
-    start_at = excluded.start_at, end_at = excluded.end_at, source = excluded.source, options = excluded.options,
-    enabled = true, updated_at = pgsched.now(), invalid_reason = NULL,
-    next_run_at = CASE WHEN (s.cron, s.every, s.timezone, s.start_at) IS DISTINCT FROM
-                            (excluded.cron, excluded.every, excluded.timezone, excluded.start_at)
-                       THEN NULL ELSE s.next_run_at END
-RETURNING {_COLUMNS}
-"""
-
-LIST = f"SELECT {_COLUMNS} FROM pgsched.schedules ORDER BY name"
-GET = f"SELECT {_COLUMNS} FROM pgsched.schedules WHERE name = %s"
-SET_PAUSED = (
-    f"UPDATE pgsched.schedules SET paused = %s, updated_at = pgsched.now() WHERE name = %s RETURNING {_COLUMNS}"
-)
-DELETE = "DELETE FROM pgsched.schedules WHERE name = %s RETURNING id"
-# Schedules this app defined in code before and no longer does: disabled, kept.
-DISABLE_REMOVED = """
-UPDATE pgsched.schedules SET enabled = false, updated_at = pgsched.now()
-WHERE source = 'code' AND options->>'app' = %s AND NOT (name = ANY(%s)) AND enabled
-"""
-# A run now, outside the timetable: a job with the schedule's id and no slot.
-TRIGGER = """
-INSERT INTO pgsched.jobs (task, args, queue, priority, max_attempts, timeout_seconds, owner, schedule_id)
-SELECT task, args, queue, priority, COALESCE(max_attempts, 5), timeout_seconds, owner, id
-FROM pgsched.schedules WHERE name = %s
-RETURNING id
-"""
-
-
 def from_row(row: tuple[Any, ...]) -> Schedule:
     (id_, name, task, args, cron_, every, tz, queue, priority, max_attempts, timeout, owner, misfire, window,
      overlap, jitter, start_at, end_at, paused, enabled, source, next_run_at, last_slot,
@@ -200,7 +150,7 @@ def _params(schedule: Schedule, app_name: str | None) -> dict[str, Any]:
 
 
 def op_upsert(schedule: Schedule, app_name: str | None = None) -> Operation[Schedule]:
-    rows = yield Query(UPSERT, _params(schedule, app_name))
+    rows = yield Query(queries.SCHEDULE_UPSERT, _params(schedule, app_name))
     return from_row(rows[0])
 
 
@@ -208,11 +158,11 @@ def op_sync(schedules: list[Schedule], app_name: str) -> Operation[None]:
     """Make the table match the app's code: add or update its schedules, disable the removed ones."""
     for schedule in schedules:
         yield from op_upsert(schedule, app_name)
-    yield Query(DISABLE_REMOVED, (app_name, [s.name for s in schedules]))
+    yield Query(queries.SCHEDULES_DISABLE_REMOVED, (app_name, [s.name for s in schedules]))
 
 
 def op_list() -> Operation[list[Schedule]]:
-    return [from_row(r) for r in (yield Query(LIST))]
+    return [from_row(r) for r in (yield Query(queries.SCHEDULES_LIST))]
 
 
 def _one(rows: list[Any], name: str) -> Any:
@@ -222,18 +172,18 @@ def _one(rows: list[Any], name: str) -> Any:
 
 
 def op_get(name: str) -> Operation[Schedule]:
-    return from_row(_one((yield Query(GET, (name,))), name))
+    return from_row(_one((yield Query(queries.SCHEDULE_GET, (name,))), name))
 
 
 def op_set_paused(name: str, paused: bool) -> Operation[Schedule]:
     """Pause, or resume: a resumed schedule's missed slots follow its misfire policy."""
-    return from_row(_one((yield Query(SET_PAUSED, (paused, name))), name))
+    return from_row(_one((yield Query(queries.SCHEDULE_SET_PAUSED, (paused, name))), name))
 
 
 def op_delete(name: str) -> Operation[None]:
-    _one((yield Query(DELETE, (name,))), name)
+    _one((yield Query(queries.SCHEDULE_DELETE, (name,))), name)
 
 
 def op_trigger(name: str) -> Operation[int]:
     """Enqueue one run now without touching the timetable; returns the job id."""
-    return int(_one((yield Query(TRIGGER, (name,))), name)[0])
+    return int(_one((yield Query(queries.SCHEDULE_TRIGGER, (name,))), name)[0])

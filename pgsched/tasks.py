@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar
 
 import msgspec
 
 from .backoff import DEFAULT_BACKOFF, Backoff
 from .errors import ValidationError
+from .jobs import Job
 from .validation import (
     EXECUTOR_KINDS,
     MAX_INTEGER,
@@ -24,12 +25,16 @@ from .validation import (
     check_seconds,
 )
 
-if TYPE_CHECKING:
-    from .client import App
-    from .jobs import Job
-
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class TaskApp(Protocol):
+    """What a task uses of its ``App`` (``pgsched.client`` imports this module, so not the class)."""
+
+    def enqueue(self, task: str, args: Mapping[str, Any] | None = None, **options: Any) -> Job: ...
+
+    async def enqueue_async(self, task: str, args: Mapping[str, Any] | None = None, **options: Any) -> Job: ...
 
 
 def _takes_context(fn: Callable[..., Any]) -> bool:
@@ -47,7 +52,7 @@ class Task(Generic[P, R]):
 
     def __init__(
         self,
-        app: App,
+        app: TaskApp,
         fn: Callable[P, R],
         *,
         name: str,
@@ -183,7 +188,7 @@ class TaskOptions(TypedDict, total=False):
 
 
 def make_task(
-    app: App,
+    app: TaskApp,
     fn: Callable[P, R],
     *,
     name: str | None = None,

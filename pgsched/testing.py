@@ -46,8 +46,8 @@ from pgsched.config import load_settings, replace_settings
 from pgsched.db import configure_adapters
 from pgsched.errors import ConfigError, ValidationError
 from pgsched.jobs import JOB_COLUMNS, STATES, Job
-from pgsched.maintenance import Promoter
-from pgsched.materializer import Materializer
+from pgsched.leader.materializer import Materializer
+from pgsched.leader.promoter import Promoter
 from pgsched.tasks import Task
 from pgsched.worker.outcomes import Stats
 from pgsched.worker.runtime import Worker
@@ -243,7 +243,7 @@ class Kit:
                         concurrency=concurrency,
                         burst=True,
                         poll_seconds=0.05,
-                        with_scheduler=False,
+                        scheduler=False,
                     )
                     drained.add(await Worker(self.app, settings).run())
                 if not until_empty:

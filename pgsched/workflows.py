@@ -17,18 +17,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
 from . import queries
 from .db import Operation, Query
+from .encryption import Payloads
 from .errors import DuplicateJobError, ValidationError
 from .jobs import Job
 from .validation import NewJob, TaskDefaults, check_dependencies, check_options, known_task, new_job
 
-if TYPE_CHECKING:
-    from .client import App
+
+class WorkflowApp(Protocol):
+    """What a workflow uses of its ``App`` (``pgsched.client`` imports this module, so not the class)."""
+
+    payloads: Payloads
+
+    def _commit_workflow(self, workflow: Workflow) -> None: ...
+
+    async def _commit_workflow_async(self, workflow: Workflow) -> None: ...
 
 
 class WorkflowJob:
@@ -54,7 +62,7 @@ class WorkflowJob:
 class Workflow:
     """Collects jobs and edges; inserts them all at the end of the ``with`` block."""
 
-    def __init__(self, app: App, connection: Any = None) -> None:
+    def __init__(self, app: WorkflowApp, connection: Any = None) -> None:
         self.app = app
         self.connection = connection
         self.id = uuid.uuid4()

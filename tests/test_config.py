@@ -123,3 +123,29 @@ def test_shell_completion_prints_a_script_and_completes_commands() -> None:
     env = {"_PGSCHED_COMPLETE": "bash_complete", "COMP_WORDS": "pgsched wor", "COMP_CWORD": "1"}
     completed = CliRunner().invoke(main, [], prog_name="pgsched", env=env)
     assert completed.output.splitlines() == ["plain,worker", "plain,workers"]
+
+
+def test_python_callers_give_python_values() -> None:
+    from datetime import timedelta
+
+    from pgsched.config import replace_settings
+
+    settings = replace_settings(
+        Settings(), queues=["a", "b"], concurrency=4, lease_seconds=timedelta(minutes=1), wait_for_db=timedelta(0)
+    )
+    assert (settings.queues, settings.queue_list, settings.concurrency) == ("a,b", ("a", "b"), 4)
+    assert (settings.lease_seconds, settings.wait_for_db) == (60.0, 0.0)
+    assert replace_settings(Settings(), queues="a, b").queue_list == ("a", "b")  # a string still works
+    with pytest.raises(ConfigError, match=r"queues: expected queue names \(str\), got \['a', 1\]"):
+        replace_settings(Settings(), queues=["a", 1])
+    with pytest.raises(ConfigError, match="--concurrency / PGSCHED_CONCURRENCY"):
+        replace_settings(Settings(), concurrency=0)
+
+
+def test_the_scheduler_is_on_unless_turned_off() -> None:
+    assert Settings().scheduler is True
+    assert load_settings(environ={"PGSCHED_SCHEDULER": "false"}).scheduler is False
+    assert load_settings({"scheduler": False}, environ={}).scheduler is False
+    help_text = CliRunner().invoke(main, ["worker", "--help"]).output
+    assert "--no-scheduler" in help_text and "--wait-for-db" in help_text
+    assert "--with-scheduler" not in help_text  # still accepted (a no-op), no longer offered

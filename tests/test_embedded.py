@@ -91,7 +91,7 @@ def _short_dir(prefix: str) -> Path:
 def _stop_and_remove(env: dict[str, str], data_dir: Path, top: Path, prefix: tuple[str, ...] = ()) -> None:
     pid = postmaster_pid(data_dir)
     if alive(pid):
-        pgsched(env, "db", "stop", prefix=prefix, cwd=str(top))
+        pgsched(env, "db", "stop", "--force", prefix=prefix, cwd=str(top))
     pid = postmaster_pid(data_dir)
     if alive(pid):  # `db stop` failed: do not leave our server behind
         assert pid is not None
@@ -262,6 +262,52 @@ def test_up_serves_a_migrated_database_until_stopped(
             psycopg.connect(dsn, connect_timeout=5).close()
     finally:
         up.close()
+
+
+def test_up_stopped_by_two_signals_at_once_still_stops_the_server(
+    embedded_env: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    # `timeout 60 make up`: timeout signals make, and make forwards it, so `up` gets SIGTERM twice.
+    env, data_dir = embedded_env
+    up = Up(env, tmp_path / "up.err")
+    try:
+        up.wait_for_dsn()
+        pid = postmaster_pid(data_dir)
+        wait_until(lambda: "started: queues" in up.stderr(), "up's worker to start")
+        up.proc.send_signal(signal.SIGTERM)
+        # Not before the first is handled: two signals pending at once would be delivered as one.
+        wait_until(lambda: "stopping: finishing" in up.stderr(), "up to begin its graceful stop")
+        returncode, rest = up.stop(signal.SIGTERM)  # the worker may be done by now: up stops its server
+        assert returncode == 0, up.stderr()
+        assert "pgsched stopped" in rest
+        wait_until(lambda: not alive(pid), f"the postmaster {pid} to exit")
+    finally:
+        up.close()
+
+
+def test_db_stop_refuses_while_pgsched_processes_use_the_server(
+    embedded_env: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    env, data_dir = embedded_env
+    up = Up(env, tmp_path / "up.err")
+    try:
+        dsn = up.wait_for_dsn()
+        pid = postmaster_pid(data_dir)
+        with psycopg.connect(dsn) as conn:  # sessions of other programs (psql, this test) do not count
+            refused = pgsched(env, "db", "stop")
+            assert refused.returncode == 1 and refused.stdout == ""
+            [line] = refused.stderr.splitlines()
+            assert line.startswith("Error: the embedded server is in use by "), line
+            assert "pgsched up (" in line and line.endswith("stop those processes first, or pass --force"), line
+            assert alive(pid)
+            conn.execute("SELECT 1")  # still served
+
+        assert succeeded(pgsched(env, "db", "stop", "--force")).stdout.strip() == "stopped"
+        wait_until(lambda: not alive(pid), f"the postmaster {pid} to exit")
+    finally:
+        up.close()
+    # Nobody uses it: a plain `db stop` stops it (here: finds it stopped).
+    assert succeeded(pgsched(env, "db", "stop")).stdout.strip() == "not running"
 
 
 def test_up_after_a_killed_up_still_stops_the_server(embedded_env: tuple[dict[str, str], Path], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Maintenance services driven with run_once and the test clock; dependencies; cycles under races."""
+"""Leader services (pgsched.leader) driven with run_once and the test clock; dependencies; cycles under races."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import psycopg
 import pytest
 
 import pgsched
-from pgsched.maintenance import LEADER_KEY, Promoter, Pruner, Rescuer
+from pgsched.leader.promoter import Promoter
+from pgsched.leader.pruner import Pruner
+from pgsched.leader.rescuer import Rescuer
+from pgsched.leader.service import LEADER_KEY
 
 from .conftest import wait_until, worker_incarnation
 
@@ -90,6 +93,31 @@ def test_rescuer_waits_a_lease_after_gaining_leadership(dsn: str, conn: psycopg.
     assert conn.execute("SELECT attempt, outcome FROM pgsched.runs WHERE job_id = %s", (job,)).fetchall() == [
         (1, "lease_expired")
     ]
+
+
+def test_a_pass_led_elsewhere_does_not_restart_the_rescuers_wait(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    # Every worker contends for each pass: a rescuer that started its wait again whenever another
+    # process held the lock at that moment would, with many workers, never rescue anything.
+    job = conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id) VALUES ('t', 'running', 1, %s) RETURNING id",
+        (worker_incarnation(conn, "-1 minute"),),
+    ).fetchone()[0]
+    rescuer = Rescuer(lease_seconds=30)
+    t0 = db_now(conn)
+    assert run_once(dsn, rescuer, t0).leader
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (LEADER_KEY,))  # another process leads this pass
+        assert not run_once(dsn, rescuer, t0 + timedelta(seconds=20)).leader
+    assert run_once(dsn, rescuer, t0 + timedelta(seconds=31)).done == {"rescued": 1}
+    assert states(conn) == {job: "scheduled"}
+    later = conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, attempts, worker_id) VALUES ('t', 'running', 1, %s) RETURNING id",
+        (worker_incarnation(conn, "-1 minute"),),
+    ).fetchone()[0]
+    rescuer.lost_leadership()  # a reconnection does restart it
+    assert run_once(dsn, rescuer, t0 + timedelta(seconds=40)).done == {"rescued": 0}
+    assert run_once(dsn, rescuer, t0 + timedelta(seconds=71)).done == {"rescued": 1}
+    assert states(conn)[later] == "scheduled"
 
 
 def test_rescue_fails_exhausted_jobs_and_ends_cancel_requests(dsn: str, conn: psycopg.Connection[Any]) -> None:

@@ -1,6 +1,7 @@
-"""Real ``pgsched scheduler`` and ``pgsched worker --with-scheduler`` processes: a crashed worker's job
-rescued and finished elsewhere, leader failover after kill -9, promotion and retries without a separate
-scheduler, and schedules defined in code firing on their own.
+"""Real ``pgsched scheduler`` and ``pgsched worker`` processes (every worker runs the scheduler unless
+``--no-scheduler``): a crashed worker's job rescued and finished elsewhere, leader failover after kill -9,
+promotion and retries without a separate scheduler, one leader per pass among workers, and schedules
+defined in code firing on their own.
 
 Nothing here moves the clock or promotes by hand: the processes do it all, and each test waits on what
 a user would see in the database, with a deadline.
@@ -188,13 +189,13 @@ def test_a_scheduler_with_a_short_lease_starts(conn: psycopg.Connection[Any], sp
     wait_until(while_alive(lambda: promoted(conn, job_id), scheduler), timeout=20, message="the scheduler to promote")
 
 
-# -- pgsched worker --with-scheduler -------------------------------------------------------------
+# -- the scheduler in every worker ----------------------------------------------------------------
 
 
-def test_a_worker_with_the_scheduler_runs_delayed_jobs_and_retries_alone(
+def test_a_plain_worker_runs_delayed_jobs_and_retries_alone(
     client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., Process]
 ) -> None:
-    worker = spawn("worker", "--with-scheduler", "--app", SCHED_APP, *FAST_WORKER)
+    worker = spawn("worker", "--app", SCHED_APP, *FAST_WORKER)
     me = wait_until(while_alive(lambda: worker_id(conn, worker), worker), timeout=20, message="the worker to register")
 
     delayed = client.enqueue("hello", {"name": "later"}, delay=1)
@@ -218,7 +219,67 @@ def test_a_worker_with_the_scheduler_runs_delayed_jobs_and_retries_alone(
     assert runs(conn, failing.id) == [(1, "failed", me), (2, "failed", me)]
     # The retry was due 0.5 s after the first attempt ended, and the second attempt waited for it.
     assert dead["started_at"] >= dead["run_at"] >= dead["created_at"] + timedelta(seconds=0.5)
+
+    retried = client.enqueue("retry_once")
+    done = wait_until(
+        while_alive(lambda: in_state(conn, retried.id, "succeeded"), worker),
+        timeout=20,
+        message="the job that raised Retry to run again and succeed",
+    )
+    assert (done["attempts"], done["result"]) == (2, "succeeded on attempt 2")
+    assert [outcome for _, outcome, _ in runs(conn, retried.id)] == ["failed", "succeeded"]  # Retry ends the attempt
     assert worker.stop() == 0
+
+
+def scheduler_flags(conn: psycopg.Connection[Any]) -> dict[int, bool]:
+    """pid -> with_scheduler of the live workers, as monitoring reads them."""
+    return dict(conn.execute("SELECT pid, with_scheduler FROM pgsched.worker_status WHERE alive").fetchall())
+
+
+def test_worker_status_says_which_workers_run_the_scheduler(
+    conn: psycopg.Connection[Any], spawn: Callable[..., Process]
+) -> None:
+    plain = spawn("worker", "--app", SAMPLE, *FAST_WORKER)
+    old_flag = spawn("worker", "--with-scheduler", "--app", SAMPLE, *FAST_WORKER)  # still accepted: a no-op
+    opted_out = spawn("worker", "--no-scheduler", "--app", SAMPLE, *FAST_WORKER)
+    by_env = spawn("worker", "--app", SAMPLE, *FAST_WORKER, env={"PGSCHED_SCHEDULER": "false"})
+    procs = [plain, old_flag, opted_out, by_env]
+    flags = wait_until(
+        while_alive(lambda: len(scheduler_flags(conn)) == 4 and scheduler_flags(conn), *procs),
+        timeout=30,
+        message="four workers to register",
+    )
+    assert flags == {plain.pid: True, old_flag.pid: True, opted_out.pid: False, by_env.pid: False}
+    for proc in procs:
+        assert proc.stop() == 0
+
+
+def test_workers_lead_maintenance_only_with_the_lock(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn: Callable[..., Process], dsn: str
+) -> None:
+    from pgsched.leader.service import LEADER_KEY
+
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LEADER_KEY,))  # someone else leads every pass
+        job = client.enqueue("hello", {"name": "due"}, delay=0.1)
+        workers = [spawn("worker", "--app", SCHED_APP, *FAST_WORKER, "--log-level", "debug") for _ in range(2)]
+        wait_until(
+            while_alive(lambda: all("promoter: another process leads" in w.stderr() for w in workers), *workers),
+            timeout=30,
+            message="both workers to find the promoter's pass led elsewhere",
+        )
+        # Both have tried since the job became due, and neither promoted it: they defer to the leader.
+        assert job_row(conn, job.id)["state"] == "scheduled"
+    # The lock is free: one of them leads the next pass, and the job runs once.
+    done = wait_until(
+        while_alive(lambda: in_state(conn, job.id, "succeeded"), *workers),
+        timeout=20,
+        message="a worker to lead, promote and run the job",
+    )
+    assert done["result"] == "hello due"
+    assert [outcome for _, outcome, _ in runs(conn, job.id)] == ["succeeded"]
+    for proc in workers:
+        assert proc.stop() == 0
 
 
 def schedule_row(conn: psycopg.Connection[Any], name: str) -> tuple[Any, ...] | None:
@@ -230,7 +291,7 @@ def schedule_row(conn: psycopg.Connection[Any], name: str) -> tuple[Any, ...] | 
 def test_a_schedule_defined_in_code_fires_from_the_worker(
     conn: psycopg.Connection[Any], spawn: Callable[..., Process]
 ) -> None:
-    worker = spawn("worker", "--with-scheduler", "--app", SCHED_APP, *FAST_WORKER)
+    worker = spawn("worker", "--app", SCHED_APP, *FAST_WORKER)
     schedule_id, *schedule = wait_until(
         while_alive(lambda: schedule_row(conn, "heartbeat-demo"), worker),
         timeout=20,
@@ -262,7 +323,7 @@ def test_a_schedule_defined_in_code_fires_from_the_worker(
 def test_a_worker_of_another_app_leaves_the_schedules_of_this_one_alone(
     conn: psycopg.Connection[Any], spawn: Callable[..., Process]
 ) -> None:
-    owner = spawn("worker", "--with-scheduler", "--app", SCHED_APP, *FAST_WORKER)
+    owner = spawn("worker", "--app", SCHED_APP, *FAST_WORKER)
     wait_until(while_alive(lambda: schedule_row(conn, "heartbeat-demo"), owner), timeout=20, message="the schedule")
     other = spawn("worker", "--app", SAMPLE, *FAST_WORKER)  # another app, with no schedules of its own
     wait_until(while_alive(lambda: worker_id(conn, other), other), timeout=20, message="the other worker to register")

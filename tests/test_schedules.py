@@ -14,7 +14,7 @@ import pytest
 
 import pgsched
 from pgsched import ValidationError, next_fire_times
-from pgsched.materializer import Materializer
+from pgsched.leader.materializer import Materializer
 
 from .conftest import row_counts
 from .test_cli import pgsched as run_cli
@@ -331,7 +331,7 @@ def test_a_broken_sql_schedule_is_skipped_not_fatal(dsn: str, conn: psycopg.Conn
 
 @pytest.mark.parametrize(("misfire", "expected"), [("catch_up", 999), ("run_once", 1), ("skip", 1)])
 def test_far_behind_the_policies_see_the_latest_slots(misfire: str, expected: int) -> None:
-    from pgsched.materializer import plan
+    from pgsched.leader.materializer import plan
     from pgsched.schedules import build
 
     now = at("2026-12-01T12:00:00+00:00")

@@ -442,12 +442,10 @@ def test_a_prefetched_job_cancelled_before_it_starts_never_runs(
 def test_burst_with_the_scheduler_returns(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
     job = tasks.enqueue("echo", {"value": 1})
     done = threading.Event()
-    runner = threading.Thread(
-        target=lambda: (tasks.run_worker(burst=True, with_scheduler=True, poll_seconds=0.1), done.set())
-    )
+    runner = threading.Thread(target=lambda: (tasks.run_worker(burst=True, poll_seconds=0.1), done.set()))
     runner.start()
     runner.join(timeout=30)
-    assert done.is_set(), "run_worker(burst=True, with_scheduler=True) did not return"
+    assert done.is_set(), "run_worker(burst=True) did not return (with the scheduler, which is on by default)"
     assert tasks.get(job.id).state == "succeeded"
 
 
@@ -479,3 +477,21 @@ def test_wait_cancelled_waits_for_the_stop_or_the_timeout() -> None:
     stopped_first = Context(None, None)  # type: ignore[arg-type]
     stopped_first._cancel()
     assert stopped_first.wait_cancelled(30) is True  # stopped before the first wait
+
+
+def test_run_worker_takes_python_values(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
+    @tasks.task(queue="b")
+    def on_b() -> str:
+        return "ran on b"
+
+    jobs = [tasks.enqueue("echo", {"value": 1}, queue="a"), on_b.enqueue()]
+    stats = tasks.run_worker(
+        queues=["a", "b"],
+        concurrency=4,
+        burst=True,
+        poll_seconds=timedelta(milliseconds=100),
+        grace_seconds=timedelta(seconds=5),
+        scheduler=False,
+    )
+    assert (stats.claimed, stats.succeeded) == (2, 2)
+    assert [tasks.get(job.id).result for job in jobs] == [1, "ran on b"]

@@ -159,19 +159,59 @@ def test_sigterm_with_a_sync_job_in_flight_exits_and_leaves_the_job_to_its_lease
     assert runs(conn, job.id) == [(1, "lease_expired", claimed["worker_id"])]
 
 
+def test_two_signals_at_once_are_one_graceful_stop(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    # `timeout ... make up`: both timeout and make forward the SIGTERM, so it arrives twice.
+    job = client.enqueue("sleep_async", {"seconds": 1})
+    worker = spawn_worker("--grace-seconds", "60")
+    wait_until(lambda: running(conn, job.id), message="the job to run")
+    worker.signal(signal.SIGTERM)
+    # Not before the first is handled: two signals pending at once would be delivered as one.
+    wait_until(lambda: "stopping: finishing" in worker.stderr(), message="the worker to begin its graceful stop")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.stderr()
+    assert "already stopping" in worker.stderr()
+    assert "stopping now" not in worker.stderr()
+    assert job_row(conn, job.id)["state"] == "succeeded"  # it had its grace period, and finished
+    assert worker_pids(conn) == {}
+
+
+def signal_until(worker: WorkerProcess, sig: int, text: str) -> None:
+    """Send ``sig`` again and again, as an impatient user would, until the worker logs ``text``."""
+
+    def sent() -> bool:
+        worker.check_alive()
+        worker.signal(sig)
+        return wait_until_or_none(lambda: text in worker.stderr(), 0.3)
+
+    wait_until(sent, timeout=20, interval=0, message=f"the worker to log {text!r}")
+
+
+def wait_until_or_none(predicate: Callable[[], Any], timeout: float) -> Any:
+    try:
+        return wait_until(predicate, timeout=timeout)
+    except AssertionError:
+        return None
+
+
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_second_signal_exits_at_once(
+def test_a_deliberate_second_signal_stops_now_and_puts_the_jobs_back(
     second: int, client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
     job = client.enqueue("sleep_async", {"seconds": 60})
     worker = spawn_worker("--grace-seconds", "300")
     wait_until(lambda: running(conn, job.id), message="the job to run")
+    worker_id = worker_pids(conn)[worker.pid]
     worker.signal(signal.SIGTERM)
     wait_until(lambda: "stopping" in worker.stderr(), message="the worker to begin its graceful stop")
-    worker.signal(second)
+    signal_until(worker, second, "stopping now")
     assert worker.wait(15) == 130  # well before the 300 s grace
-    # Nothing was released: the job keeps its lease until it expires (then the rescuer takes it).
-    assert job_row(conn, job.id)["state"] == "running"
+    assert f"running jobs left: {job.id} (sleep_async)" in worker.stderr()
+    row = job_row(conn, job.id)
+    assert (row["state"], row["attempts"], row["worker_id"]) == ("queued", 0, None)
+    assert runs(conn, job.id) == [(1, "interrupted", worker_id)]
+    assert worker_pids(conn) == {}
 
 
 def test_kill_9_mid_job_loses_nothing(
@@ -310,6 +350,42 @@ def test_ctrl_c_to_the_process_group_stops_the_children_gracefully(
     row = job_row(conn, job.id)
     assert (row["state"], row["attempts"]) == ("queued", 0)
     assert [outcome for _, outcome, _ in runs(conn, job.id)] == ["interrupted"]
+    assert worker_pids(conn) == {}
+
+
+def test_a_stop_that_signals_every_process_of_the_group_is_graceful(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    # systemd's stop (KillMode=control-group) sends SIGTERM to every process: each child gets it
+    # directly and relayed by the supervisor.
+    jobs = [client.enqueue("sleep_async", {"seconds": 1}) for _ in range(2)]
+    supervisor = spawn_worker("--processes", "2", "--concurrency", "1", "--grace-seconds", "60")
+    wait_until(
+        lambda: registered(conn, 2) and all(running(conn, job.id) for job in jobs), timeout=20, message="both jobs"
+    )
+    for pid in [supervisor.pid, *supervisor.children()]:
+        os.kill(pid, signal.SIGTERM)
+    assert supervisor.wait(30) == 0, supervisor.stderr()
+    assert "stopping now" not in supervisor.stderr()
+    assert [job_row(conn, job.id)["state"] for job in jobs] == ["succeeded", "succeeded"]
+    assert worker_pids(conn) == {}
+
+
+def test_a_deliberate_second_ctrl_c_to_the_supervisor_puts_the_jobs_back(
+    client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    job = client.enqueue("sleep_async", {"seconds": 60})
+    supervisor = spawn_worker("--processes", "2", "--grace-seconds", "300")
+    wait_until(lambda: registered(conn, 2) and running(conn, job.id), timeout=20, message="the job to run")
+    supervisor.signal(signal.SIGINT)
+    wait_until(lambda: supervisor.stderr().count("stopping: finishing") == 2, message="both children to begin stopping")
+    signal_until(supervisor, signal.SIGINT, "running jobs left")
+    assert supervisor.wait(20) == 130, supervisor.stderr()
+    assert f"running jobs left: {job.id} (sleep_async)" in supervisor.stderr()
+    assert (job_row(conn, job.id)["state"], [outcome for _, outcome, _ in runs(conn, job.id)]) == (
+        "queued",
+        ["interrupted"],
+    )
     assert worker_pids(conn) == {}
 
 

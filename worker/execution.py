@@ -21,13 +21,13 @@ from pgsched.client import App
 from pgsched.context import Context
 from pgsched.errors import EncryptionError
 from pgsched.jobs import Job
-from pgsched.outcomes import Cancel, Retry, Snooze
+from pgsched.task_control import Cancel, Retry, Snooze
 from pgsched.validation import EXECUTOR_KINDS
 
 from .attempts import Attempt, State
 from .executors import NotRetryable, creator_may_run_commands, job_timeout, run_http, run_python, run_shell
 from .outcomes import Outcome, ended, failure, result_outcome, task_traceback
-from .payloads import KEY_WAIT_SECONDS, KeyNotHere, open_payloads
+from .run_encryption import KEY_WAIT_SECONDS, KeyNotHere, open_payloads
 from .runlog import RunLogBuffer
 from .threads import TaskThreads
 

@@ -169,6 +169,15 @@ SELECT id FROM pgsched.jobs
 WHERE id = ANY(%(ids)s::bigint[]) AND worker_id = %(worker)s AND state = 'running' AND cancel_requested_at IS NOT NULL
 """
 
+# Jobs running under this incarnation that the worker does not hold: claimed by
+# a claim whose commit succeeded but whose reply was lost (the session cut just
+# after the commit). The heartbeat reads them when no claim is on its way, and
+# gives them back (RELEASE). The running rows by jobs_running_idx.
+UNKNOWN_CLAIMS = """
+SELECT id FROM pgsched.jobs
+WHERE state = 'running' AND worker_id = %(worker)s AND NOT (id = ANY(%(held)s::bigint[]))
+"""
+
 # Save a task's checkpoint (fenced like a completion).
 SET_PROGRESS = """
 UPDATE pgsched.jobs SET progress = %(progress)s::jsonb
@@ -219,3 +228,7 @@ MAY_RUN_COMMANDS = """
 SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(role)s)
             THEN pgsched.may_create_command_jobs(%(role)s) ELSE false END
 """
+
+# The channels a worker listens on: new jobs (per queue, from the jobs insert trigger), cancels of
+# running jobs, and changed queue controls.
+LISTEN = ("LISTEN pgsched_wakeup", "LISTEN pgsched_cancel", "LISTEN pgsched_queue_settings")

@@ -49,7 +49,7 @@ from .attempts import LIVE, Attempt, State
 from .controls import Claim, Controls, claimed_row
 from .execution import Execution, lenient_loads
 from .outcomes import Outcome, Stats, complete_params, log_finished
-from .payloads import sealed
+from .run_encryption import sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
 from .writer import ClaimAhead, Writer
@@ -101,6 +101,7 @@ class Worker:
         self._queues = list(self.options.queue_list)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._no_grace = False  # stop_now(): running jobs get no grace period
         self._live = False  # the incarnation's lease is confirmed
         self._lease_until = 0.0  # monotonic time until which it is
         self._busy = False  # the last claim got all it asked for: the queues have more
@@ -113,7 +114,7 @@ class Worker:
             "queues": list(self.options.queue_list),
             "tasks": self.runnable,
             "concurrency": self.options.concurrency,
-            "with_scheduler": self.options.with_scheduler,
+            "with_scheduler": self.options.scheduler,
             "version": __version__,
             "lease": self.options.lease_seconds,
         }
@@ -140,6 +141,13 @@ class Worker:
         """Begin a graceful shutdown (what SIGTERM does)."""
         self._stopping.set()
         self._wake.set()
+
+    def stop_now(self) -> list[Job]:
+        """Stop without the grace period (a deliberate second signal): running jobs are stopped
+        and put back at once, as at the end of a grace period. Returns the jobs it leaves."""
+        self._no_grace = True
+        self.stop()
+        return [a.job for a in self._running()]
 
     async def run(self) -> Stats:
         """Run until stopped (or, with ``burst``, until the queues are empty)."""
@@ -183,6 +191,8 @@ class Worker:
             log.info("stopping: writing %d buffered outcomes", len(self.writer.pending))
             self.writer.close()
             await flusher  # every buffered outcome is written (the heartbeat keeps the lease meanwhile)
+            # A claim sent with outcomes before the stop may have landed after the slots stopped.
+            await self._release_waiting()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -205,7 +215,7 @@ class Worker:
     async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
         await self._release_waiting()  # prefetched jobs never started: give them back now
         deadline = time.monotonic() + self.options.grace_seconds
-        while self._running() and time.monotonic() < deadline:
+        while self._running() and time.monotonic() < deadline and not self._no_grace:
             await asyncio.sleep(0.01)
         running = self._running()
         if running:
@@ -266,16 +276,21 @@ class Worker:
         ids = [
             a.job.id for a in self.attempts.values() if a.lease == lease and a.state in (State.BUFFERED, State.RUNNING)
         ]
-        params = {**self._registration, "worker": lease, "ids": ids}
+        held = [a.job.id for a in self.attempts.values() if a.lease == lease]
+        params = {**self._registration, "worker": lease, "ids": ids, "held": held}
+        # Whether any claim could have changed this incarnation's jobs while the heartbeat looked.
+        claims_before, quiet = self.stats.claims, self._reserved == 0
         sent = time.monotonic()
         async with self._pool.connection() as conn:
             async with conn.pipeline():
                 renewed = await conn.execute(queries.HEARTBEAT, params)
                 cancels = await conn.execute(queries.CANCEL_REQUESTS, params)
                 controls = await conn.execute(queries.CONTROLS, params)
+                unknown = await conn.execute(queries.UNKNOWN_CLAIMS, params)
             confirmed = await renewed.fetchone() is not None
             cancel_ids = [row[0] for row in await cancels.fetchall()]
             control_rows = await controls.fetchall()
+            unknown_ids = [row[0] for row in await unknown.fetchall()]
         if lease != self.lease:
             return  # lost while the heartbeat was on its way
         if not confirmed:
@@ -285,6 +300,20 @@ class Worker:
         for job_id in cancel_ids:
             self._cancel(job_id)
         await self._apply_controls(control_rows)
+        if unknown_ids and quiet and self._reserved == 0 and self.stats.claims == claims_before:
+            await self._give_back_unknown(unknown_ids, lease)
+
+    async def _give_back_unknown(self, ids: list[int], lease: uuid.UUID) -> None:
+        """Jobs the database says this incarnation runs, which it does not hold: a claim committed
+        whose reply never came (its session was cut after the commit). Nobody would ever run
+        them, and the rescuer leaves them alone while the lease lives: put them back."""
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(queries.RELEASE, {"ids": ids, "worker": lease})).fetchall()
+            queues = sorted({queue for _, queue, state in rows if state == "queued"})
+            if queues:
+                await conn.execute(queries.WAKE, (queues,))
+        if rows:
+            log.warning("worker %s gives back %d jobs claimed in a reply it never got: %s", lease, len(rows), ids[:20])
 
     async def _watch_lease(self) -> None:
         """Give up the incarnation when its lease runs out unconfirmed; register a new one."""
@@ -576,9 +605,8 @@ class Worker:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.app.dsn, autocommit=True) as conn:
-                    await conn.execute("LISTEN pgsched_wakeup")
-                    await conn.execute("LISTEN pgsched_cancel")
-                    await conn.execute("LISTEN pgsched_queue_settings")
+                    for listen in queries.LISTEN:
+                        await conn.execute(listen)
                     # Anything that happened while we were not listening: a pause, new jobs.
                     await self._read_controls()
                     self._wake.set()

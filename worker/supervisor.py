@@ -4,9 +4,12 @@ Children get the supervisor's settings through their ``PGSCHED_*`` variables
 (with ``processes=1``), except the secret ones (the DSN, the encryption keys,
 ``DATABASE_URL``, ``PGPASSWORD``), which go through a pipe on their stdin: a
 process's environment can be read by other processes (``/proc/PID/environ``),
-and a child's would be readable from its start until it blanks it. SIGTERM/SIGINT
-are forwarded to every child, which then shuts down gracefully; a second signal
-kills them.
+and a child's would be readable from its start until it blanks it.
+
+SIGTERM/SIGINT are relayed to every child as ``RELAYED_STOP``, which it takes as a graceful
+stop and never as "stop now", even when it got the same stop directly (a systemd stop
+signals every process of the group). A second signal counts as "stop now" only after
+``SIGNAL_WINDOW_SECONDS`` (worker/serve.py); the children then get ``RELAYED_STOP_NOW``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import msgspec
 
 from pgsched.config import Settings, env_name
 from pgsched.protect import SECRET_VARIABLES
+
+from .serve import RELAYED_STOP, RELAYED_STOP_NOW, SIGNAL_WINDOW_SECONDS
 
 log = logging.getLogger("pgsched.supervisor")
 
@@ -47,9 +52,11 @@ def child_environment(settings: Settings) -> tuple[dict[str, str], dict[str, str
 def supervise(settings: Settings) -> int:
     """Run and watch the children until stopped; returns the exit status."""
     env, secrets = child_environment(settings)
-    command = [sys.executable, "-m", "pgsched", "worker", "--secrets-on-stdin"]
+    command = [sys.executable, "-m", "pgsched", "worker", "--secrets-on-stdin", "--supervised"]
     children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
     stopping = False
+    first_signal = 0.0
+    stopped_now = False
 
     def start(slot: int) -> None:
         # Its own process group: a Ctrl-C at the terminal reaches the supervisor only, which
@@ -61,12 +68,17 @@ def supervise(settings: Settings) -> int:
         children[slot] = (process, time.monotonic())
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        kill = stopping
-        stopping = True
+        nonlocal stopping, first_signal, stopped_now
+        if not stopping:
+            stopping, first_signal, relay = True, time.monotonic(), RELAYED_STOP
+        elif stopped_now or time.monotonic() - first_signal < SIGNAL_WINDOW_SECONDS:
+            return  # the same stop signalled twice (or stopping now already)
+        else:
+            stopped_now, relay = True, RELAYED_STOP_NOW
+            log.warning("stopping now: telling the worker processes to put their running jobs back")
         for process, _ in children.values():
             if process.poll() is None:
-                process.send_signal(signal.SIGKILL if kill else signum)
+                process.send_signal(relay)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

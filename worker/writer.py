@@ -199,13 +199,16 @@ class Writer:
         outcomes = [a.outcome for a in batch if a.outcome is not None]
         rows = None
         try:
-            # No sync point between the two statements: if either fails, neither holds.
+            # No sync point between the two statements: if either fails, neither holds. Their
+            # results arrive before the commit, which is the pipeline's sync at the end of the
+            # block: the claimed rows are the worker's only once the block has exited.
             async with conn.pipeline():
                 completed = await conn.execute(queries.COMPLETE, complete_params(outcomes, [a.lease for a in batch]))
                 claim_cursor = conn.cursor(row_factory=claimed_row)
                 await claim_cursor.execute(sql, params)
                 updated = {row[0] for row in await completed.fetchall()}
-                rows = await claim_cursor.fetchall()
+                fetched = await claim_cursor.fetchall()
+            rows = fetched
             self.stats.count(outcomes, updated)
             self.written(batch)  # before the claimed jobs are held: capacity is never exceeded
         except psycopg.Error as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pgsched import App, Backoff
+from pgsched import App, Backoff, Context, Retry
 
 app = App()
 
@@ -22,6 +22,14 @@ def hello(name: str = "world") -> str:
 def always_fails(message: str = "boom") -> None:
     """Fails every attempt: retried once after 0.5 s, then dead-lettered."""
     raise RuntimeError(message)
+
+
+@app.task
+def retry_once(ctx: Context) -> str:
+    """Asks for a retry on its first attempt, succeeds on the second."""
+    if ctx.attempt == 1:
+        raise Retry(after=0.5)
+    return f"succeeded on attempt {ctx.attempt}"
 
 
 @app.periodic(every=timedelta(seconds=1), name="heartbeat-demo", overlap="allow")

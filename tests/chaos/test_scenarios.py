@@ -147,15 +147,18 @@ def crashable(
 
 
 def verdicts(report: Report, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any]:
-    """The broken promises of a report (with the lost jobs' rows and runs, to see how they got stuck)."""
+    """The broken promises of a report (with the rows, runs and executions of the lost and the
+    unexplained duplicated jobs, to see what happened to them)."""
     found = {name: getattr(report, name)[:20] for name in Report.VERDICTS if getattr(report, name)}
-    if conn is not None and report.lost:
-        found["lost_jobs"] = conn.execute(
+    for name in ("lost", "duplicated_unexplained"):
+        if conn is None or not getattr(report, name):
+            continue
+        found[f"{name}_jobs"] = conn.execute(
             """SELECT j.id, j.state, j.attempts, j.worker_id, j.finished_at,
                       (SELECT array_agg(r.attempt || ':' || r.outcome ORDER BY r.id) FROM pgsched.runs r WHERE r.job_id = j.id),
                       (SELECT array_agg(h.attempt || ':' || h.event || ':' || h.pid ORDER BY h.seq) FROM chaos.history h WHERE h.job_id = j.id)
                FROM pgsched.jobs j WHERE j.id = ANY(%s) ORDER BY j.id LIMIT 10""",
-            (report.lost,),
+            (getattr(report, name),),
         ).fetchall()
     return found
 

@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import importlib
 import sys
-import threading
-import time
-from typing import Any
 
 import click
 import psycopg
 
-from . import accounts, migrations
-from .accounts import Audit
-from .cli import connect, main, with_settings
-from .config import Settings, replace_settings
-from .db import configure_adapters, resolve_dsn, run
-from .errors import ConfigError
-from .extras import require
-
-DEV_ADMIN = "dev"
+from .. import accounts, migrations
+from ..config import Settings, replace_settings
+from ..db import configure_adapters, resolve_dsn, run
+from ..extras import require
+from .options import connect, with_settings
+from .serve_api import cli_audit, dev_token
 
 
-def _audit(conn: psycopg.Connection[Any]) -> Audit:
-    """Changes made from the command line are audited under the database role."""
-    return Audit(actor=f"db:{conn.info.user}")
-
-
-@main.group()
+@click.group()
 def users() -> None:
     """Users of the REST API."""
 
@@ -42,11 +31,13 @@ def users() -> None:
 def create_user(settings: Settings, name: str, admin: bool, role: str, may_create_commands: bool) -> None:
     """Create a user NAME (the owner of the jobs it creates)."""
     with connect(settings) as conn, conn.transaction():
-        user = run(conn, accounts.op_create_user(_audit(conn), name, "admin" if admin else role, may_create_commands))
+        user = run(
+            conn, accounts.op_create_user(cli_audit(conn), name, "admin" if admin else role, may_create_commands)
+        )
     click.echo(f"created user {user.username!r} ({user.role}); give it a token: pgsched tokens create {user.username}")
 
 
-@main.group()
+@click.group()
 def tokens() -> None:
     """API tokens."""
 
@@ -58,11 +49,11 @@ def tokens() -> None:
 def create_token(settings: Settings, user: str, name: str) -> None:
     """Create an API token for USER and print it (only this once: only its hash is stored)."""
     with connect(settings) as conn, conn.transaction():
-        _, secret = run(conn, accounts.op_create_token(_audit(conn), run(conn, accounts.op_user(user)), name))
+        _, secret = run(conn, accounts.op_create_token(cli_audit(conn), run(conn, accounts.op_user(user)), name))
     click.echo(secret)
 
 
-@main.command("api")
+@click.command("api")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option(
@@ -90,7 +81,7 @@ def api(settings: Settings, host: str, port: int, dev: bool, tls_cert: str | Non
         migrations.check(conn)
         has_admin = run(conn, accounts.op_any_admin())
     if dev:
-        token = _dev_token(dsn, has_admin)
+        token = dev_token(dsn)
     elif not has_admin:
         raise click.ClickException(
             "no admin user: create one with `pgsched users create --admin NAME` and give it a token with "
@@ -113,52 +104,4 @@ def api(settings: Settings, host: str, port: int, dev: bool, tls_cert: str | Non
     )
 
 
-def _dev_token(dsn: str, has_admin: bool = True) -> str:
-    """A fresh token of the dev admin (created when no admin exists), through the privileged DSN."""
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
-        audit = _audit(conn)
-        try:
-            user = run(conn, accounts.op_user(DEV_ADMIN))
-        except accounts.ValidationError:
-            user = run(conn, accounts.op_create_user(audit, DEV_ADMIN, "admin"))
-        _, secret = run(conn, accounts.op_create_token(audit, user, "dev"))
-    return secret
-
-
-class DevApi:
-    """The REST API served in a thread of ``pgsched up``, in development mode (``--dev``)."""
-
-    def __init__(self, settings: Settings, host: str, port: int) -> None:
-        uvicorn = require("uvicorn", "api", "the REST API")
-        require("litestar", "api", "the REST API")
-        assert settings.dsn is not None
-        self.token = _dev_token(settings.dsn, has_admin=True)
-        app = importlib.import_module("pgsched.api").create_app(settings, dev=True)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False)
-        self.server = uvicorn.Server(config)
-        self.url = f"http://{host}:{port}/api/v1"
-        # uvicorn installs no signal handler outside the main thread: up's own handlers stop it.
-        self.thread = threading.Thread(target=self.server.run, name="pgsched-api", daemon=True)
-
-    def start(self, timeout: float = 15.0) -> None:
-        """Serve; ConfigError when it cannot (the port is taken, most often)."""
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise ConfigError(f"the REST API did not start on {self.url} (is the port in use? --api-port)")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def start_dev_api(settings: Settings, host: str, port: int) -> DevApi | str:
-    """The API of ``pgsched up``, started; or why it is not (one line for the terminal)."""
-    try:
-        api = DevApi(settings, host, port)
-        api.start()
-    except ConfigError as exc:
-        return str(exc)
-    return api
+COMMANDS = [api, users, tokens]

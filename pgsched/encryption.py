@@ -3,7 +3,7 @@ before they are written, and reading them back.
 
 A job's args are encrypted when its task says ``encrypt=True`` or its queue's ``pgsched.queues``
 row says ``encrypt`` (read when the app connects; the database refuses plaintext there too, see
-docs/architecture.md, "Encrypted payloads"). The worker's side is ``pgsched.worker.payloads``.
+docs/architecture.md, "Encrypted payloads"). The worker's side is ``pgsched.worker.run_encryption``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The materializer: turns due schedule slots into jobs.
 
-Per pass (a maintenance service, see ``pgsched.maintenance``), for a batch of
+Per pass (a leader service, see ``pgsched.leader``), for a batch of
 due schedules locked with SKIP LOCKED:
 
 - a schedule without ``next_run_at`` (new, or its timetable changed) starts
@@ -35,70 +35,16 @@ from typing import Any
 
 import psycopg
 
-from . import cron
-from .errors import ValidationError
-from .maintenance import BATCH, Service
-from .schedules import from_row
+from .. import cron, queries
+from ..errors import ValidationError
+from ..schedules import from_row
+from .service import BATCH, Service
 
+# The name it has always logged under, which users' logging configurations select.
 log = logging.getLogger("pgsched.materializer")
 
 MISFIRE_GRACE = timedelta(seconds=60)
 MAX_SLOTS_PER_PASS = 1000
-
-# Due schedules (schedules_due_idx), locked so concurrent schedulers split them.
-DUE = """
-SELECT id, name, task, args, cron, every, timezone, queue, priority, max_attempts, timeout_seconds, owner,
-       misfire_policy, catch_up_window, overlap_policy, jitter_seconds, start_at, end_at, paused, enabled, source,
-       next_run_at, last_slot, invalid_reason, created_at
-FROM pgsched.schedules
-WHERE enabled AND NOT paused AND invalid_reason IS NULL
-  AND (next_run_at IS NULL OR (next_run_at <= pgsched.now() AND (end_at IS NULL OR next_run_at <= end_at)))
-  -- Schedules of command jobs fire only where this role may create such jobs (the jobs table's
-  -- guard would refuse them, and with them the whole batch).
-  AND (task NOT IN ('shell', 'http') OR pgsched.may_create_command_jobs(current_user))
-  -- A template stored in clear for a queue that now encrypts would be refused by the jobs insert
-  -- trigger, and with it the batch: it waits until its app writes it again, encrypted.
-  AND (args @> '{"pgsched_encrypted": 1}'
-       OR NOT EXISTS (SELECT 1 FROM pgsched.queues q WHERE q.name = pgsched.schedules.queue AND q.encrypt))
-ORDER BY next_run_at NULLS FIRST
-LIMIT %s
-FOR UPDATE SKIP LOCKED
-"""
-
-# Live jobs of those schedules, for the overlap policy (jobs_schedule_slot).
-LIVE = """
-SELECT schedule_id, id, state FROM pgsched.jobs
-WHERE schedule_id = ANY(%s) AND state IN ('waiting', 'scheduled', 'queued', 'running')
-"""
-
-INSERT_JOBS = """
-INSERT INTO pgsched.jobs (task, args, queue, priority, max_attempts, timeout_seconds, owner,
-                          schedule_id, slot, run_at)
-SELECT s.task, s.args, s.queue, s.priority, COALESCE(s.max_attempts, 5), s.timeout_seconds, s.owner,
-       s.id, f.slot, f.run_at
-FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[]) AS f(schedule_id, slot, run_at)
-JOIN pgsched.schedules s ON s.id = f.schedule_id
-ON CONFLICT (schedule_id, slot) WHERE schedule_id IS NOT NULL DO NOTHING
-RETURNING id
-"""
-
-# A schedule this pass could not evaluate is marked once and passed over from then on (it no
-# longer matches DUE), so it neither warns every pass nor holds a place in every batch. Fenced
-# like ADVANCE: a schedule rewritten since this pass read it is left to the next pass.
-MARK_INVALID = """
-UPDATE pgsched.schedules s SET invalid_reason = v.reason, updated_at = pgsched.now()
-FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[]) AS v(id, seen, reason)
-WHERE s.id = v.id AND s.next_run_at IS NOT DISTINCT FROM v.seen AND s.invalid_reason IS NULL
-"""
-
-# Compare-and-set: only if next_run_at is still what this pass read.
-ADVANCE = """
-UPDATE pgsched.schedules s
-SET next_run_at = v.next_run_at, last_slot = COALESCE(v.last_slot, s.last_slot), updated_at = pgsched.now()
-FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[])
-     AS v(id, seen, next_run_at, last_slot)
-WHERE s.id = v.id AND s.next_run_at IS NOT DISTINCT FROM v.seen
-"""
 
 
 def slots_between(
@@ -166,12 +112,14 @@ class Materializer(Service):
     interval = 0.5
 
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
-        rows = await (await conn.execute(DUE, (BATCH,))).fetchall()
+        rows = await (await conn.execute(queries.MATERIALIZE_DUE, (BATCH,))).fetchall()
         if not rows:
             return {"fired": 0, "schedules": 0, "invalid": 0}
         schedules = [(from_row(row[:-1]), row[-1]) for row in rows]
         live: dict[int, list[tuple[int, str]]] = {}
-        for schedule_id, job_id, state in await (await conn.execute(LIVE, ([s.id for s, _ in schedules],))).fetchall():
+        for schedule_id, job_id, state in await (
+            await conn.execute(queries.MATERIALIZE_LIVE, ([s.id for s, _ in schedules],))
+        ).fetchall():
             live.setdefault(schedule_id, []).append((job_id, state))
         fire_ids, fire_slots, fire_run_ats, cancel = [], [], [], []
         ids, seen, nexts, lasts = [], [], [], []
@@ -197,12 +145,12 @@ class Materializer(Service):
             nexts.append(following)
             lasts.append(fire[-1] if fire else None)
         for job_id in cancel:
-            await conn.execute("SELECT pgsched.cancel(%s, 'replaced by the next run of its schedule')", (job_id,))
+            await conn.execute(queries.MATERIALIZE_CANCEL, (job_id,))
         inserted = 0
         if fire_ids:
-            cur = await conn.execute(INSERT_JOBS, (fire_ids, fire_slots, fire_run_ats))
+            cur = await conn.execute(queries.MATERIALIZE_INSERT_JOBS, (fire_ids, fire_slots, fire_run_ats))
             inserted = len(await cur.fetchall())
-        await conn.execute(ADVANCE, (ids, seen, nexts, lasts))
+        await conn.execute(queries.MATERIALIZE_ADVANCE, (ids, seen, nexts, lasts))
         if invalid_ids:
-            await conn.execute(MARK_INVALID, (invalid_ids, invalid_seen, invalid_reasons))
+            await conn.execute(queries.MATERIALIZE_MARK_INVALID, (invalid_ids, invalid_seen, invalid_reasons))
         return {"fired": inserted, "schedules": len(rows), "invalid": len(invalid_ids)}

@@ -7,11 +7,12 @@ from typing import Any
 import click
 import psycopg
 
-from . import queries
-from .cli import JSON_FLAG, connect, print_json, print_table, with_settings
-from .client import App
-from .config import Settings
-from .queues import QueueSettings
+from .. import queries
+from ..client import App
+from ..config import Settings
+from ..queues import QueueSettings
+from .options import JSON_FLAG, connect, with_settings
+from .output import print_json, print_table
 
 STATS_COLUMNS = (
     "queue",
@@ -129,3 +130,7 @@ def show(settings: Settings, name: str | None, as_json: bool) -> None:
     """The controls of queue NAME (of every queue that has any, without NAME)."""
     with App(settings=settings) as app:
         _print_settings([app.queue_settings(name)] if name else app.list_queue_settings(), as_json)
+
+
+# What pgsched.cli registers on the `pgsched` group.
+COMMANDS = [queues_group]

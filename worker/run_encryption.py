@@ -1,5 +1,5 @@
 """Encrypted payloads on the worker's side: opening a job's args and checkpoint before it runs,
-and sealing what its run writes (the client's side is ``pgsched.payloads``)."""
+and sealing what its run writes (the client's side is ``pgsched.encryption``)."""
 
 from __future__ import annotations
 

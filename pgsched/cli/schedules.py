@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
-from .cli import JSON_FLAG, load_app, print_json, print_table, with_settings
-from .client import App
-from .config import Settings
-from .errors import ValidationError
-from .validation import loads_json
+from ..client import App
+from ..config import Settings
+from ..errors import ValidationError
+from ..validation import loads_json
+from .options import JSON_FLAG, load_app, with_settings
+from .output import print_json, print_table
 
 
 @click.group("schedules")
@@ -116,7 +117,7 @@ _schedule_command("delete", "Delete a schedule (its jobs stay).", App.delete_sch
 @JSON_FLAG
 def preview(expression: str, tz: str, count: int, after: str | None, as_json: bool) -> None:
     """The next slots of a cron EXPRESSION in a time zone, as UTC and local times."""
-    from .cron import load_zone, next_fire_times
+    from ..cron import load_zone, next_fire_times
 
     try:
         start = datetime.fromisoformat(after) if after else datetime.now(load_zone("UTC"))
@@ -128,3 +129,7 @@ def preview(expression: str, tz: str, count: int, after: str | None, as_json: bo
         return
     zone = load_zone(tz)
     print_table([[s, s.astimezone(zone)] for s in slots], ("utc", tz))
+
+
+# What pgsched.cli registers on the `pgsched` group.
+COMMANDS = [schedules_group]
