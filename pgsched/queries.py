@@ -261,7 +261,7 @@ ROTATE_UPDATE_SCHEDULE = "UPDATE pgsched.schedules SET args = %(args)s, updated_
 # -- leader services (pgsched/leader/; the functions are in sql/0002_scheduler.sql) ----------------
 
 # Lead this pass (or, with the lock disabled for tests, always lead).
-LEAD_PASS = "SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now()"
+LEAD_PASS = "SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now()"  # nosec B105: a pass, not a password
 # The test clock of a pass (run_once(now=...)): pgsched.now() reads it, for this transaction only.
 SET_CLOCK = "SELECT set_config('pgsched.clock_offset', (%s - now())::text, true)"
 PROMOTE = "SELECT pgsched.promote(%s)"
