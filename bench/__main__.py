@@ -8,10 +8,17 @@ import io
 import pstats
 import sys
 
-from . import ceiling, enqueue, env, report, scheduling, steady, worker
+from . import api, ceiling, enqueue, env, report, scheduling, steady, worker
 
 # In this order: W3 runs after W1c, to claim at the batch sizes W1c used.
-WORKLOADS = {**enqueue.WORKLOADS, **worker.WORKLOADS, **ceiling.WORKLOADS, **scheduling.WORKLOADS, **steady.WORKLOADS}
+WORKLOADS = {
+    **enqueue.WORKLOADS,
+    **worker.WORKLOADS,
+    **ceiling.WORKLOADS,
+    **scheduling.WORKLOADS,
+    **steady.WORKLOADS,
+    **api.WORKLOADS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

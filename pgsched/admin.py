@@ -63,6 +63,12 @@ class Administration:
         Job options not given (queue, priority, max_attempts, timeout) are the task's."""
         return self._execute(self._op_add_schedule(name, task, fields), None)
 
+    async def add_schedule_async(
+        self, name: str, task: str, *, connection: Any = None, **fields: Any
+    ) -> schedules.Schedule:
+        """``add_schedule`` for async code; with ``connection``, in the caller's transaction."""
+        return await self._execute_async(self._op_add_schedule(name, task, fields), connection)
+
     def _op_add_schedule(self, name: str, task: str, fields: dict[str, Any]) -> Operation[schedules.Schedule]:
         defaults = known_task((yield from self._op_defaults([task])), task)
         for field in ("queue", "priority", "max_attempts", "timeout"):

@@ -5,6 +5,11 @@ transaction's ``pgsched.now()`` (which is what the ``run_at`` default would
 be), so COPY can write explicit ids and ``run_at`` values and the caller gets
 the ids back in order. Jobs with dependencies need ``pgsched.enqueue``'s
 checks and go through it, in the same transaction.
+
+PostgreSQL refuses COPY into a table with row-level security for a role subject
+to it (every pgsched group since migration 11; the table's owner, superusers and
+BYPASSRLS roles are not). For those roles the same rows go in by one ``INSERT
+... SELECT FROM unnest(...)`` of column arrays instead.
 """
 
 from __future__ import annotations
@@ -51,6 +56,32 @@ def _copy_text(value: str | None) -> str:
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         return value.translate(_COPY_ESCAPES)
     return value
+
+
+def _run_at(job: NewJob, db_now: datetime) -> datetime:
+    if job.run_at is not None:
+        return job.run_at
+    if job.delay_seconds:
+        return db_now + timedelta(seconds=job.delay_seconds)
+    return db_now
+
+
+def insert_params(jobs: list[NewJob], ids: list[int], db_now: datetime) -> list[list[Any]]:
+    """Column arrays of queries.BULK_INSERT (the rows of ``copy_data``, for roles that may not COPY)."""
+    return [
+        ids,
+        [job.task for job in jobs],
+        [job.args_json for job in jobs],
+        [job.queue for job in jobs],
+        [job.priority for job in jobs],
+        [_run_at(job, db_now) for job in jobs],
+        [job.max_attempts for job in jobs],
+        [job.timeout for job in jobs],
+        [job.dedupe_key for job in jobs],
+        [job.owner for job in jobs],
+        [job.concurrency_key for job in jobs],
+        [job.run_on_upstream_failure for job in jobs],
+    ]
 
 
 def copy_data(jobs: list[NewJob], ids: list[int], db_now: datetime, chunk: int = 2000) -> Iterator[str]:
@@ -124,11 +155,15 @@ def op_enqueue_many(
     # Jobs without dependencies go in by COPY, with ids allocated ahead.
     plain = [i for i, job in enumerate(jobs) if not job.depends_on]
     if plain:
-        ((db_now, allocated),) = yield Query(queries.BULK_PREPARE, (len(plain),))
+        ((db_now, allocated, row_security),) = yield Query(queries.BULK_PREPARE, (len(plain),))
         for i, job_id in zip(plain, allocated, strict=True):
             ids[i] = job_id
+        rows = [jobs[i] for i in plain]
         try:
-            yield Query(queries.BULK_COPY, copy=copy_data([jobs[i] for i in plain], allocated, db_now))
+            if row_security:
+                yield Query(queries.BULK_INSERT, insert_params(rows, allocated, db_now))
+            else:
+                yield Query(queries.BULK_COPY, copy=copy_data(rows, allocated, db_now))
         except DuplicateJobError as exc:
             # COPY says which key is taken, not by which item: name the item that has it.
             if exc.dedupe_key not in holders:

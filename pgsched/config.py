@@ -57,6 +57,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         str | None,
         msgspec.Meta(description="PostgreSQL connection string; unset: the embedded server"),
     ] = None
+    api_dsn: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Connection string of the REST API's database login, a member of pgsched_api (subject "
+            "to row-level security); unset: the dsn, which then must be such a login unless pgsched api --dev"
+        ),
+    ] = None
     data_dir: Annotated[
         str | None,
         msgspec.Meta(
@@ -127,8 +134,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         fields = msgspec.structs.asdict(self)
         if fields["encryption_keys"]:
             fields["encryption_keys"] = "<hidden>"
-        if fields["dsn"]:
-            fields["dsn"] = masked_dsn(fields["dsn"])
+        for name in ("dsn", "api_dsn"):
+            if fields[name]:
+                fields[name] = masked_dsn(fields[name])
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def check_worker(self) -> None:

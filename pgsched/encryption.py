@@ -83,3 +83,16 @@ class Payloads:
         else:
             self.encrypted_queues -= {settings.name}
         return settings
+
+
+def readable_text(text: str | None, field: str, scope: tuple[str, str], keyring: Keyring | None) -> str | None:
+    """A text column of an encrypted job (``scope``: its task and queue), decrypted with the
+    configured keys (PGSCHED_ENCRYPTION_KEYS), else "(encrypted)"."""
+    if text is None or not is_envelope(text):
+        return text
+    if keyring is not None:
+        try:
+            return keyring.decrypt_text(text, field, scope)
+        except EncryptionError:
+            pass
+    return "(encrypted)"

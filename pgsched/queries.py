@@ -33,7 +33,11 @@ SELECT {JOB_COLUMNS} FROM pgsched.enqueue(
 # Bulk enqueue: the database clock of this transaction (which is also what
 # the run_at default would be) and ids allocated ahead, so COPY can write
 # explicit ids and run_at values and the caller gets the ids back.
-BULK_PREPARE = "SELECT pgsched.now(), ARRAY(SELECT nextval('pgsched.jobs_id_seq') FROM generate_series(1, %s))"
+# Whether row-level security applies to this role (then COPY is refused: BULK_INSERT instead).
+BULK_PREPARE = """
+SELECT pgsched.now(), ARRAY(SELECT nextval('pgsched.jobs_id_seq') FROM generate_series(1, %s)),
+       row_security_active('pgsched.jobs')
+"""
 BULK_COPY_COLUMNS = (
     "id",
     "task",
@@ -49,6 +53,11 @@ BULK_COPY_COLUMNS = (
     "run_on_upstream_failure",
 )
 BULK_COPY = f"COPY pgsched.jobs ({', '.join(BULK_COPY_COLUMNS)}) FROM STDIN"
+BULK_INSERT = f"""
+INSERT INTO pgsched.jobs ({", ".join(BULK_COPY_COLUMNS)})
+SELECT * FROM unnest(%s::bigint[], %s::text[], %s::jsonb[], %s::text[], %s::smallint[], %s::timestamptz[],
+                     %s::integer[], %s::double precision[], %s::text[], %s::text[], %s::text[], %s::boolean[])
+"""
 
 # Primary key.
 GET_JOB = f"SELECT {JOB_COLUMNS} FROM pgsched.jobs WHERE id = %s"

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.api_fixtures"]  # the REST API tests' fixtures
 # The docs' user example is a test suite of its own, run by tests/test_testing.py against this
 # suite's database; collected here, it would have no app to test.
 collect_ignore = ["user_example"]

@@ -1,6 +1,6 @@
 """Each database role attacks what it must not touch (issue 19), and nothing changes.
 
-For every group role (pgsched_reader, pgsched_enqueuer, pgsched_worker, pgsched_admin) a fresh LOGIN
+For every group role (pgsched_reader, pgsched_enqueuer, pgsched_worker, pgsched_admin, pgsched_api) a fresh LOGIN
 member tries, statement by statement, what an attacker holding it would: read other tenants'
 payloads, write columns and tables that are not its own, create, alter or drop objects of the
 schema, escalate with SET ROLE or GRANT, and call every SECURITY DEFINER function of the schema
@@ -23,7 +23,7 @@ from .test_security import Login, login, set_traps  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.db
 
-GROUPS = ["pgsched_reader", "pgsched_enqueuer", "pgsched_worker", "pgsched_admin"]
+GROUPS = ["pgsched_reader", "pgsched_enqueuer", "pgsched_worker", "pgsched_admin", "pgsched_api"]
 DENIED = "42501"  # insufficient_privilege: also "must be owner" and a refused SET ROLE
 
 # What no pgsched role may do, whatever its group.
@@ -147,6 +147,43 @@ REFUSED = {
         "SET ROLE pgsched_admin",
         "SET ROLE pgsched_enqueuer",
     ],
+    "pgsched_api": [
+        # the REST API's login: jobs change only by cancel and retry (row-level security decides which),
+        # are created only through pgsched.enqueue, never with a command, and never change owner
+        "INSERT INTO pgsched.jobs (task) VALUES ('noop')",
+        "UPDATE pgsched.jobs SET owner = 'team-b'",
+        'UPDATE pgsched.jobs SET args = \'{"cmd": ["id"]}\'',
+        "UPDATE pgsched.jobs SET task = 'shell'",
+        "UPDATE pgsched.jobs SET created_by = 'postgres'",
+        "DELETE FROM pgsched.jobs",
+        "TRUNCATE pgsched.jobs",
+        "SELECT pgsched.enqueue('shell', '{\"cmd\": [\"id\"]}')",
+        "ALTER TABLE pgsched.jobs DISABLE ROW LEVEL SECURITY",
+        "DROP POLICY jobs_api_read ON pgsched.jobs",
+        "CREATE POLICY mine ON pgsched.jobs TO pgsched_api USING (true)",
+        # the audit log is append-only; users keep their names and passwords (their roles and
+        # permissions are the API's to change, for its admins)
+        "UPDATE pgsched.audit_log SET actor = 'nobody'",
+        "DELETE FROM pgsched.audit_log",
+        "TRUNCATE pgsched.audit_log",
+        "UPDATE pgsched.users SET username = 'mallory'",
+        "UPDATE pgsched.users SET password_hash = 'x'",
+        "INSERT INTO pgsched.users (username, password_hash) VALUES ('mallory', 'x')",
+        "DELETE FROM pgsched.users",
+        "UPDATE pgsched.api_tokens SET user_id = 1",
+        "DELETE FROM pgsched.api_tokens",
+        # the engine's tables and services
+        "INSERT INTO pgsched.runs (job_id, attempt, queue, task, started_at) VALUES (1, 1, 'q', 't', now())",
+        "DELETE FROM pgsched.queues",
+        "UPDATE pgsched.queues SET name = 'elsewhere'",
+        "INSERT INTO pgsched.schedules (name, task, cron) VALUES ('mine', 'noop', '* * * * *')",
+        "INSERT INTO pgsched.tasks (name) VALUES ('mine')",
+        "SELECT pgsched.promote(1000)",
+        "SELECT pgsched.rescue(1000)",
+        "SELECT pgsched.prune_jobs(1000)",
+        "SET ROLE pgsched_worker",
+        "SET ROLE pgsched_admin",
+    ],
     "pgsched_admin": [
         "CREATE TABLE pgsched.mine2 (x int)",
         "SET ROLE postgres",
@@ -226,7 +263,7 @@ def test_no_pgsched_role_is_a_superuser_or_can_log_in(conn: psycopg.Connection[A
         """SELECT rolname, rolsuper, rolcanlogin, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication
            FROM pg_roles WHERE rolname LIKE 'pgsched%' ORDER BY 1"""
     ).fetchall()
-    assert [r[0] for r in rows] == sorted([*GROUPS, "pgsched_owner"])
+    assert [r[0] for r in rows] == sorted([*GROUPS, "pgsched_owner", "pgsched_api_commands"])
     assert [r for r in rows if any(r[1:])] == []
 
 

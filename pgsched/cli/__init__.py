@@ -14,10 +14,12 @@ what it adds in ``COMMANDS``:
 - ``queues``: ``queues ...``;
 - ``schedules``: ``schedules ...``;
 - ``db``: ``migrate``, ``db ...``;
-- ``keys``: ``keys ...``.
+- ``keys``: ``keys ...``;
+- ``api``: ``api``, ``users create``, ``tokens create``.
 
 Their shared parts: ``options`` (settings flags, ``--json``, loading the app,
-connecting) and ``output`` (tables and JSON). A command module imports those,
+connecting), ``output`` (tables and JSON) and ``serve_api`` (the REST API in
+development mode, for ``api --dev`` and ``up``). A command module imports those,
 never this module nor another command module (import-linter checks it).
 """
 
@@ -32,7 +34,7 @@ import click
 import psycopg
 
 from ..errors import PermissionDenied, PgschedError
-from . import db, jobs, keys, queues, run, schedules, workers
+from . import api, db, jobs, keys, queues, run, schedules, workers
 
 
 class Group(click.Group):
@@ -101,6 +103,6 @@ def main(ctx: click.Context) -> None:
     os.environ.setdefault("PGAPPNAME", f"pgsched {ctx.invoked_subcommand}")
 
 
-for module in (db, jobs, keys, queues, run, schedules, workers):
+for module in (api, db, jobs, keys, queues, run, schedules, workers):
     for command in module.COMMANDS:
         main.add_command(command)

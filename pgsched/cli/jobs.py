@@ -15,10 +15,10 @@ import psycopg
 from .. import queries
 from ..client import App
 from ..config import Settings
-from ..crypto import Keyring, is_envelope
 from ..db import job_row
 from ..display import duration, error_summary, progress_bar
-from ..errors import EncryptionError, JobNotFound, ValidationError
+from ..encryption import readable_text as readable
+from ..errors import JobNotFound, ValidationError
 from ..jobs import STATES, TERMINAL_STATES, Job
 from ..validation import loads_json
 from .options import JSON_FLAG, connect, load_app, with_settings
@@ -129,19 +129,6 @@ _job_command(
     click.option("--reason", help="Why; stored as the job's error."),
 )
 _job_command("retry", "Run a failed, cancelled or scheduled job again now.", App.retry)
-
-
-def readable(text: str | None, field: str, scope: tuple[str, str], keyring: Keyring | None) -> str | None:
-    """A text column of an encrypted job (``scope``: its task and queue), decrypted with the
-    configured keys (PGSCHED_ENCRYPTION_KEYS), else "(encrypted)"."""
-    if text is None or not is_envelope(text):
-        return text
-    if keyring is not None:
-        try:
-            return keyring.decrypt_text(text, field, scope)
-        except EncryptionError:
-            pass
-    return "(encrypted)"
 
 
 def from_start(job_id: int, attempt: int | None) -> dict[str, Any]:

@@ -19,9 +19,17 @@ from ..db import resolve_dsn, wait_for_database
 from ..leader.loop import Maintenance, default_services
 from ..protect import protect_process
 from .options import configure_logging, load_app, with_settings
+from .serve_api import start_dev_api
 
 
 @click.command()
+@click.option(
+    "--api-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the REST API on 127.0.0.1 (development mode: a dev admin and its token); 0: no API.",
+)
 @with_settings(
     "app",
     "queues",
@@ -33,7 +41,7 @@ from .options import configure_logging, load_app, with_settings
     "encryption_keys",
     "wait_for_db",
 )
-def up(settings: Settings) -> None:
+def up(settings: Settings, api_port: int) -> None:
     """Run pgsched on this machine: the embedded PostgreSQL (when no DSN is set), migrations and a worker.
 
     Stays in the foreground until Ctrl-C / SIGTERM; then the worker finishes
@@ -55,6 +63,7 @@ def up(settings: Settings) -> None:
         queues = ",".join(dict.fromkeys(["default", *(t.defaults.queue for t in app.tasks.values())]))
         app.settings = msgspec.structs.replace(app.settings, queues=queues)
     app.open()
+    api = start_dev_api(msgspec.structs.replace(settings, dsn=dsn), "127.0.0.1", api_port) if api_port else None
     click.echo(f"pgsched is up on the {where}")
     # Never the password: this goes to terminals and service logs.
     click.echo(f"  database:   {masked_dsn(dsn)}")
@@ -62,10 +71,19 @@ def up(settings: Settings) -> None:
     click.echo(f"  tasks:      {', '.join(sorted(app.tasks)) or '(none: pass --app module:app)'}")
     click.echo(f"  worker:     queues {app.settings.queues}, concurrency {app.settings.concurrency}")
     click.echo(f"  psql:       psql '{masked_dsn(dsn)}'")
-    click.echo("  running:    database, migrations, worker, scheduler (Ctrl-C stops)")
+    if isinstance(api, str):
+        click.echo(f"  api:        not started: {api}")
+    elif api is not None:
+        click.echo(f"  api:        {api.url} (docs: {api.url}/docs; dev token, shown once: {api.token})")
+    serving = ", api" if api is not None and not isinstance(api, str) else ""
+    click.echo(f"  running:    database, migrations, worker, scheduler{serving} (Ctrl-C stops)")
     sys.stdout.flush()
     app.settings = msgspec.structs.replace(app.settings, scheduler=True)
-    app._run_worker_in_own_loop(app.settings, stopped=stop)
+    try:
+        app._run_worker_in_own_loop(app.settings, stopped=stop)
+    finally:
+        if api is not None and not isinstance(api, str):
+            api.stop()
     app.close()
     click.echo("pgsched stopped")
 

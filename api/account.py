@@ -1,0 +1,72 @@
+"""``/me`` and the caller's own API tokens: create (the secret is shown once), list, revoke."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from pgsched.accounts import Audit, Token, op_create_token, op_list_tokens, op_revoke_token
+from pgsched.db import run_async
+
+from .access import CurrentUser
+from .database import Database
+from .errors import ApiError
+
+
+class Me(msgspec.Struct):
+    id: int
+    username: str
+    role: str
+    may_create_commands: bool
+
+
+class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NewToken(msgspec.Struct):
+    """A token just created: ``token`` is its secret, shown this once and never again."""
+
+    token: str
+    id: int
+    name: str
+    prefix: str
+
+
+def audit_of(request: Request[Any, Any, Any], user: CurrentUser) -> Audit:
+    """Who makes a change, and from where, for its audit row."""
+    client = request.client.host if request.client else None
+    return Audit(actor=user.username, request_id=request.state.request_id, client_addr=client)
+
+
+@get("/me", summary="The caller", tags=["users"])
+async def me(user: CurrentUser) -> Me:
+    return Me(id=user.id, username=user.username, role=user.role, may_create_commands=user.may_create_commands)
+
+
+@get("/tokens", summary="The caller's tokens (never their secrets)", tags=["tokens"])
+async def list_tokens(request: Request[Any, Any, Any], user: CurrentUser) -> list[Token]:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        return await run_async(conn, op_list_tokens(user))
+
+
+@post("/tokens", summary="Create a token for the caller; its secret is in this response only", tags=["tokens"])
+async def create_token(request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[TokenCreate]) -> NewToken:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        token, secret = await run_async(conn, op_create_token(audit_of(request, user), user, data.name))
+    return NewToken(token=secret, id=token.id, name=token.name, prefix=token.prefix)
+
+
+@delete("/tokens/{token_id:int}", status_code=200, summary="Revoke one of the caller's tokens", tags=["tokens"])
+async def revoke_token(request: Request[Any, Any, Any], user: CurrentUser, token_id: FromPath[int]) -> Token:
+    db: Database = request.app.state.db
+    async with db.acting_for(user) as conn:
+        token = await run_async(conn, op_revoke_token(audit_of(request, user), user, token_id))
+    if token is None:
+        raise ApiError(404, f"token {token_id} does not exist")
+    return token
