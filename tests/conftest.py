@@ -236,3 +236,16 @@ def worker_incarnation(conn: psycopg.Connection[Any], lease: str) -> uuid.UUID:
         (worker, lease),
     )
     return worker
+
+
+@pytest.fixture(autouse=True)
+def _application_name_restored() -> Iterator[None]:
+    """The CLI group names its process's sessions through PGAPPNAME ("pgsched migrate"): a test
+    that runs it in-process (CliRunner) must not pass that name to the processes later tests
+    start (`db stop` counts sessions by it)."""
+    before = os.environ.get("PGAPPNAME")
+    yield
+    if before is None:
+        os.environ.pop("PGAPPNAME", None)
+    else:
+        os.environ["PGAPPNAME"] = before
