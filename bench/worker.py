@@ -13,9 +13,11 @@ exit, and the claim batch actually used (claims are counted as distinct
 ``jobs.started_at`` values: one claim statement, one transaction time). A
 burst worker on an empty queue gives the fixed cost of a worker process.
 
-Rows: the defaults (concurrency 10, prefetch 0), and the best of prefetch
-100 / 500 / 1000, measured in rotating order in every run; the sync ``def``
-no-op at the best prefetch. Queue controls, at the defaults: the queue with a
+Rows: the defaults (concurrency 10, prefetch 0, log level INFO: one line
+per finished job), and the best of prefetch 100 / 500 / 1000 at log level
+WARNING (the tuning a throughput-minded operator does: the line per job costs
+about a quarter of the worker's CPU on no-ops), measured in rotating order in
+every run; the sync ``def`` no-op at the best prefetch. Queue controls, at the defaults: the queue with a
 global cap (``max_running`` 1000, which never binds here) and with per-key caps
 (``max_per_key`` 1000, the jobs spread over 100 concurrency keys), so that
 the claim goes through ``pgsched.claim_controlled``; their ceiling column is
@@ -80,10 +82,14 @@ def settings_batch(prefetch: int, concurrency: int = CONCURRENCY) -> tuple[int, 
     return max(1, capacity // 4), capacity
 
 
-def worker_command(*, burst: bool, prefetch: int | None = None, poll: float | None = None) -> list[str]:
+def worker_command(
+    *, burst: bool, prefetch: int | None = None, poll: float | None = None, quiet: bool = False
+) -> list[str]:
     cmd = [sys.executable, "-m", "pgsched", "worker", "--app", "bench.apps:app", "--concurrency", str(CONCURRENCY)]
     if burst:
         cmd.append("--burst")
+    if quiet:  # tuned: no INFO line per finished job (about a quarter of the worker's CPU for no-ops)
+        cmd += ["--log-level", "warning"]
     if prefetch is not None:
         cmd += ["--prefetch", str(prefetch)]
     if poll is not None:
@@ -186,7 +192,8 @@ def drain_once(
     conn.execute("VACUUM ANALYZE pgsched.jobs")
     with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
         conn.execute("CHECKPOINT")
-    cmd = worker_command(burst=True, prefetch=prefetch or None, poll=POLL_SECONDS)
+    # The tuned runs (a prefetch) also log at WARNING; the defaults keep the INFO line per job.
+    cmd = worker_command(burst=True, prefetch=prefetch or None, poll=POLL_SECONDS, quiet=prefetch > 0)
     if wrap:
         # A wrapper that is itself Python (bench.profiled_worker) takes pgsched's arguments.
         cmd = wrap + (cmd[3:] if wrap[0] == sys.executable else cmd)
@@ -305,12 +312,14 @@ def w1c(dsn: str, runs: int) -> list[Row]:
         rows.append(Row("W1c", what, figure, "jobs/s", "≥ 0.7 × uncapped", ceiling=uncapped))
     rows += _drain_rows(
         "tuned",
-        f"drain, tuned: --prefetch {best} (prefetch {tried}: {sweep} jobs/s), async no-op",
+        f"drain, tuned: --prefetch {best} --log-level warning (prefetch {tried}: {sweep} jobs/s), async no-op",
         results[best],
         TARGET,
         best,
     )
-    rows += _drain_rows("tuned sync", f"drain, tuned (--prefetch {best}), sync def no-op", sync, "–", best)
+    rows += _drain_rows(
+        "tuned sync", f"drain, tuned (--prefetch {best} --log-level warning), sync def no-op", sync, "–", best
+    )
     rows.append(
         Row("W1c", "empty queue: burst worker, start → exit", Stats([1000 * e.seconds for e in empty]), "ms", "–")
     )
