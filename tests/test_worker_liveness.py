@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -245,71 +244,6 @@ def test_a_failed_flush_is_retried_without_another_outcome(tasks: pgsched.App, c
     assert [r[:2] for r in runs(conn, job_id)] == [(1, "succeeded")]
 
 
-def test_a_claim_sent_with_a_failed_write_does_not_hold(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:
-    """While the queues are busy the worker sends its next claim with a batch of outcomes, in
-    their transaction: when the write fails, the claim must be undone with it. Were it kept, each
-    retry would claim more, and the database would show more jobs running for the worker than
-    its capacity; after the failures every job still runs once."""
-    conn.execute(
-        """CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN RAISE EXCEPTION 'history is read-only for a moment'; END $$"""
-    )
-    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON pgsched.runs FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse()")
-    tasks.enqueue_many([{"task": "noop", "args": {"i": i}} for i in range(300)])
-    running = "SELECT count(*) FROM pgsched.jobs WHERE state = 'running'"
-
-    async def scenario() -> list[int]:
-        worker, task = await start_worker(tasks, poll_seconds=0.05, concurrency=4, prefetch=4)
-        seen = []
-        while worker.writer.failures < 4:
-            seen.append(scalar(conn, running))
-            await asyncio.sleep(0.01)
-        conn.execute("DROP TRIGGER refuse ON pgsched.runs")
-        await wait_until_async(lambda: states(conn) == {"succeeded": 300}, timeout=30, message="all 300 written")
-        worker.stop()
-        await task
-        return seen
-
-    seen = asyncio.run(scenario())
-    assert max(seen) <= 8  # concurrency + prefetch
-    assert scalar(conn, "SELECT count(*) FROM pgsched.runs WHERE outcome = 'succeeded'") == 300
-    assert scalar(conn, "SELECT count(*) FROM pgsched.runs") == 300  # each ran once: nothing rescued
-
-
-def test_a_claim_whose_commit_fails_is_not_run(app: pgsched.App, conn: psycopg.Connection[Any]) -> None:
-    """A claim sent with outcomes gets its rows before the commit (the pipeline's sync): when the
-    commit then fails (here a deferred constraint trigger on the history; in production a killed
-    session), those jobs are still queued and must not run. Had the worker run them, each would
-    run again when claimed for real."""
-    executions: Counter[int] = Counter()
-
-    @app.task
-    def count(i: int) -> None:
-        executions[i] += 1
-
-    conn.execute(
-        """CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN RAISE EXCEPTION 'the commit fails for a moment'; END $$"""
-    )
-    conn.execute(
-        "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON pgsched.runs DEFERRABLE INITIALLY DEFERRED"
-        " FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse()"
-    )
-    app.enqueue_many([{"task": "count", "args": {"i": i}} for i in range(300)])
-
-    async def scenario() -> None:
-        worker, task = await start_worker(app, poll_seconds=0.05, concurrency=4, prefetch=4)
-        await wait_until_async(lambda: worker.writer.failures >= 3, message="commits failing")
-        conn.execute("DROP TRIGGER refuse ON pgsched.runs")
-        await wait_until_async(lambda: states(conn) == {"succeeded": 300}, timeout=30, message="all 300 written")
-        worker.stop()
-        await task
-
-    asyncio.run(scenario())
-    assert sorted(executions) == list(range(300))
-    assert max(executions.values()) == 1, {i: n for i, n in executions.items() if n > 1}
-
-
 def test_a_job_claimed_in_a_reply_the_worker_never_got_is_given_back(
     tasks: pgsched.App, conn: psycopg.Connection[Any]
 ) -> None:
@@ -332,36 +266,6 @@ def test_a_job_claimed_in_a_reply_the_worker_never_got_is_given_back(
 
     job_id = asyncio.run(scenario())
     assert [r[:2] for r in runs(conn, job_id)] == [(1, "succeeded")]  # the lost claim did not count
-
-
-def test_a_claim_sent_with_outcomes_that_lands_after_the_stop_is_given_back(
-    tasks: pgsched.App, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
-) -> None:
-    """The stop arrives while a claim travels with a batch of outcomes (held up by a lock on the
-    history): the jobs it brings once the lock goes must go back to the queue, not stay
-    ``running`` under a worker that has stopped (the rescuer would take them only after the lease,
-    counting an attempt)."""
-    tasks.enqueue_many([{"task": "nap", "args": {"seconds": 0.001}} for _ in range(400)])
-    blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%WITH done AS%%'"
-
-    async def scenario() -> None:
-        worker, task = await start_worker(tasks, poll_seconds=0.05, concurrency=4, prefetch=4)
-        await wait_until_async(lambda: states(conn).get("succeeded", 0) >= 20, message="the drain under way")
-        # Asynchronously: a blocking LOCK would stop the worker's event loop, in this thread, with
-        # a write of its own open (the worker's transaction ends only when its loop sends the sync).
-        async with await psycopg.AsyncConnection.connect(conn.info.dsn) as locker, locker.transaction():
-            await locker.execute("LOCK TABLE pgsched.runs IN EXCLUSIVE MODE")
-            await wait_until_async(lambda: scalar(conn, blocked) == 1, message="a write (and its claim) held up")
-            with caplog.at_level(logging.INFO, logger="pgsched.worker"):
-                worker.stop()
-                await wait_until_async(lambda: "stopping: writing" in caplog.text, message="the shutdown under way")
-        await asyncio.wait_for(task, timeout=30)
-
-    asyncio.run(scenario())
-    left = states(conn)
-    assert "running" not in left and left.get("queued", 0) > 0, left
-    assert scalar(conn, "SELECT count(*) FROM pgsched.workers") == 0
-    assert scalar(conn, "SELECT count(*) FROM pgsched.runs WHERE outcome <> 'succeeded'") == 0
 
 
 def test_an_outcome_the_database_refuses_fails_alone(tasks: pgsched.App, conn: psycopg.Connection[Any]) -> None:

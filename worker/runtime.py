@@ -52,7 +52,7 @@ from .outcomes import Outcome, Stats, complete_params, log_finished
 from .run_encryption import sealed
 from .runlog import TaskLogHandler, current_run
 from .threads import TaskThreads
-from .writer import ClaimAhead, Writer
+from .writer import Writer
 
 log = logging.getLogger("pgsched.worker")
 
@@ -93,7 +93,7 @@ class Worker:
         self.capacity = self.options.concurrency + self.options.prefetch
         self.attempts: dict[tuple[int, int], Attempt] = {}
         self.local: asyncio.Queue[Attempt] = asyncio.Queue()
-        self.writer = Writer(self.stats, self._written, self._executing, self._claim_with_write)
+        self.writer = Writer(self.stats, self._written, self._executing)
         self.threads = TaskThreads(self.options.concurrency)
         self.execution = Execution(
             app, self.threads, self.writer.logs, lambda: self._pool, self.options.allow_private_http
@@ -105,7 +105,7 @@ class Worker:
         self._live = False  # the incarnation's lease is confirmed
         self._lease_until = 0.0  # monotonic time until which it is
         self._busy = False  # the last claim got all it asked for: the queues have more
-        self._reserved = 0  # capacity promised to claims on their way (the claim loop's, the writer's)
+        self._reserved = 0  # capacity promised to the claim on its way
         self.controls = Controls({t.name for t in app.tasks.values() if t.max_per_key is not None})
         # What REGISTER writes, and what CONTROLS reads (a claim adds its queues, tasks and limit).
         self._registration = {
@@ -191,8 +191,6 @@ class Worker:
             log.info("stopping: writing %d buffered outcomes", len(self.writer.pending))
             self.writer.close()
             await flusher  # every buffered outcome is written (the heartbeat keeps the lease meanwhile)
-            # A claim sent with outcomes before the stop may have landed after the slots stopped.
-            await self._release_waiting()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -351,9 +349,8 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        # Capacity frees as outcomes are written; while the queues are busy the writer claims
-        # with them (_claim_with_write), and this loop claims at start, on wake-ups and polls,
-        # and whatever the writer's claims leave.
+        # Capacity frees as outcomes are written (``_written`` wakes this loop while the queues
+        # are busy); otherwise it claims on a NOTIFY or its poll.
         batch = self._batch
         while not self._stopping.is_set():
             free = self._free()
@@ -381,7 +378,7 @@ class Worker:
         return max(1, self.capacity // 4)
 
     def _free(self) -> int:
-        """Capacity left for a new claim: neither held nor promised to a claim on its way."""
+        """Capacity left for a new claim: neither held nor promised to the claim on its way."""
         return self.capacity - len(self.attempts) - self._reserved
 
     def _claims(self) -> list[Claim]:
@@ -413,31 +410,6 @@ class Worker:
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
         return self._take(claimed, lease)
-
-    def _claim_with_write(self, batch: list[Attempt]) -> ClaimAhead | None:
-        """The claim the writer sends with these outcomes, in their transaction: it takes the
-        capacity their writing frees (so the claim holds only if the write does: one round trip
-        and one commit per cycle instead of two, and never more held than the capacity)."""
-        if self._stopping.is_set() or not self._live or not (self._busy or self.options.burst):
-            return None  # nothing known to be waiting: new work announces itself (NOTIFY, poll)
-        freed = sum(1 for a in batch if self.attempts.get(a.key) is a)
-        limit = self._free() + freed
-        if limit < self._batch:
-            return None
-        claims = self._claims()
-        if not claims:
-            return None  # every queue of this worker is paused
-        sql, queues, tasks = claims[0]
-        lease = self.lease
-        self._reserved += limit
-        self.stats.claims += 1
-
-        def claimed(rows: list[Any] | None) -> None:
-            self._reserved -= limit
-            if rows is not None:
-                self._busy = self._take(rows, lease) == limit
-
-        return sql, {"worker": lease, "queues": queues, "tasks": tasks, "limit": limit}, claimed
 
     def _take(self, claimed: list[Any], lease: uuid.UUID) -> int:
         """Hold the jobs a claim of this incarnation returned, queued for the slots."""

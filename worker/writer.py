@@ -10,9 +10,6 @@ DESIGN §8 "Write path", after River's batch completer:
   (a capped job, whose slot frees only when its outcome is written), and no longer than until
   no other can come (every job the worker holds has ended: waiting would only delay the next
   claim).
-* While the queues have more work, the worker's next claim goes with the batch, in its
-  transaction (``claim_with``): one round trip and one commit per cycle, and the claim takes
-  only the capacity that the write frees, so it holds only if the write does.
 * A failed flush is retried on its own, with backoff, not when the next outcome arrives.
 * A statement the database refuses for its data (a result too large for its column, a NUL in
   a log line) is split until the refused rows are alone: such an outcome is replaced by a
@@ -34,7 +31,6 @@ import psycopg
 
 from . import queries
 from .attempts import Attempt
-from .controls import claimed_row
 from .outcomes import Outcome, Stats, complete_params, failure
 from .runlog import LogRow, RunLogBuffer, log_params
 
@@ -48,10 +44,6 @@ RETRY_FIRST_SECONDS = 0.05
 RETRY_MAX_SECONDS = 5.0
 
 T = TypeVar("T")
-
-# A claim the worker sends with a batch of outcomes, in their transaction (Writer's ``claim_with``):
-# statement, parameters, and what to call with its rows (None: it did not happen).
-ClaimAhead = tuple[str, dict[str, Any], Callable[[list[Any] | None], None]]
 
 
 def refused(exc: psycopg.Error) -> bool:
@@ -68,12 +60,10 @@ class Writer:
         stats: Stats,
         written: Callable[[list[Attempt]], None],
         more_coming: Callable[[], bool],
-        claim_with: Callable[[list[Attempt]], ClaimAhead | None],
     ) -> None:
         self.stats = stats
         self.written = written
         self.more_coming = more_coming
-        self.claim_with = claim_with
         self.logs = RunLogBuffer()
         self.pending: list[Attempt] = []
         self._progress: dict[tuple[int, int], tuple[Attempt, str]] = {}
@@ -164,9 +154,6 @@ class Writer:
         return True
 
     async def _write_outcomes(self, conn: Any, batch: list[Attempt], done: list[Attempt]) -> None:
-        if await self._write_and_claim(conn, batch):
-            return
-
         async def write(conn: Any, attempts: Sequence[Attempt]) -> None:
             outcomes = [a.outcome for a in attempts if a.outcome is not None]
             cur = await conn.execute(queries.COMPLETE, complete_params(outcomes, [a.lease for a in attempts]))
@@ -187,37 +174,6 @@ class Writer:
             else:
                 log.error("job %d is left running: not even a failure could be stored for it", outcome.job.id)
                 done.append(attempt)
-
-    async def _write_and_claim(self, conn: Any, batch: list[Attempt]) -> bool:
-        """Write the batch and the worker's next claim in one implicit transaction (pipelined:
-        one round trip, one commit). False when there is no claim to send, or when the database
-        refused the data: then the batch is written alone (and split as needed)."""
-        claim = self.claim_with(batch)
-        if claim is None:
-            return False
-        sql, params, claimed = claim
-        outcomes = [a.outcome for a in batch if a.outcome is not None]
-        rows = None
-        try:
-            # No sync point between the two statements: if either fails, neither holds. Their
-            # results arrive before the commit, which is the pipeline's sync at the end of the
-            # block: the claimed rows are the worker's only once the block has exited.
-            async with conn.pipeline():
-                completed = await conn.execute(queries.COMPLETE, complete_params(outcomes, [a.lease for a in batch]))
-                claim_cursor = conn.cursor(row_factory=claimed_row)
-                await claim_cursor.execute(sql, params)
-                updated = {row[0] for row in await completed.fetchall()}
-                fetched = await claim_cursor.fetchall()
-            rows = fetched
-            self.stats.count(outcomes, updated)
-            self.written(batch)  # before the claimed jobs are held: capacity is never exceeded
-        except psycopg.Error as exc:
-            if refused(exc):
-                return False
-            raise
-        finally:
-            claimed(rows)
-        return True
 
     async def _store(
         self, conn: Any, items: Sequence[T], write: Callable[[Any, Sequence[T]], Awaitable[None]]
