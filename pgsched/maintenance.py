@@ -5,7 +5,11 @@ every service is a short transaction that begins with
 ``pg_try_advisory_xact_lock(LEADER_KEY)``. Whoever gets the lock leads that
 pass; the others skip it. The lock is transaction-scoped, so it works behind
 a transaction-mode pooler and vanishes the moment a leader's connection
-drops: another process leads the next pass. Correctness never rests on the
+drops: another process leads the next pass. A leader frozen mid-pass (SIGSTOP,
+a stalled VM) would keep its connection and so the lock; each pass therefore
+sets ``idle_in_transaction_session_timeout`` to one lease for its own
+transaction, and the server ends a pass idle that long, releasing the lock for
+the others (the thawed process reconnects). Correctness never rests on the
 lock: every statement a service runs is idempotent and fenced on the state it
 expects (``sql/0002_scheduler.sql``), and schedule slots are unique, so two
 leaders at once waste work and never duplicate it.
@@ -56,6 +60,9 @@ class Service:
     name = "service"
     interval = 1.0
     use_lock = True
+    # How long a pass may sit idle in its transaction (its process frozen) before the server ends
+    # it and its lock goes to another scheduler; ``default_services`` sets the lease length.
+    stall_seconds = 30.0
 
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
         """One batch of work inside the pass's transaction; what it did (0s when nothing is left)."""
@@ -68,9 +75,10 @@ class Service:
             async with conn.transaction():
                 if now is not None:
                     await conn.execute("SELECT set_config('pgsched.clock_offset', (%s - now())::text, true)", (now,))
-                row = await (await conn.execute(LEAD, (self.use_lock, LEADER_KEY))).fetchone()
+                stall_ms = str(round(self.stall_seconds * 1000))
+                row = await (await conn.execute(LEAD, (self.use_lock, LEADER_KEY, stall_ms))).fetchone()
                 assert row is not None
-                leader, db_now = row
+                leader, db_now, _ = row
                 if not leader:
                     return result
                 result.leader = True
@@ -82,8 +90,10 @@ class Service:
         return result
 
 
-# Lead this pass (or, with the lock disabled for tests, always lead).
-LEAD = "SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now()"
+# Lead this pass (or, with the lock disabled for tests, always lead), and let the server end this
+# transaction if it sits idle longer than the stall timeout (milliseconds; SET LOCAL, pooler-safe).
+LEAD = """SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now(),
+                 set_config('idle_in_transaction_session_timeout', %s, true)"""
 
 
 async def _scalar(conn: psycopg.AsyncConnection[Any], sql: str, *params: Any) -> int:
@@ -199,4 +209,7 @@ def default_services(lease_seconds: float) -> list[Service]:
     """The services every scheduler runs."""
     from .materializer import Materializer
 
-    return [Materializer(), Promoter(), Rescuer(lease_seconds), Pruner()]
+    services: list[Service] = [Materializer(), Promoter(), Rescuer(lease_seconds), Pruner()]
+    for service in services:
+        service.stall_seconds = lease_seconds
+    return services
