@@ -92,7 +92,7 @@ def test_a_leader_frozen_mid_pass_loses_the_lock_after_its_stall_timeout(
     def freeze() -> None:
         try:
             run_once(dsn, Frozen())
-        except BaseException as exc:  # noqa: BLE001  (what the frozen pass met when it thawed)
+        except BaseException as exc:  # what the frozen pass met when it thawed
             failures.append(exc)
 
     thread = threading.Thread(target=freeze, daemon=True)
