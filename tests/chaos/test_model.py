@@ -5,7 +5,9 @@ a delay; cancel; retry; pause and resume a queue; trigger a schedule; move the t
 of the real ``Worker`` through ``pgsched.testing.Kit.drain``) against real PostgreSQL, and a plain
 Python model of the DESIGN §3 states says what each one must do. After every step the database's
 jobs (state, attempts, max_attempts) and ``runs`` rows (one per attempt, with its outcome) must be
-the model's. Each job carries its ``plan``: what the task does at each attempt (succeed, fail,
+the model's. A worker crash is modelled too: a worker incarnation of the test's own claims a
+queue's jobs through the worker's claim statement and is never heard from again, and the rescuer
+takes them back once the clock passes its lease. Each job carries its ``plan``: what the task does at each attempt (succeed, fail,
 ``Retry``, ``Cancel``); beyond the plan it succeeds.
 
 Time in the model is in days: a retry (the task's backoff, or ``Retry(after=...)``) and a delayed
@@ -19,6 +21,7 @@ up to 40.
 from __future__ import annotations
 
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +43,9 @@ from hypothesis.stateful import (
 import pgsched
 from pgsched import Backoff, Cancel, DuplicateJobError, Retry
 from pgsched.errors import InvalidStateError
-from pgsched.testing import Kit
+from pgsched.maintenance import Rescuer
+from pgsched.testing import Kit, run_sync
+from pgsched.worker.queries import CLAIM
 
 pytestmark = [pytest.mark.db, pytest.mark.filterwarnings("ignore::pgsched.UnservedQueueWarning")]
 
@@ -56,6 +61,10 @@ SEEN: Counter[str] = Counter()
 # What the worker writes in runs.outcome for each thing a task does.
 RUN_OUTCOME = {"succeed": "succeeded", "fail": "failed", "retry": "failed", "cancel": "cancelled"}
 
+
+# A worker incarnation whose lease runs an hour: it claims, then is never heard from again.
+REGISTER_DOOMED_WORKER = """INSERT INTO pgsched.workers (id, host, pid, queues, concurrency, lease_expires_at)
+VALUES (%s, 'doomed', 1, %s, 1000, pgsched.now() + interval '1 hour')"""
 
 # What an enqueue may ask for.
 ENQUEUE_OPTIONS = {
@@ -286,6 +295,48 @@ class JobMachine(RuleBasedStateMachine):
             self.model.now += 2
         self.kit.drain(list(QUEUES))
         self.model.drain()
+
+    @precondition(lambda self: any(j.state == "queued" for j in self.model.jobs.values()))
+    @rule(queue=st.sampled_from(QUEUES), cancel_one=st.booleans())
+    def crash_and_rescue(self, queue: str, cancel_one: bool) -> None:
+        """A worker claims every queued job of ``queue`` and dies; optionally one of them is cancelled
+        while it is held; the clock passes its lease and the rescuer takes them back (an attempt
+        counted, a ``lease_expired`` run each); then the clock moves on past the rescue's backoff."""
+        with psycopg.connect(self.kit.dsn, autocommit=True) as conn:
+            worker = uuid.uuid4()
+            conn.execute(REGISTER_DOOMED_WORKER, (worker, [queue]))
+            params = {"queues": [queue], "tasks": ["step"], "worker": worker, "limit": 1000}
+            claimed = sorted(row[0] for row in conn.execute(CLAIM, params))
+        held = [j for j in self.model.jobs.values() if j.state == "queued" and j.queue == queue]
+        if queue in self.model.paused:
+            held = []
+        assert claimed == sorted(j.id for j in held), "the claim took other jobs than the queued ones"
+        SEEN["crash" + (" holding jobs" if held else "")] += 1
+        for job in held:
+            job.state = "running"
+            job.attempts += 1
+        cancelled = held[0] if cancel_one and held else None
+        if cancelled is not None:
+            self.kit.app.cancel(cancelled.id)
+            SEEN["cancel running"] += 1
+        self.kit.clock.advance(days=2)
+        self.model.now += 2
+        rescued = run_sync(self.rescue(), "rescue")
+        assert rescued == len(held)
+        for job in sorted(held, key=lambda j: j.id):
+            job.runs.append("lease_expired")
+            if job is cancelled:
+                self.model.finish(job, "cancelled")
+            elif job.attempts >= job.max_attempts:
+                self.model.finish(job, "failed")
+            else:
+                job.state, job.run_at = "scheduled", self.model.now + 0.001  # a backoff of seconds
+        self.kit.clock.advance(days=2)
+        self.model.now += 2
+
+    async def rescue(self) -> int:
+        async with await psycopg.AsyncConnection.connect(self.kit.dsn, autocommit=True) as conn:
+            return (await Rescuer(lease_seconds=0).run_once(conn)).done["rescued"]
 
     @invariant()
     def database_matches_the_model(self) -> None:
