@@ -149,6 +149,16 @@ def crashable(
 def verdicts(report: Report, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any]:
     """The broken promises of a report (with the lost jobs' rows and runs, to see how they got stuck)."""
     found = {name: getattr(report, name)[:20] for name in Report.VERDICTS if getattr(report, name)}
+    if conn is not None and report.duplicated_unexplained:
+        found["duplicated_jobs"] = conn.execute(
+            """SELECT j.id, j.state, j.attempts,
+                      (SELECT array_agg(r.attempt || ':' || r.outcome || ':' || r.started_at::time || '-' || r.finished_at::time
+                                        ORDER BY r.id) FROM pgsched.runs r WHERE r.job_id = j.id),
+                      (SELECT array_agg(h.attempt || ':' || h.event || ':' || h.pid || ':' || h.worker_id || ':' || h.at::time
+                                        ORDER BY h.seq) FROM chaos.history h WHERE h.job_id = j.id)
+               FROM pgsched.jobs j WHERE j.id = ANY(%s) ORDER BY j.id LIMIT 10""",
+            (report.duplicated_unexplained,),
+        ).fetchall()
     if conn is not None and report.lost:
         found["lost_jobs"] = conn.execute(
             """SELECT j.id, j.state, j.attempts, j.worker_id, j.finished_at,
