@@ -260,8 +260,10 @@ ROTATE_UPDATE_SCHEDULE = "UPDATE pgsched.schedules SET args = %(args)s, updated_
 
 # -- leader services (pgsched/leader/; the functions are in sql/0002_scheduler.sql) ----------------
 
-# Lead this pass (or, with the lock disabled for tests, always lead).
-LEAD_PASS = "SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now()"  # nosec B105: a pass, not a password
+# Lead this pass (or, with the lock disabled for tests, always lead), and let the server end this
+# transaction if it sits idle longer than the stall timeout (milliseconds; SET LOCAL, pooler-safe).
+LEAD_PASS = """SELECT NOT %s OR pg_try_advisory_xact_lock(%s), pgsched.now(),
+                      set_config('idle_in_transaction_session_timeout', %s, true)"""  # nosec B105: a pass
 # The test clock of a pass (run_once(now=...)): pgsched.now() reads it, for this transaction only.
 SET_CLOCK = "SELECT set_config('pgsched.clock_offset', (%s - now())::text, true)"
 PROMOTE = "SELECT pgsched.promote(%s)"

@@ -72,6 +72,42 @@ def test_only_the_lock_holder_leads_a_pass(dsn: str, conn: psycopg.Connection[An
     assert run_once(dsn, Promoter()).done == {"promoted": 1}
 
 
+def test_a_leader_frozen_mid_pass_loses_the_lock_after_its_stall_timeout(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """A pass whose process stops answering (SIGSTOP, a stalled VM) keeps its transaction open, and
+    with it the leader lock: the server ends it after ``stall_seconds`` idle, so the others lead."""
+    conn.execute(
+        "INSERT INTO pgsched.jobs (task, state, run_at) VALUES ('t', 'scheduled', pgsched.now() - interval '1 second')"
+    )
+    entered, thawed = threading.Event(), threading.Event()
+
+    class Frozen(Promoter):
+        stall_seconds = 0.5
+
+        async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
+            entered.set()
+            thawed.wait(30)  # frozen, its event loop too, as under SIGSTOP
+            return {}
+
+    failures: list[BaseException] = []
+
+    def freeze() -> None:
+        try:
+            run_once(dsn, Frozen())
+        except BaseException as exc:  # what the frozen pass met when it thawed
+            failures.append(exc)
+
+    thread = threading.Thread(target=freeze, daemon=True)
+    thread.start()
+    assert entered.wait(10)
+    assert run_once(dsn, Promoter()).leader is False  # the frozen pass holds the lock
+    assert wait_until(lambda: run_once(dsn, Promoter()).done == {"promoted": 1}, timeout=10)
+    thawed.set()
+    thread.join(10)
+    assert isinstance(failures[0], psycopg.errors.IdleInTransactionSessionTimeout), failures
+
+
 def test_rescuer_waits_a_lease_after_gaining_leadership(dsn: str, conn: psycopg.Connection[Any]) -> None:
     job = conn.execute(
         """INSERT INTO pgsched.jobs (task, queue, state, attempts, max_attempts, worker_id, started_at)

@@ -6,7 +6,11 @@ every service is a short transaction that begins with
 ``pg_try_advisory_xact_lock(LEADER_KEY)``. Whoever gets the lock leads that
 pass; the others skip it. The lock is transaction-scoped, so it works behind
 a transaction-mode pooler and vanishes the moment a leader's connection
-drops: another process leads the next pass. Correctness never rests on the
+drops: another process leads the next pass. A leader frozen mid-pass (SIGSTOP,
+a stalled VM) would keep its connection and so the lock; each pass therefore
+sets ``idle_in_transaction_session_timeout`` to one lease for its own
+transaction, and the server ends a pass idle that long, releasing the lock for
+the others (the thawed process reconnects). Correctness never rests on the
 lock: every statement a service runs is idempotent and fenced on the state it
 expects (``sql/0002_scheduler.sql``), and schedule slots are unique, so two
 leaders at once waste work and never duplicate it.

@@ -72,5 +72,8 @@ class Maintenance:
 
 
 def default_services(lease_seconds: float) -> list[Service]:
-    """The services every scheduler runs."""
-    return [Materializer(), Promoter(), Rescuer(lease_seconds), Pruner()]
+    """The services every scheduler runs; a pass frozen for a lease loses its lock (``stall_seconds``)."""
+    services: list[Service] = [Materializer(), Promoter(), Rescuer(lease_seconds), Pruner()]
+    for service in services:
+        service.stall_seconds = lease_seconds
+    return services

@@ -40,6 +40,9 @@ class Service:
     name = "service"
     interval = 1.0
     use_lock = True
+    # How long a pass may sit idle in its transaction (its process frozen) before the server ends
+    # it and its lock goes to another scheduler; ``default_services`` sets the lease length.
+    stall_seconds = 30.0
 
     async def steps(self, conn: psycopg.AsyncConnection[Any], db_now: datetime) -> dict[str, int]:
         """One batch of work inside the pass's transaction; what it did (0s when nothing is left)."""
@@ -56,9 +59,10 @@ class Service:
             async with conn.transaction():
                 if now is not None:
                     await conn.execute(queries.SET_CLOCK, (now,))
-                row = await (await conn.execute(queries.LEAD_PASS, (self.use_lock, LEADER_KEY))).fetchone()
+                stall_ms = str(round(self.stall_seconds * 1000))
+                row = await (await conn.execute(queries.LEAD_PASS, (self.use_lock, LEADER_KEY, stall_ms))).fetchone()
                 assert row is not None
-                leader, db_now = row
+                leader, db_now, _ = row
                 if not leader:
                     return result
                 result.leader = True

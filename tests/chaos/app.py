@@ -20,8 +20,12 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from pgsched import App, Context
+from pgsched.leader.service import Service
 
 HISTORY_DSN = "PGSCHED_CHAOS_HISTORY_DSN"
+# Test-only: a scheduler started with this set leads every pass of every service without taking the
+# leader lock (scenario 6's variant "leader lock disabled"); pgsched itself has no such switch.
+NO_LEADER_LOCK = "PGSCHED_CHAOS_NO_LEADER_LOCK"
 HISTORY_APPLICATION = "chaos-history"
 
 # The harness creates these in the test database (not in sql/: they belong to the test, not to pgsched).
@@ -122,3 +126,6 @@ def make_app(dsn: str | None = None, name: str = __name__) -> App:
 
 
 app = make_app()
+
+if os.environ.get(NO_LEADER_LOCK) == "1":
+    Service.use_lock = False
