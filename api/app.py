@@ -11,6 +11,7 @@ import re
 import uuid
 from typing import Any
 
+import psycopg
 from litestar import Litestar, MediaType, Request, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -25,7 +26,7 @@ from pgsched.errors import PgschedError
 from . import account, admin, bulk, health, jobs, logs, operations, schedules, workflows
 from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
-from .errors import handle_http, handle_internal, handle_pgsched
+from .errors import handle_data, handle_http, handle_internal, handle_pgsched
 
 # Bodies larger than this are refused (413) while being read, before any database work.
 MAX_BODY_BYTES = 256 * 1024
@@ -152,6 +153,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
         exception_handlers={
             HTTPException: handle_http,
             PgschedError: handle_pgsched,
+            psycopg.DataError: handle_data,
             Exception: handle_internal,
         },
         openapi_config=OpenAPIConfig(

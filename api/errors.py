@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Any
 
+import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 
@@ -129,6 +130,13 @@ def handle_pgsched(request: Request[Any, Any, Any], exc: PgschedError) -> Respon
     if isinstance(exc, SchemaError):
         return error_response(503, "unavailable", "the database schema is not current")
     return handle_internal(request, exc)
+
+
+def handle_data(request: Request[Any, Any, Any], exc: psycopg.DataError) -> Response[Any]:
+    """A value the database cannot take as it is (a NUL character in a text, a number out of its
+    type's range): the request's fault, and nothing was changed. The message names no SQL."""
+    message = str(exc).splitlines()[0] if str(exc) else "a value cannot be stored"
+    return error_response(422, "invalid", message)
 
 
 def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -344,6 +344,8 @@ def test_definer_functions_called_with_hostile_arguments_and_temporary_shadows(
         ).fetchone()[0]
         for call, expected in calls:
             state = attempt(attacker, call)
+            if state == "22007" and "'-infinity'" in call and conn.info.server_version < 170000:
+                state = expected if allowed else DENIED  # no infinite interval before PostgreSQL 17
             if state != (expected if allowed else DENIED):
                 wrong.append(f"{group}: {call}: {state or 'ran'}, expected {expected if allowed else DENIED}")
     assert wrong == [], "\n".join(wrong)
