@@ -198,7 +198,9 @@ REFUSED = {
 def fingerprint(conn: psycopg.Connection[Any], *, relations: bool = True) -> dict[str, Any]:
     """What an attack could change: rows, objects and owners, function bodies and settings,
     privileges, role memberships and attributes, triggers (without rows and relations: what a
-    call that may create jobs and history partitions must still leave alone)."""
+    call that may create jobs and history partitions must still leave alone). Roles are the
+    cluster's: only pgsched's group roles count, not the logins other tests make meanwhile on a
+    shared server (PGSCHED_TEST_DSN)."""
     rows = row_counts(conn)
     objects = conn.execute(
         """SELECT c.relname, c.relkind, c.relowner::regrole::text, c.relacl::text, c.relrowsecurity
@@ -215,7 +217,7 @@ def fingerprint(conn: psycopg.Connection[Any], *, relations: bool = True) -> dic
     roles = conn.execute(
         """SELECT r.rolname, r.rolsuper, r.rolcanlogin, r.rolcreaterole, r.rolcreatedb, r.rolbypassrls,
                   ARRAY(SELECT m.roleid::regrole::text FROM pg_auth_members m WHERE m.member = r.oid ORDER BY 1)
-           FROM pg_roles r WHERE r.rolname LIKE 'pgs%' ORDER BY 1"""
+           FROM pg_roles r WHERE r.rolname LIKE 'pgs%' AND NOT r.rolcanlogin ORDER BY 1"""
     ).fetchall()
     schema = conn.execute("SELECT nspname, nspowner::regrole::text, nspacl::text FROM pg_namespace").fetchall()
     if not relations:

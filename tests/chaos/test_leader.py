@@ -39,6 +39,8 @@ HOLDERS = """
 SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.classid::bigint = %s AND l.objid::bigint = %s AND a.application_name LIKE 'chaos-s%%'
+  -- pg_locks is the cluster's: another test's schedulers may share a server (PGSCHED_TEST_DSN).
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 LOCK_ID = (LEADER_KEY >> 32, LEADER_KEY & 0xFFFFFFFF)
 
