@@ -35,7 +35,6 @@ from .validation import (
     MAX_BIGINT,
     TaskDefaults,
     UnknownTask,
-    args_spec,
     check_int,
     check_options,
     known_task,
@@ -330,14 +329,7 @@ class App(Administration):
                 missing.append(name)
         if missing:
             for name, queue, options, parameters in (yield Query(queries.CATALOG_DEFAULTS, (missing,))):
-                self._catalog[name] = found[name] = TaskDefaults(
-                    queue=queue,
-                    priority=options.get("priority", 0),
-                    max_attempts=options.get("max_attempts", 5),
-                    timeout=options.get("timeout"),
-                    encrypt=options.get("encrypt", False),
-                    accepts=args_spec(parameters),
-                )
+                self._catalog[name] = found[name] = TaskDefaults.from_catalog(queue, options, parameters)
             unknown = [name for name in missing if name not in found]
             if unknown:
                 catalog = [name for (name,) in (yield Query(queries.CATALOG_NAMES))]

@@ -78,6 +78,18 @@ class TaskDefaults(msgspec.Struct, frozen=True, kw_only=True):
     encrypt: bool = False  # its jobs' payloads are stored encrypted (pgsched.crypto)
     accepts: ArgsSpec | None = None  # None: unknown, args are not checked
 
+    @classmethod
+    def from_catalog(cls, queue: str, options: dict[str, Any], parameters: list[dict[str, Any]] | None) -> TaskDefaults:
+        """The defaults a row of ``pgsched.tasks`` records."""
+        return cls(
+            queue=queue,
+            priority=options.get("priority", 0),
+            max_attempts=options.get("max_attempts", 5),
+            timeout=options.get("timeout"),
+            encrypt=options.get("encrypt", False),
+            accepts=args_spec(parameters),
+        )
+
 
 class UnknownTask(TaskDefaults, frozen=True, kw_only=True):
     """Stands for a task name nobody registered: ``known_task`` refuses it, suggesting ``near``."""
