@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, admin, bulk, health, jobs, logs, operations, schedules, workflows
+from . import account, admin, bulk, events, health, jobs, logs, operations, schedules, workflows
 from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
 from .errors import handle_data, handle_http, handle_internal, handle_pgsched
@@ -92,11 +92,14 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
     ConfigError at once when that login may not serve the API (see ``database.check_login``);
     ``dev`` accepts a login that bypasses row-level security and drops to pgsched_api instead."""
     db = Database(settings, dev=dev)
+    hub = events.Hub(db.dsn)
 
     async def open_pool(app: Litestar) -> None:
         await db.open()
+        await hub.start()
 
     async def close_pool(app: Litestar) -> None:
+        await hub.stop()
         await db.close()
 
     api = Router(
@@ -141,11 +144,13 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             admin.create_user,
             admin.update_user,
             admin.list_audit,
+            events.stream_events,
+            events.events_socket,
         ],
     )
     return Litestar(
         route_handlers=[health.healthz, health.readyz, openapi_document, openapi_page, api],
-        state=State({"db": db, "failed_authentications": FailedAuthentications()}),
+        state=State({"db": db, "events": hub, "failed_authentications": FailedAuthentications()}),
         on_startup=[open_pool],
         on_shutdown=[close_pool],
         middleware=[security_headers],

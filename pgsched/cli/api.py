@@ -14,7 +14,7 @@ from ..config import Settings, replace_settings
 from ..db import configure_adapters, resolve_dsn, run
 from ..extras import require
 from .options import connect, with_settings
-from .serve_api import cli_audit, dev_token
+from .serve_api import STREAMS_CUT_AFTER_SECONDS, cli_audit, dev_token
 
 
 @click.group()
@@ -101,6 +101,7 @@ def api(settings: Settings, host: str, port: int, dev: bool, tls_cert: str | Non
         server_header=False,
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
+        timeout_graceful_shutdown=STREAMS_CUT_AFTER_SECONDS,
     )
 
 

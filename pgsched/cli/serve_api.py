@@ -18,6 +18,9 @@ from ..errors import ConfigError
 from ..extras import require
 
 DEV_ADMIN = "dev"
+# At shutdown, uvicorn waits this long for open responses: event streams never end on their own
+# (their clients reconnect with Last-Event-ID, and get a resync from the next process).
+STREAMS_CUT_AFTER_SECONDS = 3
 
 
 def cli_audit(conn: psycopg.Connection[Any]) -> Audit:
@@ -47,7 +50,14 @@ class DevApi:
         assert settings.dsn is not None
         self.token = dev_token(settings.dsn)
         app = importlib.import_module("pgsched.api").create_app(settings, dev=True)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            server_header=False,
+            timeout_graceful_shutdown=STREAMS_CUT_AFTER_SECONDS,
+        )
         self.server = uvicorn.Server(config)
         self.url = f"http://{host}:{port}/api/v1"
         # uvicorn installs no signal handler outside the main thread: up's own handlers stop it.
