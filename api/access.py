@@ -17,6 +17,7 @@ from typing import Any
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException, WebSocketException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import SkipValidation
 
@@ -72,7 +73,17 @@ class FailedAuthentications:
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Guard: a valid token of an enabled user, whose role the route allows."""
+    """Guard: a valid token of an enabled user, whose role the route allows. A WebSocket is refused
+    with close code 4000 + the HTTP status (4401, 4403, 4429) and the message as reason."""
+    try:
+        await _authenticate(connection, handler)
+    except HTTPException as exc:
+        if connection.scope["type"] == "websocket":
+            raise WebSocketException(detail=exc.detail, code=4000 + exc.status_code) from exc
+        raise
+
+
+async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     limiter: FailedAuthentications = connection.app.state.failed_authentications
     client = connection.client.host if connection.client else "unknown"
     wait = limiter.retry_after(client)

@@ -65,6 +65,9 @@ ACCESS: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/users"): ADMINS,
     ("PATCH", "/api/v1/users/{user_id:int}"): ADMINS,
     ("GET", "/api/v1/audit"): ADMINS,
+    # Live events: anyone, each seeing what they may see (tests/test_api_events.py).
+    ("GET", "/api/v1/events"): EVERY,
+    ("WEBSOCKET", "/api/v1/ws"): EVERY,
 }
 
 BODIES = {
@@ -86,12 +89,26 @@ SEES_EVERY_JOB = {"root", "ops"}
 
 
 def routes(app: Any) -> set[tuple[str, str]]:
+    from litestar.routes import WebSocketRoute
+
     return {
         (method, route.path)
         for route in app.routes
-        for method in getattr(route, "methods", ())
+        for method in (["WEBSOCKET"] if isinstance(route, WebSocketRoute) else route.methods)
         if method not in ("OPTIONS", "HEAD")
     }
+
+
+def open_socket(client: Any, url: str, headers: dict[str, str]) -> int:
+    """A WebSocket's outcome as an HTTP status: 200 accepted, else its close code less 4000."""
+    from litestar.exceptions import WebSocketDisconnect
+
+    try:
+        with client.websocket_connect(url, headers=headers) as socket:
+            socket.receive()  # max_seconds=0: the server closes at once
+    except WebSocketDisconnect as exc:
+        return 200 if exc.code == 1000 else exc.code - 4000
+    return 200
 
 
 def test_every_route_has_an_entry(client: Any) -> None:
@@ -140,6 +157,8 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
             url = url.replace("{workflow_id:uuid}", workflow_id)
             if path.endswith("/preview"):
                 url += "?cron=0+9+*+*+*&timezone=Europe/Paris"
+            if path in ("/api/v1/events", "/api/v1/ws"):
+                url += "?max_seconds=0"  # the stream ends at once (the test client reads it whole)
             url = url.replace("{user_id:int}", "4")  # bob
             headers = as_user(user) if user else {}
             body = BODIES.get(key)
@@ -149,6 +168,10 @@ def test_route_role_ownership_matrix(client: Any, as_user: Any, conn: psycopg.Co
                 body = {"username": f"matrix-{len(outcomes)}"}
             if key == ("PATCH", "/api/v1/users/{user_id:int}"):
                 body = {"may_create_commands": False}
+            if method == "WEBSOCKET":
+                status = open_socket(client, url, headers)
+                outcomes.append((method, path, user, "ok" if status < 400 else str(status), expected(key, user)))
+                continue
             response = client.request(method, url, json=body, headers=headers)
             status = response.status_code
             got = "ok" if status < 400 else str(status)
