@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -52,13 +53,18 @@ FIELDS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Event:
     """One change, as sent to clients: ``kind`` (job, schedule, queue or resync) and its fields."""
 
     seq: int
     kind: str
     data: dict[str, Any]
+
+    @functools.cached_property
+    def data_json(self) -> str:
+        """``data`` as JSON, encoded once however many clients get it."""
+        return json.dumps(self.data, separators=(",", ":"))
 
     @property
     def owner(self) -> str | None:
@@ -278,10 +284,7 @@ async def stream_events(
             yield b": subscribed\n\n"
             async for batch in batches(subscription, missed, max_seconds):
                 # (Litestar's ServerSentEvent adds an empty data line to a comment: an event to browsers.)
-                chunks = [
-                    f"id: {hub.event_id(e)}\nevent: {e.kind}\ndata: {json.dumps(e.data, separators=(',', ':'))}\n\n"
-                    for e in batch
-                ]
+                chunks = [f"id: {hub.event_id(e)}\nevent: {e.kind}\ndata: {e.data_json}\n\n" for e in batch]
                 yield "".join(chunks).encode() if chunks else b": keep-alive\n\n"
         finally:
             hub.unsubscribe(subscription)
@@ -309,7 +312,9 @@ async def events_socket(
     async def send_events() -> None:
         async for batch in batches(subscription, missed, max_seconds):
             for event in batch:
-                await socket.send_json({"id": hub.event_id(event), "event": event.kind, "data": event.data})
+                await socket.send_text(
+                    f'{{"id":"{hub.event_id(event)}","event":"{event.kind}","data":{event.data_json}}}'
+                )
         await socket.close()
 
     async def until_gone() -> None:

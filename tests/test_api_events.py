@@ -238,9 +238,8 @@ def test_schedule_and_queue_changes(
     alice.wait_for("schedule", name="nightly", owner="alice", action="insert")
     ops.wait_for("schedule", name="nightly")
     # Queues are the operators' only; another member's schedule is not vera's.
-    (vera_marker,) = conn.execute(
-        "INSERT INTO pgsched.jobs (task, owner) VALUES ('noop', 'vera') RETURNING id"
-    ).fetchone()
+    row = conn.execute("INSERT INTO pgsched.jobs (task, owner) VALUES ('noop', 'vera') RETURNING id").fetchone()
+    vera_marker = row[0] if row else None
     vera.wait_for("job", id=vera_marker)
     assert not alice.of("queue") and not vera.of("queue") and not vera.of("schedule")
 
