@@ -45,13 +45,6 @@ LISTENER_CHECK_SECONDS = 30.0  # a quiet listener connection is probed this ofte
 MAX_BACKOFF_SECONDS = 5.0
 DEFAULT_STREAM_SECONDS = 900  # then the stream ends; clients reconnect with Last-Event-ID
 
-# Payload rows (sql/0012_events.sql), by kind: the fields of each row, in order.
-FIELDS = {
-    "job": ("id", "state", "queue", "owner", "workflow_id"),
-    "schedule": ("id", "name", "owner", "queue", "action"),
-    "queue": ("name", "paused", "action"),
-}
-
 
 @dataclass(frozen=True)
 class Event:
@@ -180,13 +173,18 @@ class Hub:
         return self._backend_pid
 
     def parse(self, payload: str) -> list[Event]:
+        """The events of one notification (sql/0012_events.sql): a job payload names up to 300 jobs
+        of one state, queue, owner and workflow; a schedule or queue payload is one change."""
         try:
             message = json.loads(payload)
-            fields = FIELDS[message["kind"]]
-            return [
-                Event(next(self._seq), message["kind"], dict(zip(fields, row, strict=True))) for row in message["rows"]
-            ]
-        except (ValueError, KeyError, TypeError) as exc:
+            kind = message.pop("kind")
+            if kind == "job":
+                ids = message.pop("ids")
+                return [Event(next(self._seq), kind, {"id": job_id, **message}) for job_id in ids]
+            if kind in ("schedule", "queue"):
+                return [Event(next(self._seq), kind, message)]
+            raise ValueError(f"unknown kind {kind!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("events: a payload that is not pgsched's was ignored (%s): %.200s", exc, payload)
             return []
 

@@ -245,18 +245,26 @@ def test_schedule_and_queue_changes(
 
 
 def test_triggers_send_only_state_changes_in_payloads_under_8000_bytes(conn: psycopg.Connection[Any], dsn: str) -> None:
-    conn.execute("INSERT INTO pgsched.jobs (task, owner) SELECT 'noop', 'alice' FROM generate_series(1, 1000)")
+    long_owner = "ö" * 200  # the longest owner a job may have, two bytes a character
+    conn.execute(
+        "INSERT INTO pgsched.jobs (task, owner) SELECT 'noop', %s FROM generate_series(1, 1000)", (long_owner,)
+    )
+    conn.execute("INSERT INTO pgsched.jobs (task, owner, queue) VALUES ('noop', 'bob', 'other')")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgsched_events")
         conn.execute("UPDATE pgsched.jobs SET priority = 5")  # no state changed: nothing sent
-        conn.execute("UPDATE pgsched.jobs SET state = state WHERE id <= 10")  # nor here
+        conn.execute("UPDATE pgsched.jobs SET state = state WHERE owner = 'bob'")  # nor here
         conn.execute("UPDATE pgsched.jobs SET state = 'cancelled', finished_at = now()")
-        payloads = [n.payload for n in listener.notifies(timeout=1)]
-    assert payloads and all(len(p.encode()) < 8000 for p in payloads)
-    rows = [row for p in payloads for row in json.loads(p)["rows"]]
-    ids = sorted(r[0] for r in rows)
-    assert ids == list(range(ids[0], ids[0] + 1000))
-    assert {r[1] for r in rows} == {"cancelled"}
+        raw = [n.payload for n in listener.notifies(timeout=1)]
+    # One statement, two groups (1,000 jobs in chunks of 300, bob's one), every job once.
+    assert all(len(p.encode()) < 8000 for p in raw) and len(raw) == 5
+    payloads = [json.loads(p) for p in raw]
+    ids = sorted(i for p in payloads for i in p["ids"])
+    assert ids == list(range(ids[0], ids[0] + 1001))
+    assert {(p["kind"], p["state"], p["owner"], p["queue"]) for p in payloads} == {
+        ("job", "cancelled", long_owner, "default"),
+        ("job", "cancelled", "bob", "other"),
+    }
 
 
 def test_a_slow_subscriber_is_told_to_resync_with_its_backlog_dropped() -> None:
