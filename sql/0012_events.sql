@@ -93,3 +93,10 @@ CREATE TRIGGER schedules_events AFTER INSERT OR UPDATE OR DELETE ON pgsched.sche
     FOR EACH ROW EXECUTE FUNCTION pgsched.send_setting_event();
 CREATE TRIGGER queues_events AFTER INSERT OR UPDATE OR DELETE ON pgsched.queues
     FOR EACH ROW EXECUTE FUNCTION pgsched.send_setting_event();
+
+-- Trigger functions run as whoever changed the rows, without an EXECUTE check: nobody calls them.
+REVOKE EXECUTE ON FUNCTION pgsched.send_job_events(), pgsched.send_setting_event() FROM PUBLIC;
+COMMENT ON FUNCTION pgsched.send_job_events() IS
+    'Trigger: sends created jobs and state changes on pgsched_events, grouped, up to 300 ids a NOTIFY';
+COMMENT ON FUNCTION pgsched.send_setting_event() IS
+    'Trigger: sends schedule and queue changes on pgsched_events, one NOTIFY a row';
