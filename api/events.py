@@ -153,7 +153,7 @@ class Hub:
                     self.listening.set()
                     if not first:
                         # Changes made while nobody listened are lost: every client refetches.
-                        self.publish([self.resync_event()])
+                        self.publish([Event(next(self._seq), "resync", {})])
                     first, backoff = False, 0.1
                     while True:
                         async for notify in conn.notifies(timeout=LISTENER_CHECK_SECONDS):
@@ -191,14 +191,14 @@ class Hub:
     # -- fan-out and resume ---------------------------------------------------------------------
 
     def resync_event(self) -> Event:
-        """Refetch: the id is the last event's, so a reconnect from here misses nothing."""
+        """A resync for one client (kept nowhere): its id is the last event's, so a reconnect from
+        there misses nothing."""
         return Event(self._last, "resync", {})
 
     def publish(self, batch: list[Event]) -> None:
+        """Keep ``batch`` for resuming clients and offer it to every subscriber."""
         if not batch:
             return
-        if batch[0].kind == "resync":
-            batch = [Event(next(self._seq), "resync", {})]
         self.ring.extend(batch)
         self._last = batch[-1].seq
         for subscriber in self.subscribers:
