@@ -36,6 +36,7 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool
 
 from pgsched import __version__
 from pgsched.client import App
@@ -152,11 +153,8 @@ class Worker(LeaseKeeping):
 
     async def run(self) -> Stats:
         """Run until stopped (or, with ``burst``, until the queues are empty)."""
-        from psycopg_pool import AsyncConnectionPool
 
         self._loop = asyncio.get_running_loop()
-        await self.app.open_async()  # schema check and task catalog
-        await self.app.register_runner_async()  # this process runs them: their execution options
         self._pool = AsyncConnectionPool(
             self.app.dsn,
             min_size=2,
@@ -166,12 +164,10 @@ class Worker(LeaseKeeping):
             configure=_configure,
             open=False,
         )
-        await self._pool.open(wait=True)
         handler = TaskLogHandler()
         logging.getLogger().addHandler(handler)
         try:
-            await self._register()
-            await self._read_controls()  # which of its queues the plain claim must leave alone
+            await self._start()
             log.info(
                 "worker %s started: queues %s, concurrency %d",
                 self.lease,
