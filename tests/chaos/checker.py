@@ -191,6 +191,7 @@ def check(
     caps: Mapping[str, int] | None = None,
     rates: Mapping[str, tuple[int, timedelta]] | None = None,
     faults: Sequence[datetime] = (),
+    restarts: Sequence[datetime] = (),
     clean_rate: float | None = None,
     recovered_share: float = 0.9,
     window: timedelta = timedelta(seconds=1),
@@ -249,7 +250,9 @@ def check(
     if faults:
         ends = sorted(e.ended_at for e in execs if e.ended_at is not None)
         report.recovery = recovery_times(ends, faults, clean_rate, recovered_share, window)
-        report.recovery_local = recovery_times(ends, faults, None, recovered_share, window, local=True)
+        report.recovery_local = recovery_times(
+            ends, faults, None, recovered_share, window, local=True, restarts=restarts or None
+        )
     return report
 
 
@@ -326,18 +329,21 @@ def recovery_times(
     window: timedelta = timedelta(seconds=1),
     *,
     local: bool = False,
+    restarts: Sequence[datetime] | None = None,
 ) -> list[float | None]:
     """Seconds from each fault until a ``window`` of completions reaches ``share`` of the clean rate
     (None when it did not before the next fault, or the end). Without ``clean_rate``, the rate
     before the first fault is the clean one; with ``local``, each fault's clean rate is the rate of
     the ``window`` just before it (on a machine shared with other work, the rate the machine
-    allowed at that moment, where one measured at the start of a long run may no longer be)."""
+    allowed at that moment, where one measured at the start of a long run may no longer be). With
+    ``restarts`` (one per fault), the clock of each starts when its restarted process was back."""
     completions = sorted(completions)
     if not completions or not faults:
         return [None] * len(faults)
     if local:
+        starts = list(restarts or faults)
         return [
-            recovery_times(completions, faults[i:], _rate(completions, fault - window, fault), share, window)[0]
+            recovery_times(completions, starts[i:], _rate(completions, fault - window, fault), share, window)[0]
             for i, fault in enumerate(faults)
         ]
     if clean_rate is None:

@@ -281,3 +281,5 @@ def test_recovery_against_the_rate_just_before_each_fault() -> None:
     assert recovery_times(ends, [at(8)], clean_rate=20.0) == [None]
     assert recovery_times(ends, [at(8)], clean_rate=None, local=True) == [1.0]
     assert recovery_times(ends, [at(3), at(8)], clean_rate=None, local=True) == [0.0, 1.0]
+    # After a kill, the clock starts when the restarted worker was back (at 8.5 s): back 0.5 s later.
+    assert recovery_times(ends, [at(8)], clean_rate=None, local=True, restarts=[at(8.5)]) == [0.5]
