@@ -11,7 +11,6 @@ its outcome, the private server's hits and the public server's.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import struct
@@ -22,11 +21,8 @@ from collections import Counter
 
 import httpx
 from pytest_httpserver import HTTPServer
+from ssrf_netns import PUBLIC, attempt  # the script beside this one (run as a file, not a module)
 from werkzeug import Request, Response
-
-from pgsched.worker.executors import NotRetryable, TaskFailed, http_request
-
-PUBLIC = "93.184.216.34"
 
 
 class RebindingDns:
@@ -86,13 +82,7 @@ def main() -> None:
     try:
         for case, url in cases.items():
             before = len(private.log), len(public.log)
-            try:
-                result = asyncio.run(http_request({"url": url}, allow_private=False))
-                outcome = f"ok: {result['status']} {result['body']}"
-            except NotRetryable as exc:
-                outcome = f"refused: {exc}"
-            except TaskFailed as exc:
-                outcome = f"failed: {exc}"
+            outcome = attempt(url, allow_private=False)
             hits = len(private.log) - before[0], len(public.log) - before[1]
             print(json.dumps({"case": case, "outcome": outcome, "private": hits[0], "public": hits[1]}), flush=True)
         # The control: a client that resolves again when it connects (httpx on its own, after a

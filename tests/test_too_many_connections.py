@@ -5,20 +5,15 @@ recover once the connections go. On a server of the test's own (tests/chaos/faul
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pgsched
-from pgsched import migrations
 from pgsched.errors import TOO_MANY_CONNECTIONS, TooManyConnections
 
 from .chaos import faults
@@ -30,25 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def small_server(cli_env: dict[str, str]) -> Iterator[str]:
+def small_server() -> Iterator[str]:
     """The DSN of a migrated database on a server of its own with max_connections 20."""
-    top = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
-    server = faults.OwnServer(top / "pg")
-    try:
-        admin = server.start()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET max_connections = 20")
-            conn.execute("CREATE DATABASE small")
-        server.stop()
-        server.restart()
-        dsn = make_conninfo(admin, dbname="small")
+    with faults.own_server("small", {"max_connections": "20"}) as (_, dsn):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            migrations.migrate(conn)
             conn.execute("INSERT INTO pgsched.tasks (name) VALUES ('noop')")
         yield dsn
-    finally:
-        server.stop()
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def refusal_after_cut_sessions(app: pgsched.App) -> Exception | None:

@@ -14,10 +14,8 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +26,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
-
-from pgsched import migrations
 
 from ..conftest import HEAVY, wait_until
 from . import faults
@@ -130,20 +125,8 @@ def crashable(
     request: pytest.FixtureRequest, cli_env: dict[str, str], tmp_path: Path
 ) -> Iterator[tuple[Scenario, faults.OwnServer]]:
     """A scenario on a server of its own (initdb on tmpfs, about a second), which it may crash."""
-    top = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
-    server = faults.OwnServer(top / "pg")
-    try:
-        admin = server.start()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE chaos")
-        dsn = make_conninfo(admin, dbname="chaos")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            migrations.migrate(conn)
-        with running(request.node.name, dsn, cli_env, tmp_path) as s:
-            yield s, server
-    finally:
-        server.stop()
-        shutil.rmtree(top, ignore_errors=True)
+    with faults.own_server("chaos") as (server, dsn), running(request.node.name, dsn, cli_env, tmp_path) as s:
+        yield s, server
 
 
 def queued(conn: psycopg.Connection[Any]) -> int:
