@@ -61,11 +61,13 @@ def locate(body: bytes) -> tuple[str, str] | None:
             path.append(0 if char == b"[" else "")
             expecting_key.append(char == b"{")
         elif char in b"}]":
+            if not path:
+                return None  # a closer without an opener: malformed, nothing to name
             path.pop()
             expecting_key.pop()
         elif char == b":":
             expecting_key[-1] = False
-        elif char == b",":
+        elif char == b"," and path:
             if isinstance(path[-1], int):
                 path[-1] += 1
             else:

@@ -137,3 +137,15 @@ def test_schedules_refuse_every_bad_input_naming_the_field(
         rows.append((f"POST /schedules: {bad.name}", bad.field, send))
     problems = try_each(conn, rows)
     assert problems == [], "\n".join(problems)
+
+
+def test_bodies_that_are_not_json_are_400_naming_nothing(
+    client: Any, as_user: Any, conn: psycopg.Connection[Any]
+) -> None:
+    headers = {**as_user("alice"), "Content-Type": "application/json"}
+    before = row_counts(conn)
+    for body in ("}", "]]", ",", '{"task": "noop"}}', '{"task": "noop",', "[1, 2", '{"a": [}', "\u0000"):
+        response = client.post("/api/v1/jobs", content=body, headers=headers)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["field"] is None
+    assert row_counts(conn) == before
