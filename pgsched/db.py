@@ -187,7 +187,7 @@ def wait_for_database(dsn: str, seconds: float, stopped: threading.Event | None 
             if left <= 0:
                 waited = f" after waiting {seconds:g} s (--wait-for-db)" if seconds else ""
                 if too_many_connections(exc):
-                    raise DatabaseUnreachable(f"{reason} (still{waited})") from None
+                    raise DatabaseUnreachable(f"{reason}; gave up{waited}") from None
                 raise DatabaseUnreachable(f"cannot reach the database{waited}: {reason}") from None
             pause = min(pause, left)
             log.warning(

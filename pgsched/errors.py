@@ -96,5 +96,5 @@ class TooManyConnections(DatabaseUnreachable):
 TOO_MANY_CONNECTIONS = (
     "PostgreSQL refused the connection: too many clients already (max_connections reached); "
     "close idle sessions (pg_stat_activity shows them), lower pool sizes and --concurrency, or raise "
-    "max_connections; pgsched retries and recovers as soon as connections are free"
+    "max_connections; it works again as soon as connections are free"
 )
