@@ -251,7 +251,7 @@ def check(
         ends = sorted(e.ended_at for e in execs if e.ended_at is not None)
         report.recovery = recovery_times(ends, faults, clean_rate, recovered_share, window)
         report.recovery_local = recovery_times(
-            ends, faults, None, recovered_share, window, local=True, restarts=restarts or None
+            ends, faults, clean_rate, recovered_share, window, local=True, restarts=restarts or None
         )
     return report
 
@@ -334,8 +334,9 @@ def recovery_times(
     """Seconds from each fault until a ``window`` of completions reaches ``share`` of the clean rate
     (None when it did not before the next fault, or the end). Without ``clean_rate``, the rate
     before the first fault is the clean one; with ``local``, each fault's clean rate is the rate of
-    the ``window`` just before it (on a machine shared with other work, the rate the machine
-    allowed at that moment, where one measured at the start of a long run may no longer be). With
+    the ``window`` just before it when that is lower than ``clean_rate`` (on a machine shared with
+    other work, the rate the machine allowed at that moment, where one measured at the start of a
+    long run may no longer be; a catch-up burst after the previous fault never raises the bar). With
     ``restarts`` (one per fault), the clock of each starts when its restarted process was back."""
     completions = sorted(completions)
     if not completions or not faults:
@@ -343,7 +344,7 @@ def recovery_times(
     if local:
         starts = list(restarts or faults)
         return [
-            recovery_times(completions, starts[i:], _rate(completions, fault - window, fault), share, window)[0]
+            recovery_times(completions, starts[i:], _lower(clean_rate, completions, fault, window), share, window)[0]
             for i, fault in enumerate(faults)
         ]
     if clean_rate is None:
@@ -366,6 +367,8 @@ def recovery_times(
     return found
 
 
-def _rate(completions: Sequence[datetime], start: datetime, end: datetime) -> float:
-    count = bisect.bisect_left(completions, end) - bisect.bisect_left(completions, start)
-    return count / (end - start).total_seconds()
+def _lower(clean_rate: float | None, completions: Sequence[datetime], fault: datetime, window: timedelta) -> float:
+    """The rate of the ``window`` before ``fault``, or ``clean_rate`` when that is lower."""
+    count = bisect.bisect_left(completions, fault) - bisect.bisect_left(completions, fault - window)
+    rate = count / window.total_seconds()
+    return rate if clean_rate is None else min(rate, clean_rate)

@@ -148,7 +148,7 @@ def assert_recovered(report: Report, faults: int, within: float) -> None:
     ``recovery_times``) within ``within`` seconds of each of the first ``faults`` faults: every one
     at full size; at quick size, which ``make test`` runs beside the rest of the suite on a loaded
     machine, at least half of them (docs/reliability.md). The clean rate is the one of the second
-    before each fault (``recovery_local``), and where the fault was a kill the clock starts when the
+    before each fault where that is lower than the one measured at the start (``recovery_local``), and where the fault was a kill the clock starts when the
     restarted worker registered (the issue's "after each restart"): on a shared machine the rate measured at the start of a
     two-minute run is not the one the machine allows later (the full kill storm's first run met a
     load average going from 6 to 13 and "recovered" after 2 of 39 kills against it)."""
