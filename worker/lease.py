@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from pgsched.db import describe
+
 from . import queries
 from .attempts import State
 
@@ -103,7 +105,7 @@ class LeaseKeeping:
                 async with asyncio.timeout(max(self.options.heartbeat_seconds, self._lease_until - time.monotonic())):
                     await self._heartbeat_once()
             except (psycopg.Error, TimeoutError) as exc:
-                log.warning("heartbeat failed, will retry: %s", exc or "timed out")
+                log.warning("heartbeat failed, will retry: %s", describe(exc) if str(exc) else "timed out")
             if self.writer.logs.rows:  # a running job's log lines wait for no outcome (jobs logs --follow)
                 self.writer.wake()
 
@@ -169,7 +171,7 @@ class LeaseKeeping:
                     await self._register()
                 log.warning("worker registered again as %s", self.lease)
             except (psycopg.Error, TimeoutError) as exc:
-                log.warning("registering the worker failed, will retry: %s", exc or "timed out")
+                log.warning("registering the worker failed, will retry: %s", describe(exc) if str(exc) else "timed out")
                 await asyncio.sleep(random.uniform(0.5, 1.5))
 
     def _lose_lease(self, reason: str) -> None:

@@ -42,7 +42,7 @@ from pgsched import __version__
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.db import configure_adapters
+from pgsched.db import configure_adapters, describe
 from pgsched.jobs import Job
 
 from . import queries
@@ -300,7 +300,7 @@ class Worker(LeaseKeeping):
                 await cur.execute(sql, params)
                 claimed = await cur.fetchall()
         except psycopg.Error as exc:
-            log.warning("claim failed, will retry: %s", exc)
+            log.warning("claim failed, will retry: %s", describe(exc))
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
         return self._take(claimed, lease)
@@ -487,5 +487,5 @@ class Worker(LeaseKeeping):
                         else:
                             self._wake.set()
             except psycopg.Error as exc:
-                log.warning("listener connection lost, reconnecting: %s", exc)
+                log.warning("listener connection lost, reconnecting: %s", describe(exc))
                 await asyncio.sleep(random.uniform(0.5, 1.5))
