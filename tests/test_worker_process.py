@@ -104,7 +104,7 @@ def test_a_worker_whose_session_is_cut_while_it_starts_waits_and_starts(
         )
         pid = wait_until(lambda: conn.execute(registering).fetchone(), timeout=30, message="the worker registering")
         conn.execute("SELECT pg_terminate_backend(%s)", pid)
-        wait_until(lambda: "the database went away" in worker.stderr(), timeout=30, message="the retry's line")
+        wait_until(lambda: "starting: " in worker.stderr(), timeout=30, message="the retry's line")
     job = client.enqueue("add", {"a": 1, "b": 2})
     wait_until(lambda: job_row(conn, job.id)["state"] == "succeeded", timeout=30, message="the job run")
     worker.check_alive()

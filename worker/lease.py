@@ -20,6 +20,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from pgsched.db import describe
+from pgsched.errors import DatabaseUnreachable
 
 from . import queries
 from .attempts import State
@@ -78,13 +79,12 @@ class LeaseKeeping:
                 await self._register()
                 await self._read_controls()  # which of its queues the plain claim must leave alone
                 return
-            except (psycopg.OperationalError, PoolTimeout) as exc:
+            except (psycopg.OperationalError, PoolTimeout, DatabaseUnreachable) as exc:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
                     raise
                 pause = min(pause, left)
-                reason = str(exc).strip().partition("\n")[0] or type(exc).__name__
-                log.warning("starting: the database went away (%s); trying again in %.1f s", reason, pause)
+                log.warning("starting: %s; trying again in %.1f s", describe(exc), pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
