@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, admin, bulk, events, health, jobs, logs, operations, schedules, workflows
+from . import account, admin, body, bulk, events, health, jobs, logs, operations, schedules, workflows
 from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
 from .errors import handle_data, handle_http, handle_internal, handle_pgsched
@@ -105,6 +105,7 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
     api = Router(
         path=PREFIX,
         guards=[authenticate],
+        before_request=body.decode_body,
         dependencies={"user": Provide(current_user, sync_to_thread=False)},
         route_handlers=[
             account.me,

@@ -90,17 +90,17 @@ def _body_error(exc: ValidationException) -> tuple[str, str | None]:
         if not isinstance(item, dict):
             continue
         message = str(item.get("message", ""))
-        unknown = re.search(r"unknown field `([^`]+)`", message)
-        if unknown:
-            field = unknown.group(1)
-            if field in SERVER_FIELDS:
-                return f"{field} is set by the server and cannot be given", field
-            return f"unknown field {field!r}", field
         located = re.search(r"at `\$\.([\w.\[\]]+)`", message)
         key = item.get("key")
-        field = located.group(1) if located else (str(key) if key else None)
-        if field == "data":  # Litestar's name for the whole body, not a field of it
-            field = None
+        where = located.group(1) if located else (str(key) if key and key != "data" else None)
+        unknown = re.search(r"unknown field `([^`]+)`", message)
+        if unknown:
+            name = unknown.group(1)
+            field = f"{where}.{name}" if where else name  # jobs[1].owner in a batch
+            if name in SERVER_FIELDS:
+                return f"{name} is set by the server and cannot be given", field
+            return f"unknown field {name!r}", field
+        field = where  # None for "data", Litestar's name for the whole body, not a field of it
         return message.split(" - at ")[0] or "invalid request", field
     return "the request body is not valid JSON of the expected shape", None
 

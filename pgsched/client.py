@@ -21,7 +21,7 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import bulk, crypto, migrations, queries, queues, schedules, workflows
+from . import bulk, crypto, db, migrations, queries, queues, schedules, workflows
 from .admin import Administration
 from .config import Settings, load_settings, replace_settings
 from .crypto import Keyring
@@ -169,7 +169,7 @@ class App(Administration):
             if self._pool is None:
                 # One direct connection first: an unreachable database fails at once with its
                 # real error, where a pool would retry in the background until its timeout.
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                with db.naming_refusals(self.dsn), psycopg.connect(self.dsn, autocommit=True) as conn:
                     configure_adapters(conn.adapters)
                     run(conn, self._op_ready())
                 pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(**self._pool_kwargs())
@@ -183,9 +183,10 @@ class App(Administration):
             self._async_lock = asyncio.Lock()
         async with self._async_lock:
             if self._async_pool is None:
-                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-                    configure_adapters(conn.adapters)
-                    await run_async(conn, self._op_ready())
+                with db.naming_refusals(self.dsn):
+                    async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                        configure_adapters(conn.adapters)
+                        await run_async(conn, self._op_ready())
                 kwargs = self._pool_kwargs()
                 kwargs["configure"] = configure_async
                 pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(**kwargs)
@@ -246,8 +247,9 @@ class App(Administration):
         if self._pool is None:
             self.open()
         assert self._pool is not None
-        with self._pool.connection() as conn, conn.transaction() if atomic else nullcontext():
-            return run(conn, op)
+        with db.naming_refusals(self.dsn), self._pool.connection() as conn:
+            with conn.transaction() if atomic else nullcontext():
+                return run(conn, op)
 
     async def _execute_async(
         self, op: Operation[R], connection: psycopg.AsyncConnection[Any] | None, atomic: bool = False
@@ -263,9 +265,8 @@ class App(Administration):
         if self._async_pool is None:
             await self.open_async()
         assert self._async_pool is not None
-        async with self._async_pool.connection() as conn:
-            transaction = conn.transaction() if atomic else nullcontext()
-            async with transaction:
+        with db.naming_refusals(self.dsn):
+            async with self._async_pool.connection() as conn, conn.transaction() if atomic else nullcontext():
                 return await run_async(conn, op)
 
     # -- operations ------------------------------------------------------------------------

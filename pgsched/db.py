@@ -7,10 +7,11 @@ only two places that execute them, so no operation is written twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -22,7 +23,7 @@ from psycopg.rows import RowFactory, tuple_row
 from psycopg.types.json import set_json_loads
 
 from .config import Settings, check_dsn, masked_dsn
-from .errors import DatabaseUnreachable
+from .errors import TOO_MANY_CONNECTIONS, DatabaseUnreachable, TooManyConnections
 from .jobs import Job
 from .validation import error_from_db
 
@@ -132,6 +133,41 @@ def resolve_dsn(settings: Settings, *, stop_on_exit: bool = False) -> str:
     return embedded.start(settings.embedded_data_dir, stop_on_exit=stop_on_exit)
 
 
+# What PostgreSQL says when max_connections is used up (for ordinary roles, and superusers).
+_TOO_MANY = ("too many clients already", "remaining connection slots are reserved")
+
+
+def too_many_connections(exc: BaseException) -> bool:
+    return any(text in str(exc) for text in _TOO_MANY)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a database error in a log or a message: the plain cause when the server is out
+    of connections, else the error's first line."""
+    if too_many_connections(exc):
+        return TOO_MANY_CONNECTIONS
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def naming_refusals(dsn: str) -> Iterator[None]:
+    """Raise TooManyConnections where PostgreSQL refused a connection for want of slots: directly,
+    or behind a pool's timeout (which says no more than that it waited; one direct connection then
+    asks the server why)."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        if too_many_connections(exc):
+            raise TooManyConnections() from exc
+        if type(exc).__name__ == "PoolTimeout":
+            try:
+                psycopg.connect(dsn, connect_timeout=2).close()
+            except psycopg.OperationalError as probe:
+                if too_many_connections(probe):
+                    raise TooManyConnections() from exc
+        raise
+
+
 def wait_for_database(dsn: str, seconds: float, stopped: threading.Event | None = None) -> bool:
     """Return once the database at ``dsn`` accepts a connection (True), retrying with backoff for up
     to ``seconds`` (``wait_for_db``) and logging one line per failed attempt; False if ``stopped``
@@ -146,10 +182,12 @@ def wait_for_database(dsn: str, seconds: float, stopped: threading.Event | None 
             psycopg.connect(dsn, connect_timeout=timeout).close()
             return True
         except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = describe(exc)
             left = deadline - time.monotonic()
             if left <= 0:
                 waited = f" after waiting {seconds:g} s (--wait-for-db)" if seconds else ""
+                if too_many_connections(exc):
+                    raise DatabaseUnreachable(f"{reason}; gave up{waited}") from None
                 raise DatabaseUnreachable(f"cannot reach the database{waited}: {reason}") from None
             pause = min(pause, left)
             log.warning(

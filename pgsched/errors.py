@@ -84,3 +84,17 @@ class UnservedQueueWarning(UserWarning):
 
 class DatabaseUnreachable(PgschedError, ConnectionError):
     """The database could not be reached at start-up, within ``wait_for_db`` seconds."""
+
+
+class TooManyConnections(DatabaseUnreachable):
+    """PostgreSQL refused a new connection because ``max_connections`` is used up."""
+
+    def __init__(self) -> None:
+        super().__init__(TOO_MANY_CONNECTIONS)
+
+
+TOO_MANY_CONNECTIONS = (
+    "PostgreSQL refused the connection: too many clients already (max_connections reached); "
+    "close idle sessions (pg_stat_activity shows them), lower pool sizes and --concurrency, or raise "
+    "max_connections; it works again as soon as connections are free"
+)

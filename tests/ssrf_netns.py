@@ -24,6 +24,17 @@ from pgsched.worker.executors import NotRetryable, TaskFailed, http_request
 PUBLIC = "93.184.216.34"
 
 
+def attempt(url: str, allow_private: bool) -> str:
+    """The outcome of one ``http`` job's request: ``ok: STATUS``, ``refused: ...`` or ``failed: ...``."""
+    try:
+        result = asyncio.run(http_request({"url": url}, allow_private=allow_private))
+    except NotRetryable as exc:
+        return f"refused: {exc}"
+    except TaskFailed as exc:
+        return f"failed: {exc}"
+    return f"ok: {result['status']}"
+
+
 def main(targets: list[str], allow_private: bool) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     subprocess.run(["ip", "addr", "add", f"{PUBLIC}/32", "dev", "lo"], check=True)
@@ -45,13 +56,7 @@ def main(targets: list[str], allow_private: bool) -> None:
             if target == "public":
                 url = f"http://{PUBLIC}:{public.port}/hello"
             hits = len(private.log)
-            try:
-                result = asyncio.run(http_request({"url": url}, allow_private=allow_private))
-                outcome = f"ok: {result['status']}"
-            except NotRetryable as exc:
-                outcome = f"refused: {exc}"
-            except TaskFailed as exc:
-                outcome = f"failed: {exc}"
+            outcome = attempt(url, allow_private)
             print(json.dumps({"target": target, "outcome": outcome, "hits": len(private.log) - hits}), flush=True)
     finally:
         public.stop()

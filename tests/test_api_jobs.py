@@ -281,7 +281,7 @@ def test_batch_create_all_or_nothing(client: Any, as_user: Any, conn: psycopg.Co
     for body, field in (
         ({"jobs": [{"task": "noop"}, {"task": "noop", "priority": 500}]}, "jobs[1].priority"),
         ({"jobs": [{"task": "noop"}, {"task": "nope"}]}, "jobs[1].task"),
-        ({"jobs": [{"task": "noop", "owner": "bob"}]}, "owner"),
+        ({"jobs": [{"task": "noop", "owner": "bob"}]}, "jobs[0].owner"),
         ({"jobs": [{"task": "noop", "dedupe_key": "k"}, {"task": "noop", "dedupe_key": "k"}]}, "jobs[1].dedupe_key"),
         ({"jobs": []}, "jobs"),
         ({"jobs": [{"task": "noop"}] * 1001}, "jobs"),

@@ -66,7 +66,7 @@ def test_bad_graphs_are_refused_naming_the_job_and_nothing_is_written(
         ({"jobs": [{"key": "a", "task": "noop"}, {"key": "a", "task": "noop"}]}, "jobs[1].key"),
         ({"jobs": [{"key": "a", "task": "noop", "depends_on": ["z"]}]}, "jobs[0].depends_on"),
         ({"jobs": [{"key": "a", "task": "noop"}, {"key": "b", "task": "nope"}]}, "jobs[1].task"),
-        ({"jobs": [{"key": "a", "task": "noop", "owner": "bob"}]}, "owner"),
+        ({"jobs": [{"key": "a", "task": "noop", "owner": "bob"}]}, "jobs[0].owner"),
     ):
         response = client.post("/api/v1/workflows", json=body, headers=as_user("alice"))
         assert response.status_code == 422, (body, response.json())

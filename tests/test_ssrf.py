@@ -158,3 +158,32 @@ def test_a_redirect_from_a_public_server_to_a_private_target_is_refused() -> Non
     # The control: allowed, the same redirect reaches the private server.
     allowed = run_in_namespace(["http://127.0.0.1:{port}/secret", "http://2130706433:{port}/secret"], allow=True)
     assert [(r["outcome"], r["hits"]) for r in allowed] == [("ok: 200", 1), ("ok: 200", 1)]
+
+
+@pytest.mark.process
+@pytest.mark.skipif(not in_own_network_namespace(), reason="needs root, unshare and ip for a network namespace")
+def test_a_dns_answer_that_changes_between_check_and_connect_never_reaches_loopback(tmp_path: Path) -> None:
+    # Network and mount namespaces of the test's own: the resolv.conf that names the rebinding DNS
+    # server is bind-mounted over /etc/resolv.conf for this process only (as `ip netns exec` does).
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
+    script = ROOT / "tests" / "ssrf_rebind.py"
+    mount_then_run = 'mount --bind "$1" /etc/resolv.conf && exec "$2" "$3"'
+    done = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", mount_then_run, "sh", str(resolv), sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    cases = {r["case"]: r for r in map(json.loads, done.stdout.splitlines())}
+    # Checked and connected to the first answer, the public address: loopback never hit.
+    assert cases["plain"] == {"case": "plain", "outcome": "ok: 200", "private": 0, "public": 1}
+    assert cases["redirect"] == {"case": "redirect", "outcome": "ok: 200", "private": 0, "public": 2}
+    # A second hop to the same name resolves again, and its (now loopback) answer is checked.
+    second = cases["redirect to itself"]
+    assert str(second["outcome"]).startswith("refused: ") and "c.rebind.test resolves to 127.0.0.1" in second["outcome"]
+    assert second["private"] == 0
+    # The resolver did rebind: a client that resolves again to connect reaches loopback.
+    assert cases["control"] == {"case": "control", "outcome": "private", "private": 1}

@@ -329,14 +329,15 @@ def test_a_stuck_sync_thread_does_not_keep_the_process_alive(tmp_path: Any, dsn:
     """R19: run_worker() returns and the interpreter exits although a sync task's thread still runs."""
     script = tmp_path / "stuck.py"
     script.write_text(
-        "import time, pgsched\n"
+        "import os, signal, time, pgsched\n"
         f"app = pgsched.App({dsn!r})\n"
         "@app.task\n"
         "def forever() -> None:\n"
+        # Stop once the task runs (the worker's signal handlers are in place by then, however
+        # slowly the process started), then stay stuck in the thread.
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(600)\n"
         "app.enqueue('forever')\n"
-        "import threading\n"
-        "threading.Timer(1.0, lambda: __import__('os').kill(__import__('os').getpid(), 15)).start()\n"
         "app.run_worker(grace_seconds=0.2, poll_seconds=0.1)\n"
         "print('returned', flush=True)\n"
     )

@@ -90,6 +90,26 @@ def test_burst_drains_the_queues_and_exits_zero(
     assert worker_pids(conn) == {}
 
 
+def test_a_worker_whose_session_is_cut_while_it_starts_waits_and_starts(
+    client: pgsched.App, conn: psycopg.Connection[Any], dsn: str, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A PostgreSQL restart during start-up (here: the session that registers the worker is
+    terminated) is waited out like an unreachable database: the worker starts and runs jobs."""
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE pgsched.workers IN ACCESS EXCLUSIVE MODE")  # registering waits
+        worker = spawn_worker()
+        registering = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND application_name = 'pgsched worker' AND query LIKE '%%INSERT INTO pgsched.workers%%'"
+        )
+        pid = wait_until(lambda: conn.execute(registering).fetchone(), timeout=30, message="the worker registering")
+        conn.execute("SELECT pg_terminate_backend(%s)", pid)
+        wait_until(lambda: "starting: " in worker.stderr(), timeout=30, message="the retry's line")
+    job = client.enqueue("add", {"a": 1, "b": 2})
+    wait_until(lambda: job_row(conn, job.id)["state"] == "succeeded", timeout=30, message="the job run")
+    worker.check_alive()
+
+
 def test_the_worker_logs_one_line_per_finished_job_and_its_stop_in_words(
     client: pgsched.App, conn: psycopg.Connection[Any], spawn_worker: Callable[..., WorkerProcess]
 ) -> None:

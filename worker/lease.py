@@ -17,11 +17,16 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg_pool import PoolTimeout
+
+from pgsched.db import describe
+from pgsched.errors import DatabaseUnreachable
 
 from . import queries
 from .attempts import State
 
 if TYPE_CHECKING:
+    from pgsched.client import App
     from pgsched.config import Settings
 
     from .attempts import Attempt
@@ -32,9 +37,10 @@ log = logging.getLogger("pgsched.worker")
 
 
 class LeaseKeeping:
-    """Registering, renewing and losing the incarnation's lease; mixed into ``Worker``."""
+    """Starting, registering, renewing and losing the incarnation's lease; mixed into ``Worker``."""
 
     # What the worker provides (worker/runtime.py).
+    app: App
     lease: uuid.UUID
     options: Settings
     attempts: dict[tuple[int, int], Attempt]
@@ -46,6 +52,7 @@ class LeaseKeeping:
     _lease_until: float
     _reserved: int
     _wake: asyncio.Event
+    _stopping: asyncio.Event
 
     if TYPE_CHECKING:
 
@@ -54,6 +61,32 @@ class LeaseKeeping:
         async def _apply_controls(self, rows: list[Any]) -> None: ...
 
         def _drop(self, attempt: Attempt) -> None: ...
+
+        async def _read_controls(self) -> None: ...
+
+    async def _start(self) -> None:
+        """Check the schema, write the task catalog, register this incarnation and read the queue
+        controls. The database was reachable a moment ago (the caller waited for it): losing it
+        now (a restart) is waited out like an unreachable one at start, up to ``wait_for_db``
+        seconds, not a reason to exit. Every step can be run again."""
+        deadline = time.monotonic() + self.options.wait_for_db
+        pause = 0.5
+        while True:
+            try:
+                await self.app.open_async()  # schema check and task catalog
+                await self.app.register_runner_async()  # this process runs them: their execution options
+                await self._pool.open(wait=True, timeout=max(1.0, deadline - time.monotonic()))
+                await self._register()
+                await self._read_controls()  # which of its queues the plain claim must leave alone
+                return
+            except (psycopg.OperationalError, PoolTimeout, DatabaseUnreachable) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    raise
+                pause = min(pause, left)
+                log.warning("starting: %s; trying again in %.1f s", describe(exc), pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     async def _register(self) -> None:
         """Register the current incarnation; its lease counts from before the statement was sent."""
@@ -72,7 +105,7 @@ class LeaseKeeping:
                 async with asyncio.timeout(max(self.options.heartbeat_seconds, self._lease_until - time.monotonic())):
                     await self._heartbeat_once()
             except (psycopg.Error, TimeoutError) as exc:
-                log.warning("heartbeat failed, will retry: %s", exc or "timed out")
+                log.warning("heartbeat failed, will retry: %s", describe(exc) if str(exc) else "timed out")
             if self.writer.logs.rows:  # a running job's log lines wait for no outcome (jobs logs --follow)
                 self.writer.wake()
 
@@ -138,7 +171,7 @@ class LeaseKeeping:
                     await self._register()
                 log.warning("worker registered again as %s", self.lease)
             except (psycopg.Error, TimeoutError) as exc:
-                log.warning("registering the worker failed, will retry: %s", exc or "timed out")
+                log.warning("registering the worker failed, will retry: %s", describe(exc) if str(exc) else "timed out")
                 await asyncio.sleep(random.uniform(0.5, 1.5))
 
     def _lose_lease(self, reason: str) -> None:

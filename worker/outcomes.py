@@ -115,7 +115,12 @@ def log_finished(outcome: Outcome) -> None:
         line += ", not retried"
     if outcome.state != "succeeded" and outcome.error:
         line += f": {error_summary(outcome.error, 500)}"
-    log.log(level, "%s", line)
+    # Logger.handle, not Logger.log, which looks up the caller's frame for every record: that
+    # was 30% of this line's cost (20 -> 14 us); the record names this function instead.
+    log.handle(log.makeRecord(log.name, level, __file__, _LOG_FINISHED_LINE, line, (), None, "log_finished"))
+
+
+_LOG_FINISHED_LINE = log_finished.__code__.co_firstlineno
 
 
 def ended(job: Job, started: datetime, state: str, outcome: str, **extra: Any) -> Outcome:
@@ -154,23 +159,51 @@ def result_outcome(job: Job, started: datetime, value: Any) -> Outcome:
     return ended(job, started, "succeeded", "succeeded", result=encoded.decode())
 
 
+# One row of COMPLETE's json_to_recordset (worker/queries.py): field names are its column names.
+class OutcomeRow(msgspec.Struct):
+    worker: uuid.UUID
+    id: int
+    attempt: int
+    queue: str
+    task: str
+    owner: str | None
+    state: str
+    outcome: str
+    result: str | None  # the result's JSON text (cast to jsonb in SQL, so a JSON null stays jsonb 'null')
+    error: str | None
+    delay: float | None
+    started_at: datetime
+    finished_at: datetime
+
+
+_encode_rows = msgspec.json.Encoder().encode
+
+
 def complete_params(batch: list[Outcome], workers: list[uuid.UUID]) -> dict[str, Any]:
-    """COMPLETE (and INSERT_INTERRUPTED) parameters: one array per column, in job id order (every
-    statement that locks several jobs locks them in id order, so two of them never deadlock).
-    ``workers``: the incarnation that claimed each attempt (its fence)."""
+    """COMPLETE (and INSERT_INTERRUPTED) parameters: the batch as one JSON array, in job id order
+    (every statement that locks several jobs locks them in id order, so two of them never
+    deadlock). One JSON text costs less than half of what thirteen arrays did, in the
+    worker and in the server, at the default batch of ten. ``workers``: the incarnation that
+    claimed each attempt (its fence)."""
     rows = sorted(zip(batch, workers, strict=True), key=lambda row: row[0].job.id)
-    return {
-        "workers": [w for _, w in rows],
-        "ids": [o.job.id for o, _ in rows],
-        "attempts": [o.job.attempts for o, _ in rows],
-        "queues": [o.job.queue for o, _ in rows],
-        "tasks": [o.job.task for o, _ in rows],
-        "owners": [o.job.owner for o, _ in rows],
-        "states": [o.state for o, _ in rows],
-        "outcomes": [o.outcome for o, _ in rows],
-        "results": [o.result for o, _ in rows],
-        "errors": [o.error for o, _ in rows],
-        "delays": [o.delay for o, _ in rows],
-        "started": [o.started_at for o, _ in rows],
-        "finished": [o.finished_at for o, _ in rows],
-    }
+    encoded = _encode_rows(
+        [
+            OutcomeRow(
+                w,
+                o.job.id,
+                o.job.attempts,
+                o.job.queue,
+                o.job.task,
+                o.job.owner,
+                o.state,
+                o.outcome,
+                o.result,
+                o.error,
+                o.delay,
+                o.started_at,
+                o.finished_at,
+            )
+            for o, w in rows
+        ]
+    )
+    return {"outcomes": encoded.decode()}

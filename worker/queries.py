@@ -111,15 +111,18 @@ FROM pgsched.tasks t WHERE t.name = ANY(%(tasks)s) AND t.options ? 'max_per_key'
 # (id, attempt, worker incarnation, state = 'running'): a job whose lease was
 # lost and that was rescued or finished elsewhere is not touched, and its
 # attempt is recorded as 'fenced'. Primary key lookups, in id order (see
-# complete_params). Parameters go in binary (%(...)b): psycopg then sends the
-# arrays without quoting every element.
-COMPLETE = """
+# complete_params). The batch arrives as one JSON array (OUTCOME_ROWS).
+OUTCOME_ROWS = """
+json_to_recordset(%(outcomes)s::json) AS d(
+    worker uuid, id bigint, attempt integer, queue text, task text, owner text, state text, outcome text,
+    result text, error text, delay double precision, started_at timestamptz, finished_at timestamptz)
+"""
+
+COMPLETE = f"""
 WITH done AS (
-    SELECT * FROM unnest(%(workers)b::uuid[], %(ids)b::bigint[], %(attempts)b::integer[], %(queues)b::text[],
-                         %(tasks)b::text[], %(owners)b::text[], %(states)b::text[], %(outcomes)b::text[],
-                         %(results)b::jsonb[], %(errors)b::text[], %(delays)b::double precision[],
-                         %(started)b::timestamptz[], %(finished)b::timestamptz[])
-        AS d(worker, id, attempt, queue, task, owner, state, outcome, result, error, delay, started_at, finished_at)
+    SELECT d.worker, d.id, d.attempt, d.queue, d.task, d.owner, d.state, d.outcome, d.result::jsonb AS result,
+           d.error, d.delay, d.started_at, d.finished_at
+    FROM {OUTCOME_ROWS}
 ), updated AS (
     UPDATE pgsched.jobs j
     SET state = d.state,
@@ -198,12 +201,10 @@ RETURNING id, queue, state
 """
 
 # The runs rows of attempts interrupted by a shutdown (written just before RELEASE).
-INSERT_INTERRUPTED = """
+INSERT_INTERRUPTED = f"""
 INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, worker_id, outcome, started_at, finished_at)
 SELECT d.id, d.attempt, d.queue, d.task, d.owner, %(worker)s, 'interrupted', d.started_at, d.finished_at
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(queues)s::text[], %(tasks)s::text[], %(owners)s::text[],
-            %(started)s::timestamptz[], %(finished)s::timestamptz[])
-    AS d(id, attempt, queue, task, owner, started_at, finished_at)
+FROM {OUTCOME_ROWS}
 """
 
 # A stopped incarnation's row goes, unless a job still names it (a sync task's

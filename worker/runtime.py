@@ -36,12 +36,13 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool
 
 from pgsched import __version__
 from pgsched.client import App
 from pgsched.config import Settings
 from pgsched.context import Context
-from pgsched.db import configure_adapters
+from pgsched.db import configure_adapters, describe
 from pgsched.jobs import Job
 
 from . import queries
@@ -152,11 +153,8 @@ class Worker(LeaseKeeping):
 
     async def run(self) -> Stats:
         """Run until stopped (or, with ``burst``, until the queues are empty)."""
-        from psycopg_pool import AsyncConnectionPool
 
         self._loop = asyncio.get_running_loop()
-        await self.app.open_async()  # schema check and task catalog
-        await self.app.register_runner_async()  # this process runs them: their execution options
         self._pool = AsyncConnectionPool(
             self.app.dsn,
             min_size=2,
@@ -166,12 +164,10 @@ class Worker(LeaseKeeping):
             configure=_configure,
             open=False,
         )
-        await self._pool.open(wait=True)
         handler = TaskLogHandler()
         logging.getLogger().addHandler(handler)
         try:
-            await self._register()
-            await self._read_controls()  # which of its queues the plain claim must leave alone
+            await self._start()
             log.info(
                 "worker %s started: queues %s, concurrency %d",
                 self.lease,
@@ -304,7 +300,7 @@ class Worker(LeaseKeeping):
                 await cur.execute(sql, params)
                 claimed = await cur.fetchall()
         except psycopg.Error as exc:
-            log.warning("claim failed, will retry: %s", exc)
+            log.warning("claim failed, will retry: %s", describe(exc))
             await asyncio.sleep(min(self.options.poll_seconds, 1.0))
             return 0
         return self._take(claimed, lease)
@@ -491,5 +487,5 @@ class Worker(LeaseKeeping):
                         else:
                             self._wake.set()
             except psycopg.Error as exc:
-                log.warning("listener connection lost, reconnecting: %s", exc)
+                log.warning("listener connection lost, reconnecting: %s", describe(exc))
                 await asyncio.sleep(random.uniform(0.5, 1.5))

@@ -33,7 +33,8 @@ from typing import Any
 import click
 import psycopg
 
-from ..errors import PermissionDenied, PgschedError
+from ..db import too_many_connections
+from ..errors import TOO_MANY_CONNECTIONS, PermissionDenied, PgschedError
 from . import api, db, jobs, keys, queues, run, schedules, workers
 
 
@@ -48,6 +49,8 @@ class Group(click.Group):
         except (PgschedError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         except psycopg.OperationalError as exc:
+            if too_many_connections(exc):
+                raise click.ClickException(TOO_MANY_CONNECTIONS) from None
             raise click.ClickException(f"cannot reach the database: {_first_line(exc)}") from None
 
 

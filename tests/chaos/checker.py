@@ -23,7 +23,7 @@ Verdicts:
 - ``cap_exceeded`` / ``rate_exceeded``: peaks per queue from the ``runs`` intervals above the cap,
   or starts in a rate window above the limit;
 - figures, not verdicts: ``recovery`` (seconds after each fault until completions are back to a
-  share of the clean rate), ``late_stop`` (how long an attempt ran on after it was rescued) and
+  share of the clean rate) and ``recovery_local`` (the same against the rate just before each fault), ``late_stop`` (how long an attempt ran on after it was rescued) and
   ``peaks`` (the most jobs of each capped queue running at once).
 """
 
@@ -147,6 +147,7 @@ class Report:
     rate_exceeded: dict[str, int] = field(default_factory=dict)
     peaks: dict[str, int] = field(default_factory=dict)  # running at once, per capped queue
     recovery: list[float | None] = field(default_factory=list)
+    recovery_local: list[float | None] = field(default_factory=list)  # against the rate just before
     late_stop: list[float] = field(default_factory=list)
 
     VERDICTS = (
@@ -178,6 +179,7 @@ class Report:
             counts[name] = value if isinstance(value, dict) else len(value)
         counts["peaks"] = self.peaks
         counts["recovery_s"] = [None if r is None else round(r, 2) for r in self.recovery]
+        counts["recovery_local_s"] = [None if r is None else round(r, 2) for r in self.recovery_local]
         counts["late_stop_max_s"] = round(max(self.late_stop), 2) if self.late_stop else None
         return counts
 
@@ -189,6 +191,7 @@ def check(
     caps: Mapping[str, int] | None = None,
     rates: Mapping[str, tuple[int, timedelta]] | None = None,
     faults: Sequence[datetime] = (),
+    restarts: Sequence[datetime] = (),
     clean_rate: float | None = None,
     recovered_share: float = 0.9,
     window: timedelta = timedelta(seconds=1),
@@ -247,6 +250,9 @@ def check(
     if faults:
         ends = sorted(e.ended_at for e in execs if e.ended_at is not None)
         report.recovery = recovery_times(ends, faults, clean_rate, recovered_share, window)
+        report.recovery_local = recovery_times(
+            ends, faults, clean_rate, recovered_share, window, local=True, restarts=restarts or None
+        )
     return report
 
 
@@ -321,13 +327,26 @@ def recovery_times(
     clean_rate: float | None,
     share: float = 0.9,
     window: timedelta = timedelta(seconds=1),
+    *,
+    local: bool = False,
+    restarts: Sequence[datetime] | None = None,
 ) -> list[float | None]:
     """Seconds from each fault until a ``window`` of completions reaches ``share`` of the clean rate
     (None when it did not before the next fault, or the end). Without ``clean_rate``, the rate
-    before the first fault is the clean one."""
+    before the first fault is the clean one; with ``local``, each fault's clean rate is the rate of
+    the ``window`` just before it when that is lower than ``clean_rate`` (on a machine shared with
+    other work, the rate the machine allowed at that moment, where one measured at the start of a
+    long run may no longer be; a catch-up burst after the previous fault never raises the bar). With
+    ``restarts`` (one per fault), the clock of each starts when its restarted process was back."""
     completions = sorted(completions)
     if not completions or not faults:
         return [None] * len(faults)
+    if local:
+        starts = list(restarts or faults)
+        return [
+            recovery_times(completions, starts[i:], _lower(clean_rate, completions, fault, window), share, window)[0]
+            for i, fault in enumerate(faults)
+        ]
     if clean_rate is None:
         before = bisect.bisect_left(completions, faults[0])
         span = (faults[0] - completions[0]).total_seconds()
@@ -346,3 +365,10 @@ def recovery_times(
                 break
         found.append(result)
     return found
+
+
+def _lower(clean_rate: float | None, completions: Sequence[datetime], fault: datetime, window: timedelta) -> float:
+    """The rate of the ``window`` before ``fault``, or ``clean_rate`` when that is lower."""
+    count = bisect.bisect_left(completions, fault) - bisect.bisect_left(completions, fault - window)
+    rate = count / window.total_seconds()
+    return rate if clean_rate is None else min(rate, clean_rate)

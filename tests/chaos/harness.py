@@ -321,8 +321,20 @@ class Timeline:
     """Wall-clock marks of a scenario's faults, in database time (for recovery times)."""
 
     faults: list[Any] = field(default_factory=list)
+    # Where a fault is followed by a restart: when the restarted process was back (see ``back``).
+    restarts: list[Any] = field(default_factory=list)
 
     def mark(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute("SELECT pgsched.now()").fetchone()
-        assert row is not None
-        self.faults.append(row[0])
+        self.faults.append(_now(conn))
+
+    def back(self, conn: psycopg.Connection[Any], pid: int, timeout: float) -> None:
+        """Mark when the worker of ``pid`` registered (or ``timeout`` passed): the restart of the
+        last fault is done. Recovery is timed from here; the clean rate is the one before the fault."""
+        wait_for(lambda: conn.execute("SELECT 1 FROM pgsched.workers WHERE pid = %s", (pid,)).fetchone(), timeout)
+        self.restarts.append(_now(conn))
+
+
+def _now(conn: psycopg.Connection[Any]) -> Any:
+    row = conn.execute("SELECT pgsched.now()").fetchone()
+    assert row is not None
+    return row[0]

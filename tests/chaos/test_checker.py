@@ -270,3 +270,20 @@ def test_recovery_times_after_each_fault() -> None:
     ends = [at(i / 10) for i in range(50)] + [at(7 + i / 10) for i in range(30)]
     assert recovery_times(ends, [at(5)], clean_rate=None) == [2.0]
     assert recovery_times(ends, [at(5)], clean_rate=100.0) == [None]
+
+
+def test_recovery_against_the_rate_just_before_each_fault() -> None:
+    # 20 a second until 5 s, then the machine allows 10 a second; a fault at 8 s stops completions
+    # for a second. Against the first rate nothing after 5 s recovers; against the rate of the
+    # second before each fault, the fault at 8 s is back after 1 s.
+    ends = [at(i / 20) for i in range(100)] + [at(5 + i / 10) for i in range(30)]
+    ends += [at(9 + i / 10) for i in range(30)]
+    assert recovery_times(ends, [at(8)], clean_rate=20.0) == [None]
+    assert recovery_times(ends, [at(8)], clean_rate=None, local=True) == [1.0]
+    assert recovery_times(ends, [at(3), at(8)], clean_rate=None, local=True) == [0.0, 1.0]
+    # A burst of 40 a second before a fault does not raise the bar above the clean rate of 20.
+    burst = [at(i / 20) for i in range(100)] + [at(5 + i / 40) for i in range(40)] + [at(7 + i / 20) for i in range(40)]
+    assert recovery_times(burst, [at(6)], clean_rate=20.0, local=True) == [1.0]
+    assert recovery_times(burst, [at(6)], clean_rate=None, local=True) == [None]
+    # After a kill, the clock starts when the restarted worker was back (at 8.5 s): back 0.5 s later.
+    assert recovery_times(ends, [at(8)], clean_rate=None, local=True, restarts=[at(8.5)]) == [0.5]

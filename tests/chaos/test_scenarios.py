@@ -14,10 +14,8 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +26,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
-
-from pgsched import migrations
 
 from ..conftest import HEAVY, wait_until
 from . import faults
@@ -71,7 +66,7 @@ class Scenario:
     def finish(self, **options: Any) -> Report:
         """Save the acknowledgements, read everything back and check it; print the counts."""
         self.enqueuer.save()
-        report = check(load(self.conn), faults=self.timeline.faults, **options)
+        report = check(load(self.conn), faults=self.timeline.faults, restarts=self.timeline.restarts, **options)
         summary = {
             "scenario": self.name,
             "full": FULL,
@@ -130,20 +125,37 @@ def crashable(
     request: pytest.FixtureRequest, cli_env: dict[str, str], tmp_path: Path
 ) -> Iterator[tuple[Scenario, faults.OwnServer]]:
     """A scenario on a server of its own (initdb on tmpfs, about a second), which it may crash."""
-    top = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
-    server = faults.OwnServer(top / "pg")
-    try:
-        admin = server.start()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE chaos")
-        dsn = make_conninfo(admin, dbname="chaos")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            migrations.migrate(conn)
-        with running(request.node.name, dsn, cli_env, tmp_path) as s:
-            yield s, server
-    finally:
-        server.stop()
-        shutil.rmtree(top, ignore_errors=True)
+    with faults.own_server("chaos") as (server, dsn), running(request.node.name, dsn, cli_env, tmp_path) as s:
+        yield s, server
+
+
+def queued(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'queued'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def top_up(s: Scenario, rate: float, seconds: float) -> None:
+    """Keep ``seconds`` of work at the clean rate queued (one enqueue of 1,000 jobs at most per call,
+    which may fail under the faults), so that the rate after a fault is bound by the workers and not
+    by the supply: without it the backlog ran dry halfway through the full kill storm, and every
+    later fault "did not recover" to a rate the trickle alone cannot reach."""
+    if queued(s.conn) < rate * seconds:
+        s.enqueuer.many(1000, ms=100)
+
+
+def assert_recovered(report: Report, faults: int, within: float) -> None:
+    """Throughput back to 0.9 of the clean rate (a one-second window of completions, see
+    ``recovery_times``) within ``within`` seconds of each of the first ``faults`` faults: every one
+    at full size; at quick size, which ``make test`` runs beside the rest of the suite on a loaded
+    machine, at least half of them (docs/reliability.md). The clean rate is the one of the second
+    before each fault where that is lower than the one measured at the start (``recovery_local``), and where the fault was a kill the clock starts when the
+    restarted worker registered (the issue's "after each restart"): on a shared machine the rate measured at the start of a
+    two-minute run is not the one the machine allows later (the full kill storm's first run met a
+    load average going from 6 to 13 and "recovered" after 2 of 39 kills against it)."""
+    times = report.recovery_local[:faults]
+    late = [i for i, t in enumerate(times) if t is None or t > within]
+    allowed = 0 if FULL else len(times) // 2
+    assert len(late) <= allowed, f"{len(late)} of {len(times)} faults not recovered within {within} s: {times}"
 
 
 def verdicts(report: Report, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any]:
@@ -178,14 +190,16 @@ def test_worker_kill_storm(scenario: Scenario) -> None:
         end = time.monotonic() + size(12, 120)
         while time.monotonic() < end:
             time.sleep(size(2.0, 3.0))  # the storm's cadence
+            top_up(s, rate, 10.0)
             victim = f"w{random.randint(1, workers)}"
             faults.kill9(s.cluster.workers[victim])
             s.timeline.mark(s.conn)
-            s.cluster.worker(victim)
+            s.timeline.back(s.conn, s.cluster.worker(victim).pid, timeout=size(2.0, 3.0))
             s.cluster.restart_dead()
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
     report = s.finish(clean_rate=rate)
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert_recovered(report, len(s.timeline.faults), within=s.cluster.settings.lease)
 
 
 def test_cap_across_a_kill_storm(scenario: Scenario) -> None:
@@ -313,8 +327,10 @@ def test_backend_kills(scenario: Scenario) -> None:
         end = time.monotonic() + size(12, 60)
         while time.monotonic() < end:
             time.sleep(2.0)  # the fault's cadence
+            top_up(s, rate, 10.0)
             faults.terminate_sessions(s.conn)
             s.timeline.mark(s.conn)
+    storm = len(s.timeline.faults)
     drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120))
     # Then a kill that surely cuts a write, and no job after it: the last jobs' outcomes wait on a
     # lock on the history, their sessions are terminated, the lock goes. Whatever retries the cut
@@ -334,6 +350,7 @@ def test_backend_kills(scenario: Scenario) -> None:
     report = s.finish(clean_rate=rate)
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert_recovered(report, storm, within=10.0)  # the storm's; after the last kill no job was left
 
 
 def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
@@ -350,6 +367,7 @@ def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     with s.enqueuer.trickle(10, ms=100):
         for crash in range(size(2, 6)):
             time.sleep(size(4.0, 10.0))  # work between two crashes
+            top_up(s, rate, 20.0)
             if crash < size(2, 5):
                 server.crash()
             else:
@@ -363,6 +381,7 @@ def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
     report = s.finish(clean_rate=rate)
     assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
+    assert_recovered(report, len(s.timeline.faults), within=10.0)
 
 
 def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
