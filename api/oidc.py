@@ -151,7 +151,7 @@ async def oidc_login(request: Request[Any, Any, Any]) -> Redirect:
 async def oidc_callback(
     request: Request[Any, Any, Any],
     code: FromQuery[str | None] = None,
-    oauth_state: Annotated[str | None, QueryParameter(query="state")] = None,  # (state: Litestar's)
+    oauth_state: Annotated[str | None, QueryParameter(name="state")] = None,  # (state: Litestar's)
     error: FromQuery[str | None] = None,
 ) -> Redirect:
     oidc = _oidc(request)

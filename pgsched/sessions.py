@@ -43,13 +43,13 @@ WHERE user_id = %s AND (revoked_at IS NOT NULL OR expires_at < pgsched.now()
 # one is a minute old, so a busy page costs no write per request.
 AUTHENTICATE_SESSION = """
 WITH s AS (
-    SELECT s.id, u.id, u.username, u.role, u.may_create_commands, u.disabled, s.last_seen_at
+    SELECT s.id AS session_id, u.id, u.username, u.role, u.may_create_commands, u.disabled
     FROM pgsched.api_sessions s JOIN pgsched.users u ON u.id = s.user_id
     WHERE s.secret_hash = %(hash)s AND s.revoked_at IS NULL AND s.expires_at > pgsched.now()
       AND s.last_seen_at > pgsched.now() - make_interval(secs => %(idle)s) AND NOT u.disabled
 ), touched AS (
     UPDATE pgsched.api_sessions SET last_seen_at = pgsched.now()
-    WHERE id = (SELECT s.id FROM s) AND last_seen_at < pgsched.now() - interval '1 minute'
+    WHERE id = (SELECT session_id FROM s) AND last_seen_at < pgsched.now() - interval '1 minute'
 )
 SELECT * FROM s
 """
@@ -123,7 +123,7 @@ def op_authenticate_session(secret: str, idle: float) -> Operation[tuple[User, i
     rows = yield Query(AUTHENTICATE_SESSION, {"hash": digest(secret), "idle": idle})
     if not rows:
         return None
-    session_id, *user, _ = rows[0]
+    session_id, *user = rows[0]
     return User(*user), session_id
 
 
