@@ -117,16 +117,19 @@ async def sign_in(request: Request[Any, Any, Any], data: JSONBody[SignIn]) -> Re
     return Response(signed_in, status_code=201, cookies=[cookie])
 
 
-@delete("/session", summary="Sign out: end the session of the cookie and clear it", tags=["session"])
-async def sign_out(request: Request[Any, Any, Any], user: CurrentUser) -> Response[None]:
+@delete(
+    "/session",
+    summary="Sign out: end the session of the cookie and clear it",
+    tags=["session"],
+    response_cookies=[Cookie(key=SESSION_COOKIE, value="", path="/", max_age=0, expires=0, httponly=True)],
+)
+async def sign_out(request: Request[Any, Any, Any], user: CurrentUser) -> None:
+    """With a bearer token there is no session to end (revoke tokens with DELETE /tokens/{id})."""
     session = session_of(request)
     if session is not None:
         db: Database = request.app.state.db
         async with db.acting_for(user) as conn:
             await run_async(conn, op_end_session(audit_of(request, user), user, session[0]))
-    response: Response[None] = Response(None, status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/")
-    return response
 
 
 @put(
