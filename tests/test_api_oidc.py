@@ -300,3 +300,18 @@ def test_oidc_routes_answer_404_when_not_configured(client: Any) -> None:
     for path in ("/api/v1/oidc/login", "/api/v1/oidc/callback?code=x&state=y"):
         response = client.get(path, follow_redirects=False)
         assert response.status_code == 404 and "not configured" in response.json()["error"]["message"]
+
+
+def test_oidc_settings_are_checked_at_start_and_the_secret_never_shown(dsn: str, api_dsn: str) -> None:
+    from pgsched import ConfigError
+    from pgsched.api import create_app
+
+    settings = load_settings({"dsn": dsn, "api_dsn": api_dsn, "oidc_discovery_url": "https://idp.example.com/x"})
+    with pytest.raises(ConfigError, match="--oidc-client-id, --oidc-redirect-url must be set too"):
+        create_app(settings)
+    with pytest.raises(ConfigError, match=r"--oidc-roles / PGSCHED_OIDC_ROLES: .* \(got 'admins:root'\)"):
+        load_settings(environ={"PGSCHED_OIDC_ROLES": "admins:admin,admins:root"})
+    with pytest.raises(ConfigError, match="--oidc-landing-path"):
+        load_settings(environ={"PGSCHED_OIDC_LANDING_PATH": "//evil.example.com/"})
+    hidden = load_settings(environ={"PGSCHED_OIDC_CLIENT_SECRET": "hunter2-client"})
+    assert hidden.oidc_client_secret == "hunter2-client" and "hunter2" not in repr(hidden)
