@@ -152,7 +152,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         None
     )
     oidc_client_secret: Annotated[
-        str | None, msgspec.Meta(description="This API's client secret at the OpenID provider")
+        str | None,
+        msgspec.Meta(
+            description="This API's client secret at the OpenID provider (a variable only: a flag would show it to ps)"
+        ),
     ] = None
     oidc_redirect_url: Annotated[
         str | None,
