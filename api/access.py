@@ -4,8 +4,8 @@ One guard on the ``/api/v1`` router authenticates the bearer token, or else the 
 of a signed-in browser (401, one body for every cause), and checks the route's ``opt["roles"]``
 (403). A cookie is ambient (the browser sends it on a forged request too): with one, an unsafe
 method also needs the session's CSRF token in ``X-CSRF-Token`` (403). Routes read the user from
-the ``user`` dependency. A client address with too many failed authentications in a minute gets 429 with
-``Retry-After`` for every request until the minute has passed (``FailedAuthentications``).
+the ``user`` dependency. A client address with too many failed authentications in a minute gets
+429 with ``Retry-After`` for every request until the minute has passed (``FailedAuthentications``).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class FailedAuthentications:
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Guard: a valid token of an enabled user, whose role the route allows."""
+    """Guard: a valid token or session of an enabled user, whose role the route allows (routes
+    marked ``PUBLIC`` answer anyone)."""
     if handler.opt.get("public"):
         return
     refuse_if_limited(connection)
@@ -131,7 +132,9 @@ async def _session_user(connection: ASGIConnection[Any, Any, Any, Any], secret: 
     if found is None:
         return None
     user, session_id = found
-    if connection.method not in SAFE_METHODS and not csrf_matches(secret, connection.headers.get(CSRF_HEADER)):
+    if connection.scope.get("method") not in SAFE_METHODS and not csrf_matches(
+        secret, connection.headers.get(CSRF_HEADER)
+    ):
         raise ApiError(
             403,
             f"a request signed in by the session cookie must send its CSRF token in the {CSRF_HEADER} header "

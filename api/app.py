@@ -149,7 +149,6 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             oidc.oidc_callback,
         ],
     )
-
     return Litestar(
         route_handlers=[health.healthz, health.readyz, openapi_document, openapi_page, api],
         state=State(

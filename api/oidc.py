@@ -57,7 +57,7 @@ class Refused(Exception):
     """An OIDC callback that does not sign anybody in; the message says why (for the audit)."""
 
 
-class _Provider(AsyncOAuth2Mixin, AsyncOpenIDMixin, BaseApp):  # type: ignore[misc]
+class _Provider(AsyncOAuth2Mixin, AsyncOpenIDMixin, BaseApp):
     """Authlib's client of one provider: discovery, the authorization URL, the code exchange, the
     ID token's validation. The framework integrations keep state in a server-side session; this
     API keeps it in the database instead, so none is needed."""
