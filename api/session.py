@@ -101,6 +101,10 @@ async def start_session(
       tags=["session"], opt=PUBLIC)  # fmt: skip
 async def sign_in(request: Request[Any, Any, Any], data: JSONBody[SignIn]) -> Response[SignedIn]:
     refuse_if_limited(request)
+    if request.content_type[0] != "application/json":
+        # A form of another site may post text/plain that reads as JSON, but may not say
+        # application/json without the browser asking this API first (CORS): no login CSRF.
+        raise ApiError(415, "sign in with a JSON body (Content-Type: application/json)")
     db: Database = request.app.state.db
     async with db.connection() as conn:
         user, stored = await run_async(conn, op_user_and_hash(data.username[:200]))

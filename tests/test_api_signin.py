@@ -76,6 +76,14 @@ def test_sign_in_sets_a_session_cookie_that_authenticates(
     assert me.json()["username"] == "alice" and me.json()["csrf_token"] == body["csrf_token"]
 
 
+def test_a_sign_in_is_json_only_so_another_site_cannot_post_one(client: Any, alice_password: str) -> None:
+    # What an HTML form of another site can send: text/plain that happens to read as JSON.
+    body = '{"username": "alice", "password": "correct horse battery"}'
+    forged = client.post("/api/v1/session", content=body, headers={"Content-Type": "text/plain"})
+    assert forged.status_code == 415 and SESSION not in forged.cookies
+    assert client.get("/api/v1/me").status_code == 401
+
+
 def test_the_same_401_for_every_failed_sign_in(client: Any, alice_password: str, conn: psycopg.Connection[Any]) -> None:
     reference = client.get("/api/v1/me")  # no credentials at all
     conn.execute("UPDATE pgsched.users SET disabled = true WHERE username = 'bob'")
