@@ -201,6 +201,10 @@ def test_a_missing_foreign_or_replayed_state_is_refused(
         assert client.cookies.get("pgsched_session") == session  # no new session
         denied = client.get("/api/v1/oidc/callback?error=access_denied", follow_redirects=False)
         assert denied.status_code == 401
+        # Refusals are failed authentications: enough of them and the address waits.
+        client.app.state.failed_authentications.limit = 4  # the four refusals above
+        limited = client.get("/api/v1/oidc/callback?error=access_denied", follow_redirects=False)
+        assert limited.status_code == 429 and limited.headers["retry-after"]
     assert refusals(conn) == [
         "no state",
         "the state is not the one this browser was given",

@@ -270,3 +270,10 @@ def test_cli_sets_a_password(client: Any, dsn: str, conn: psycopg.Connection[Any
     assert sign_in(client).status_code == 201 and sign_in(client, "bob", PASSWORD + "2").status_code == 201
     actors = conn.execute("SELECT actor FROM pgsched.audit_log WHERE action = 'user.password'").fetchall()
     assert len(actors) == 2 and all(actor.startswith("db:") for (actor,) in actors)
+
+
+def test_the_cookie_is_secure_over_tls(client: Any, alice_password: str) -> None:
+    client.base_url = "https://testserver.local"  # as uvicorn reports a request with --tls-cert
+    response = sign_in(client)
+    assert response.status_code == 201 and "Secure" in response.headers["set-cookie"]
+    assert client.get("/api/v1/me").json()["username"] == "alice"
