@@ -1,9 +1,11 @@
 """Who is calling, and whether their role may call this route.
 
-One guard on the ``/api/v1`` router authenticates the bearer token (401, one body for every
-cause) and checks the route's ``opt["roles"]`` (403). Routes read the user from the ``user``
-dependency. A client address with too many failed authentications in a minute gets 429 with
-``Retry-After`` for every request until the minute has passed (``FailedAuthentications``).
+One guard on the ``/api/v1`` router authenticates the bearer token, or else the session cookie
+of a signed-in browser (401, one body for every cause), and checks the route's ``opt["roles"]``
+(403). A cookie is ambient (the browser sends it on a forged request too): with one, an unsafe
+method also needs the session's CSRF token in ``X-CSRF-Token`` (403). Routes read the user from
+the ``user`` dependency. A client address with too many failed authentications in a minute gets
+429 with ``Retry-After`` for every request until the minute has passed (``FailedAuthentications``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,20 @@ from litestar.params import SkipValidation
 
 from pgsched.accounts import ROLES, User, op_authenticate
 from pgsched.db import run_async
+from pgsched.sessions import csrf_matches, op_authenticate_session
 
 from .database import Database
 from .errors import ApiError, unauthorized
 
 EVERY_ROLE = frozenset(ROLES)
 WRITERS = frozenset({"admin", "operator", "member"})
+SESSION_COOKIE = "pgsched_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+# The ``opt`` of a route that answers without a token: signing in (it counts its own failures).
+PUBLIC = {"public": True}
 
 
 def roles(*names: str) -> dict[str, Any]:
@@ -73,8 +83,9 @@ class FailedAuthentications:
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Guard: a valid token of an enabled user, whose role the route allows. A WebSocket is refused
-    with close code 4000 + the HTTP status (4401, 4403, 4429) and the message as reason."""
+    """Guard: a valid token or session of an enabled user, whose role the route allows (routes
+    marked ``PUBLIC`` answer anyone). A WebSocket is refused with close code 4000 + the HTTP
+    status (4401, 4403, 4429) and the message as reason."""
     try:
         await _authenticate(connection, handler)
     except HTTPException as exc:
@@ -84,11 +95,9 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: 
 
 
 async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    limiter: FailedAuthentications = connection.app.state.failed_authentications
-    client = connection.client.host if connection.client else "unknown"
-    wait = limiter.retry_after(client)
-    if wait is not None:
-        raise ApiError(429, "too many failed authentications from this address", headers={"Retry-After": str(wait)})
+    if handler.opt.get("public"):
+        return
+    refuse_if_limited(connection)
     header = connection.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     user = None
@@ -96,13 +105,61 @@ async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler:
         db: Database = connection.app.state.db
         async with db.connection() as conn:
             user = await run_async(conn, op_authenticate(secret.strip()))
+    elif not header and (cookie := connection.cookies.get(SESSION_COOKIE)):
+        user = await _session_user(connection, cookie)
     if user is None:
-        limiter.failed(client)
+        failed_authentication(connection)
         raise unauthorized()
     connection.state.user = user
     allowed = handler.opt.get("roles", EVERY_ROLE)
     if user.role not in allowed:
         raise ApiError(403, f"the {user.role} role may not do this")
+
+
+def client_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    return connection.client.host if connection.client else "unknown"
+
+
+def refuse_if_limited(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """429 with Retry-After while the caller's address has too many failed authentications."""
+    limiter: FailedAuthentications = connection.app.state.failed_authentications
+    wait = limiter.retry_after(client_of(connection))
+    if wait is not None:
+        raise ApiError(429, "too many failed authentications from this address", headers={"Retry-After": str(wait)})
+
+
+def failed_authentication(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """Count a failure (a wrong token, cookie or password) toward the caller's limit."""
+    connection.app.state.failed_authentications.failed(client_of(connection))
+
+
+async def _session_user(connection: ASGIConnection[Any, Any, Any, Any], secret: str) -> User | None:
+    """The user of a live session (None: whatever the cause); 403 for an unsafe method without
+    the session's CSRF token. The session is kept in ``connection.state.session``."""
+    db: Database = connection.app.state.db
+    async with db.connection() as conn:
+        idle = connection.app.state.settings.session_idle_seconds
+        found = await run_async(conn, op_authenticate_session(secret, idle))
+    if found is None:
+        return None
+    user, session_id = found
+    if connection.scope.get("method") not in SAFE_METHODS and not csrf_matches(
+        secret, connection.headers.get(CSRF_HEADER)
+    ):
+        raise ApiError(
+            403,
+            f"a request signed in by the session cookie must send its CSRF token in the {CSRF_HEADER} header "
+            "(returned at sign-in and by GET /api/v1/me)",
+            code="csrf_failed",
+        )
+    connection.state.session = (session_id, secret)
+    return user
+
+
+def session_of(request: Request[Any, Any, Any]) -> tuple[int, str] | None:
+    """The id and secret of the session that authenticated ``request`` (None: a bearer token)."""
+    session: tuple[int, str] | None = getattr(request.state, "session", None)
+    return session
 
 
 def current_user(request: Request[Any, Any, Any]) -> User:

@@ -10,17 +10,21 @@ from litestar.params import FromPath, JSONBody
 
 from pgsched.accounts import Audit, Token, op_create_token, op_list_tokens, op_revoke_token
 from pgsched.db import run_async
+from pgsched.sessions import csrf_token
 
-from .access import CurrentUser
+from .access import CurrentUser, session_of
 from .database import Database
 from .errors import ApiError
 
 
-class Me(msgspec.Struct):
+class Me(msgspec.Struct, omit_defaults=True):
+    """The caller; ``csrf_token`` only for a request signed in with the session cookie."""
+
     id: int
     username: str
     role: str
     may_create_commands: bool
+    csrf_token: str | None = None
 
 
 class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,8 +47,15 @@ def audit_of(request: Request[Any, Any, Any], user: CurrentUser) -> Audit:
 
 
 @get("/me", summary="The caller", tags=["users"])
-async def me(user: CurrentUser) -> Me:
-    return Me(id=user.id, username=user.username, role=user.role, may_create_commands=user.may_create_commands)
+async def me(request: Request[Any, Any, Any], user: CurrentUser) -> Me:
+    session = session_of(request)
+    return Me(
+        id=user.id,
+        username=user.username,
+        role=user.role,
+        may_create_commands=user.may_create_commands,
+        csrf_token=csrf_token(session[1]) if session else None,
+    )
 
 
 @get("/tokens", summary="The caller's tokens (never their secrets)", tags=["tokens"])

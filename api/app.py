@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from pgsched.config import Settings
 from pgsched.errors import PgschedError
 
-from . import account, admin, body, bulk, events, health, jobs, logs, operations, schedules, workflows
+from . import account, admin, body, bulk, events, health, jobs, logs, oidc, operations, schedules, session, workflows
 from .access import FailedAuthentications, authenticate, current_user
 from .database import Database
 from .errors import handle_data, handle_http, handle_internal, handle_pgsched
@@ -147,11 +147,25 @@ def create_app(settings: Settings, *, dev: bool = False) -> Litestar:
             admin.list_audit,
             events.stream_events,
             events.events_socket,
+            session.sign_in,
+            session.sign_out,
+            session.change_password,
+            session.set_password,
+            oidc.oidc_login,
+            oidc.oidc_callback,
         ],
     )
     return Litestar(
         route_handlers=[health.healthz, health.readyz, openapi_document, openapi_page, api],
-        state=State({"db": db, "events": hub, "failed_authentications": FailedAuthentications()}),
+        state=State(
+            {
+                "db": db,
+                "events": hub,
+                "failed_authentications": FailedAuthentications(),
+                "settings": settings,
+                "oidc": oidc.Oidc(settings) if settings.oidc_discovery_url else None,
+            }
+        ),
         on_startup=[open_pool],
         on_shutdown=[close_pool],
         middleware=[security_headers],

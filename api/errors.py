@@ -75,11 +75,15 @@ def error_response(
     )
 
 
-UNAUTHORIZED_MESSAGE = "a valid bearer token is required (Authorization: Bearer pgs_...)"
+UNAUTHORIZED_MESSAGE = (
+    "a valid bearer token (Authorization: Bearer pgs_...) or a signed-in session is required; "
+    "signing in needs a valid user name and password"
+)
 
 
 def unauthorized() -> NotAuthorizedException:
-    """The one 401 for every cause (no token, unknown, revoked, expired, disabled user)."""
+    """The one 401 for every cause (no token, unknown, revoked, expired, disabled user, no such user
+    or a wrong password at sign-in, a refused OIDC sign-in)."""
     return NotAuthorizedException(detail=UNAUTHORIZED_MESSAGE)
 
 

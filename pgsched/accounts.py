@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from .config import ROLE_NAMES
 from .db import Operation, Query
 from .errors import ValidationError
 
 Role = Literal["admin", "operator", "member", "viewer"]
-ROLES: tuple[str, ...] = ("admin", "operator", "member", "viewer")
+ROLES: tuple[str, ...] = ROLE_NAMES
 TOKEN_PREFIX = "pgs_"  # nosec B105: the public start of every token, not a secret
 # pgs_ and 43 characters of base64: the prefix shows pgs_ and the first 8 of them.
 DISPLAY_PREFIX_LENGTH = 12

@@ -25,6 +25,8 @@ from .crypto import Keyring
 from .errors import ConfigError
 
 ENV_PREFIX = "PGSCHED_"
+# The roles of API users (pgsched.accounts.ROLES, which imports this module).
+ROLE_NAMES = ("admin", "operator", "member", "viewer")
 
 # Variables read by pgsched's own tests and benchmarks, not options of the
 # program: known, so they draw no "unknown variable" warning.
@@ -128,12 +130,71 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ge=0, le=86_400, description="At start-up, how long to retry a database that cannot be reached (seconds)"
         ),
     ] = 30.0
+    # REST API sign-in (docs/api.md, "Signing in" and "OIDC")
+    session_idle_seconds: Annotated[
+        float,
+        msgspec.Meta(gt=0, le=31_536_000, description="A signed-in session ends after this long without a request"),
+    ] = 43_200.0
+    session_lifetime_seconds: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0, le=31_536_000, description="A signed-in session ends this long after sign-in, however active"
+        ),
+    ] = 604_800.0
+    oidc_discovery_url: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="OpenID provider's discovery document (https://.../.well-known/openid-configuration); "
+            "unset: no OIDC sign-in"
+        ),
+    ] = None
+    oidc_client_id: Annotated[str | None, msgspec.Meta(description="This API's client id at the OpenID provider")] = (
+        None
+    )
+    oidc_client_secret: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="This API's client secret at the OpenID provider (a variable only: a flag would show it to ps)"
+        ),
+    ] = None
+    oidc_redirect_url: Annotated[
+        str | None,
+        msgspec.Meta(description="The callback registered at the OpenID provider: https://HOST/api/v1/oidc/callback"),
+    ] = None
+    oidc_scopes: Annotated[str, msgspec.Meta(description="Scopes asked of the OpenID provider, space-separated")] = (
+        "openid profile email"
+    )
+    oidc_username_claim: Annotated[
+        str, msgspec.Meta(description="ID token claim that names a user created at its first OIDC sign-in")
+    ] = "preferred_username"
+    oidc_role_claim: Annotated[
+        str | None,
+        msgspec.Meta(description="ID token claim whose value decides the role (such as groups); unset: the default"),
+    ] = None
+    oidc_roles: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Claim values and their roles, value:role comma-separated (admins:admin,sre:operator)"
+        ),
+    ] = None
+    oidc_default_role: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^(admin|operator|member|viewer)$",
+            description="Role of an OIDC user whose claim maps to no role",
+        ),
+    ] = "viewer"
+    oidc_landing_path: Annotated[
+        str,
+        msgspec.Meta(pattern=r"^/(?![/\\])\S*$", description="Where a browser goes after its OIDC sign-in (a path)"),
+    ] = "/"
 
     def __repr__(self) -> str:
         # Settings end up in tracebacks and debug output: never show the key material nor a password.
         fields = msgspec.structs.asdict(self)
-        if fields["encryption_keys"]:
-            fields["encryption_keys"] = "<hidden>"
+        for name in ("encryption_keys", "oidc_client_secret"):
+            if fields[name]:
+                fields[name] = "<hidden>"
         for name in ("dsn", "api_dsn"):
             if fields[name]:
                 fields[name] = masked_dsn(fields[name])
@@ -146,6 +207,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 f"--heartbeat-seconds / PGSCHED_HEARTBEAT_SECONDS: {self.heartbeat_seconds:g} must be shorter "
                 f"than --lease-seconds ({self.lease_seconds:g}), or every lease would lapse between heartbeats"
             )
+
+    @property
+    def oidc_role_map(self) -> dict[str, str]:
+        """``oidc_roles`` as claim value -> role (ConfigError for a malformed pair)."""
+        mapping = {}
+        for pair in (self.oidc_roles or "").split(","):
+            value, _, role = pair.strip().rpartition(":")
+            if not value or role not in ROLE_NAMES:
+                raise ConfigError(
+                    f"--oidc-roles / PGSCHED_OIDC_ROLES: expected value:role pairs separated by commas, each role "
+                    f"one of {', '.join(ROLE_NAMES)} (got {pair.strip()!r})"
+                )
+            mapping[value] = role
+        return mapping
 
     @property
     def queue_list(self) -> tuple[str, ...]:
@@ -274,12 +349,14 @@ def _convert(raw: dict[str, Any]) -> Settings:
         if not match:
             raise ConfigError(str(exc)) from None
         name = match.group(1)
-        shown = "" if name == "encryption_keys" else f" (got {raw.get(name)!r})"
+        shown = "" if name in ("encryption_keys", "oidc_client_secret") else f" (got {raw.get(name)!r})"
         raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {_expected(name, raw.get(name))}{shown}") from None
     if settings.dsn:
         check_dsn(settings.dsn)
     if settings.encryption_keys is not None:
         Keyring.parse(settings.encryption_keys)  # a malformed value fails here, at start-up
+    if settings.oidc_roles is not None:
+        _ = settings.oidc_role_map  # likewise
     return settings
 
 
@@ -316,6 +393,10 @@ def _expected(name: str, value: Any) -> str:
         return "expected true or false (accepted: 1, true, yes, on / 0, false, no, off)"
     if name == "log_level":
         return "expected one of: debug, info, warning, error, critical"
+    if name == "oidc_default_role":
+        return f"expected one of: {', '.join(ROLE_NAMES)}"
+    if name == "oidc_landing_path":
+        return "expected a path of this server, starting with one /"
     if name == "queues":
         return "expected queue names separated by commas" + _bad_queue(value)
     info = msgspec.inspect.type_info(Settings)

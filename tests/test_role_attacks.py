@@ -140,6 +140,9 @@ REFUSED = {
         "SELECT * FROM pgsched.users",
         "SELECT token_hash FROM pgsched.api_tokens",
         "UPDATE pgsched.api_tokens SET revoked_at = NULL",
+        "SELECT secret_hash FROM pgsched.api_sessions",
+        "SELECT nonce FROM pgsched.oidc_logins",
+        "UPDATE pgsched.users SET password_hash = NULL",
         "SELECT * FROM pgsched.audit_log",
         "DELETE FROM pgsched.audit_log",
         "TRUNCATE pgsched.jobs",
@@ -150,6 +153,10 @@ REFUSED = {
     "pgsched_api": [
         # the REST API's login: jobs change only by cancel and retry (row-level security decides which),
         # are created only through pgsched.enqueue, never with a command, and never change owner
+        # a session or an OIDC account is never moved to another user, nor made to last longer
+        "UPDATE pgsched.api_sessions SET user_id = 1",
+        "UPDATE pgsched.api_sessions SET expires_at = 'infinity'",
+        "UPDATE pgsched.users SET oidc_subject = 'someone else'",
         "INSERT INTO pgsched.jobs (task) VALUES ('noop')",
         "UPDATE pgsched.jobs SET owner = 'team-b'",
         'UPDATE pgsched.jobs SET args = \'{"cmd": ["id"]}\'',
@@ -161,13 +168,13 @@ REFUSED = {
         "ALTER TABLE pgsched.jobs DISABLE ROW LEVEL SECURITY",
         "DROP POLICY jobs_api_read ON pgsched.jobs",
         "CREATE POLICY mine ON pgsched.jobs TO pgsched_api USING (true)",
-        # the audit log is append-only; users keep their names and passwords (their roles and
-        # permissions are the API's to change, for its admins)
+        # the audit log is append-only; users keep their names (their roles and permissions are the
+        # API's to change, for its admins, and their passwords since issue 21's sign-in, for admins
+        # and for the users themselves with the current one: api/session.py)
         "UPDATE pgsched.audit_log SET actor = 'nobody'",
         "DELETE FROM pgsched.audit_log",
         "TRUNCATE pgsched.audit_log",
         "UPDATE pgsched.users SET username = 'mallory'",
-        "UPDATE pgsched.users SET password_hash = 'x'",
         "INSERT INTO pgsched.users (username, password_hash) VALUES ('mallory', 'x')",
         "DELETE FROM pgsched.users",
         "UPDATE pgsched.api_tokens SET user_id = 1",

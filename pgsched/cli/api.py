@@ -1,5 +1,5 @@
-"""``pgsched api`` (the REST API under uvicorn), and ``pgsched users|tokens create`` to bootstrap
-its access from the command line."""
+"""``pgsched api`` (the REST API under uvicorn), and ``pgsched users create|set-password`` and
+``pgsched tokens create`` to bootstrap its access from the command line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import click
 import psycopg
 
-from .. import accounts, migrations
+from .. import accounts, migrations, passwords
 from ..config import Settings, replace_settings
 from ..db import configure_adapters, resolve_dsn, run
 from ..extras import require
@@ -35,6 +35,24 @@ def create_user(settings: Settings, name: str, admin: bool, role: str, may_creat
             conn, accounts.op_create_user(cli_audit(conn), name, "admin" if admin else role, may_create_commands)
         )
     click.echo(f"created user {user.username!r} ({user.role}); give it a token: pgsched tokens create {user.username}")
+
+
+@users.command("set-password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@with_settings()
+def set_password(settings: Settings, name: str, password_stdin: bool) -> None:
+    """Set the password NAME signs in with (asked twice, or read from stdin); its sessions end."""
+    require("argon2", "api", "pgsched users set-password")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    new_hash = passwords.hash_password(password)  # the length rule first: nothing is written otherwise
+    with connect(settings) as conn, conn.transaction():
+        user = run(conn, accounts.op_user(name))
+        run(conn, passwords.op_set_password(cli_audit(conn), user.id, new_hash))
+    click.echo(f"password of {user.username!r} set")
 
 
 @click.group()
@@ -66,7 +84,22 @@ def create_token(settings: Settings, user: str, name: str) -> None:
     "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS with this certificate (PEM)."
 )
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="The certificate's private key (PEM).")
-@with_settings("api_dsn", "encryption_keys")
+# Every sign-in setting but the OIDC client secret, which a flag would show to `ps`: its variable only.
+@with_settings(
+    "api_dsn",
+    "encryption_keys",
+    "session_idle_seconds",
+    "session_lifetime_seconds",
+    "oidc_discovery_url",
+    "oidc_client_id",
+    "oidc_redirect_url",
+    "oidc_scopes",
+    "oidc_username_claim",
+    "oidc_role_claim",
+    "oidc_roles",
+    "oidc_default_role",
+    "oidc_landing_path",
+)
 def api(settings: Settings, host: str, port: int, dev: bool, tls_cert: str | None, tls_key: str | None) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs) with uvicorn."""
     if (tls_cert is None) != (tls_key is None):
