@@ -22,7 +22,7 @@ from pgsched.validation import EXECUTOR_KINDS
 from . import idempotency, queries
 from .access import WRITERS, CurrentUser, roles
 from .account import audit_of
-from .database import Database, owner_filter
+from .database import Database, owner_filter, write
 from .errors import ApiError
 
 MAX_PAGE = 500
@@ -94,11 +94,11 @@ async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: J
     options = _options(data)
     key = idempotency.key_of(request)
     db: Database = request.app.state.db
-    async with db.acting_for(user) as conn:
+    async with db.acting_for(user, pipelined=True) as conn:
         if key is not None and (replayed := await idempotency.replay(conn, request, user, key)) is not None:
             return replayed
         job = await db.app.enqueue_async(data.task, data.args, connection=conn, owner=user.username, **options)
-        await run_async(conn, op_audit(audit_of(request, user), "job.create", "job", job.id, after=summary(job)))
+        await write(conn, op_audit(audit_of(request, user), "job.create", "job", job.id, after=summary(job)))
         body = msgspec.to_builtins(job)
         if key is not None:
             await idempotency.remember(conn, request, user, key, 201, body)
@@ -118,12 +118,11 @@ async def create_jobs(request: Request[Any, Any, Any], user: CurrentUser, data: 
     specs = [JobSpec(task=item.task, args=item.args, owner=user.username, **_options(item)) for item in data.jobs]
     key = idempotency.key_of(request)
     db: Database = request.app.state.db
-    async with db.acting_for(user) as conn:
+    async with db.acting_for(user, pipelined=True) as conn:
         if key is not None and (replayed := await idempotency.replay(conn, request, user, key)) is not None:
             return replayed
         ids = await db.app.enqueue_many_async(specs, connection=conn)
-        audit = op_audit(audit_of(request, user), "job.create_many", "job", None, after={"ids": ids})
-        await run_async(conn, audit)
+        await write(conn, op_audit(audit_of(request, user), "job.create_many", "job", None, after={"ids": ids}))
         body = {"ids": ids}
         if key is not None:
             await idempotency.remember(conn, request, user, key, 201, body)
