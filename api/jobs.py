@@ -177,8 +177,9 @@ async def list_jobs(
         "limit": limit + 1,
     }
     db: Database = request.app.state.db
-    async with db.acting_for(user) as conn:
-        rows = await (await conn.execute(queries.LIST_JOBS, params)).fetchall()
+    async with db.acting_for(user, pipelined=True) as conn:
+        await conn.execute(queries.WALK_THE_INDEX)
+        rows = await (await conn.execute(queries.list_jobs(params), params)).fetchall()
     jobs = [db.app.payloads.readable(Job(*row)) for row in rows[:limit]]
     return JobPage(jobs=jobs, next_cursor=str(jobs[-1].id) if len(rows) > limit else None)
 

@@ -8,7 +8,7 @@ import io
 import pstats
 import sys
 
-from . import api, ceiling, enqueue, env, report, scheduling, steady, worker
+from . import api, api_data, ceiling, enqueue, env, report, scheduling, steady, worker
 
 # In this order: W3 runs after W1c, to claim at the batch sizes W1c used.
 WORKLOADS = {
@@ -18,6 +18,7 @@ WORKLOADS = {
     **scheduling.WORKLOADS,
     **steady.WORKLOADS,
     **api.WORKLOADS,
+    **api_data.WORKLOADS,
 }
 
 
