@@ -93,7 +93,7 @@ class Database:
         """A transaction serving ``user``: row-level security shows it its jobs (or all, for an admin
         or operator); everything in it, audit rows included, commits or rolls back together.
 
-        ``pipelined`` (the creating routes) runs it in psycopg's pipeline mode: BEGIN and the
+        ``pipelined`` (the creating routes, the job list) runs it in psycopg's pipeline mode: BEGIN and the
         ``set_config`` go with the first statement whose result is read, and statements written
         with ``write`` go with the COMMIT: a create is two round trips instead of five."""
         async with self.pool.connection() as conn:
@@ -110,7 +110,9 @@ class Database:
                     yield conn
                     await conn.execute("COMMIT")
             finally:
-                if conn.info.transaction_status != TransactionStatus.IDLE:  # failed: end it here
+                # A failed request leaves its transaction open (or aborted): end it here. A broken
+                # connection (UNKNOWN) is the pool's to discard.
+                if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
                     await conn.rollback()
 
 
