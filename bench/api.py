@@ -76,18 +76,19 @@ async def _post(http: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response
 async def _post_all(base: str, token: str, n: int) -> list[float]:
     latencies: list[float] = []
     per_client = n // CLIENTS
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as http:
 
-        async def client(c: int) -> None:
+    async def client(c: int) -> None:
+        # A client of its own per simulated client (one keep-alive connection each): 50 tasks
+        # sharing one httpx pool measured httpx's pool (about half the rate, p99 in seconds).
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
             for i in range(per_client):
                 start = time.perf_counter()
                 response = await _post(http, {"task": "noop", "args": {"i": c * per_client + i}})
                 latencies.append(time.perf_counter() - start)
                 assert response.status_code == 201, response.text
 
-        await asyncio.gather(*(client(c) for c in range(CLIENTS)))
+    await asyncio.gather(*(client(c) for c in range(CLIENTS)))
     return latencies
 
 
