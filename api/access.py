@@ -26,6 +26,7 @@ from litestar.params import SkipValidation
 from pgsched.accounts import ROLES, User, op_authenticate
 from pgsched.db import run_async
 from pgsched.sessions import csrf_matches, op_authenticate_session
+from pgsched.validation import EXECUTOR_KINDS
 
 from .database import Database
 from .errors import ApiError, unauthorized
@@ -44,6 +45,12 @@ PUBLIC = {"public": True}
 def roles(*names: str) -> dict[str, Any]:
     """The ``opt`` of a route open to these roles only."""
     return {"roles": frozenset(names)}
+
+
+def may_create(user: User, task: str, field: str = "task") -> None:
+    """403 unless ``user`` may create jobs of ``task`` (shell and http jobs need may_create_commands)."""
+    if task in EXECUTOR_KINDS and not user.may_create_commands:
+        raise ApiError(403, f"{user.username!r} may not create {task} jobs", field=field)
 
 
 class FailedAuthentications:

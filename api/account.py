@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import psycopg
 from litestar import Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from pgsched.accounts import Audit, Token, op_create_token, op_list_tokens, op_revoke_token
+from pgsched.accounts import Audit, Token, User, op_audit, op_create_token, op_list_tokens, op_revoke_token
 from pgsched.db import run_async
 from pgsched.sessions import csrf_token
 
 from .access import CurrentUser, session_of
-from .database import Database
+from .database import Database, write
 from .errors import ApiError
 
 
@@ -44,6 +45,20 @@ def audit_of(request: Request[Any, Any, Any], user: CurrentUser) -> Audit:
     """Who makes a change, and from where, for its audit row."""
     client = request.client.host if request.client else None
     return Audit(actor=user.username, request_id=request.state.request_id, client_addr=client)
+
+
+async def write_audit(
+    conn: psycopg.AsyncConnection[Any],
+    request: Request[Any, Any, Any],
+    user: User,
+    action: str,
+    target_type: str,
+    target_id: Any,
+    before: Any = None,
+    after: Any = None,
+) -> None:
+    """The audit row of a change, in the request's transaction (with its COMMIT when pipelined)."""
+    await write(conn, op_audit(audit_of(request, user), action, target_type, target_id, before, after))
 
 
 @get("/me", summary="The caller", tags=["users"])

@@ -10,12 +10,9 @@ import msgspec
 from litestar import Request, post
 from litestar.params import JSONBody
 
-from pgsched.accounts import op_audit
-from pgsched.db import run_async
-
 from . import queries
 from .access import WRITERS, CurrentUser, roles
-from .account import audit_of
+from .account import write_audit
 from .database import Database, owner_filter
 from .errors import ApiError
 
@@ -70,8 +67,7 @@ async def _bulk(request: Request[Any, Any, Any], user: CurrentUser, data: BulkFi
             else:
                 await conn.execute(queries.BULK_RETRY, (ids,))
             filters = msgspec.to_builtins(data)
-            audit = op_audit(audit_of(request, user), f"job.{action}_many", "job", None, after={"ids": ids, **filters})
-            await run_async(conn, audit)
+            await write_audit(conn, request, user, f"job.{action}_many", "job", None, after={"ids": ids, **filters})
         done += len(ids)
         batches += 1
         params["below"] = min(ids)

@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from pgsched import App
 from pgsched.accounts import User
 from pgsched.config import Settings, masked_dsn, replace_settings
-from pgsched.db import configure_adapters, resolve_dsn
+from pgsched.db import Operation, configure_adapters, resolve_dsn
 from pgsched.errors import ConfigError
 
 from . import queries
@@ -88,12 +89,39 @@ class Database:
             yield conn
 
     @asynccontextmanager
-    async def acting_for(self, user: User) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def acting_for(self, user: User, *, pipelined: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A transaction serving ``user``: row-level security shows it its jobs (or all, for an admin
-        or operator); everything in it, audit rows included, commits or rolls back together."""
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(queries.ACT_FOR, (user.username, user.role))
-            yield conn
+        or operator); everything in it, audit rows included, commits or rolls back together.
+
+        ``pipelined`` (the creating routes, the job list) runs it in psycopg's pipeline mode: BEGIN and the
+        ``set_config`` go with the first statement whose result is read, and statements written
+        with ``write`` go with the COMMIT: a create is two round trips instead of five."""
+        async with self.pool.connection() as conn:
+            if not pipelined:
+                async with conn.transaction():
+                    await conn.execute(queries.ACT_FOR, (user.username, user.role))
+                    yield conn
+                return
+            # BEGIN and COMMIT by hand: psycopg's transaction() syncs the pipeline on entry and exit.
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN")
+                    await conn.execute(queries.ACT_FOR, (user.username, user.role))
+                    yield conn
+                    await conn.execute("COMMIT")
+            finally:
+                # A failed request leaves its transaction open (or aborted): end it here. A broken
+                # connection (UNKNOWN) is the pool's to discard.
+                if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                    await conn.rollback()
+
+
+async def write(conn: psycopg.AsyncConnection[Any], op: Operation[None]) -> None:
+    """Run an operation that reads none of its results (an audit row). In pipeline mode its
+    statements are only queued: they reach the server with the COMMIT, and an error in them
+    fails the commit."""
+    for query in op:
+        await conn.execute(query.sql, query.params)
 
 
 def owner_filter(user: User) -> str | None:

@@ -13,15 +13,13 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from pgsched import queries as library_queries
-from pgsched.accounts import User, op_audit
+from pgsched.accounts import User
 from pgsched.crypto import is_envelope
-from pgsched.db import run_async
 from pgsched.jobs import STATES, Job, JobSpec
-from pgsched.validation import EXECUTOR_KINDS
 
 from . import idempotency, queries
-from .access import WRITERS, CurrentUser, roles
-from .account import audit_of
+from .access import WRITERS, CurrentUser, may_create, roles
+from .account import write_audit
 from .database import Database, owner_filter
 from .errors import ApiError
 
@@ -29,8 +27,8 @@ MAX_PAGE = 500
 MAX_BATCH = 1000
 
 
-class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A job to create. Fields left out take the task's defaults; the owner is the caller."""
+class JobFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a new job is, here or in a workflow. Fields left out take the task's defaults."""
 
     task: str
     args: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -41,9 +39,14 @@ class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_attempts: int | None = None
     timeout: float | None = None
     dedupe_key: str | None = None
-    depends_on: list[int] | None = None
     concurrency_key: str | None = None
     run_on_upstream_failure: bool = False
+
+
+class JobCreate(JobFields, kw_only=True):
+    """A job to create. Fields left out take the task's defaults; the owner is the caller."""
+
+    depends_on: list[int] | None = None
 
 
 class JobBatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -79,26 +82,21 @@ def summary(job: Job) -> dict[str, Any]:
     return {"id": job.id, "task": job.task, "queue": job.queue, "state": job.state, "owner": job.owner}
 
 
-def _may_create(user: User, task: str, field: str = "task") -> None:
-    if task in EXECUTOR_KINDS and not user.may_create_commands:
-        raise ApiError(403, f"{user.username!r} may not create {task} jobs", field=field)
-
-
 def _options(data: JobCreate) -> dict[str, Any]:
     return {k: v for k, v in msgspec.structs.asdict(data).items() if k not in ("task", "args") and v is not None}
 
 
 @post("/jobs", status_code=201, summary="Create a job", tags=["jobs"], opt=roles(*WRITERS))
 async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[JobCreate]) -> Response[Any]:
-    _may_create(user, data.task)
+    may_create(user, data.task)
     options = _options(data)
     key = idempotency.key_of(request)
     db: Database = request.app.state.db
-    async with db.acting_for(user) as conn:
+    async with db.acting_for(user, pipelined=True) as conn:
         if key is not None and (replayed := await idempotency.replay(conn, request, user, key)) is not None:
             return replayed
         job = await db.app.enqueue_async(data.task, data.args, connection=conn, owner=user.username, **options)
-        await run_async(conn, op_audit(audit_of(request, user), "job.create", "job", job.id, after=summary(job)))
+        await write_audit(conn, request, user, "job.create", "job", job.id, after=summary(job))
         body = msgspec.to_builtins(job)
         if key is not None:
             await idempotency.remember(conn, request, user, key, 201, body)
@@ -114,16 +112,15 @@ async def create_job(request: Request[Any, Any, Any], user: CurrentUser, data: J
 )
 async def create_jobs(request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[JobBatch]) -> Response[Any]:
     for i, item in enumerate(data.jobs):
-        _may_create(user, item.task, f"jobs[{i}].task")
+        may_create(user, item.task, f"jobs[{i}].task")
     specs = [JobSpec(task=item.task, args=item.args, owner=user.username, **_options(item)) for item in data.jobs]
     key = idempotency.key_of(request)
     db: Database = request.app.state.db
-    async with db.acting_for(user) as conn:
+    async with db.acting_for(user, pipelined=True) as conn:
         if key is not None and (replayed := await idempotency.replay(conn, request, user, key)) is not None:
             return replayed
         ids = await db.app.enqueue_many_async(specs, connection=conn)
-        audit = op_audit(audit_of(request, user), "job.create_many", "job", None, after={"ids": ids})
-        await run_async(conn, audit)
+        await write_audit(conn, request, user, "job.create_many", "job", None, after={"ids": ids})
         body = {"ids": ids}
         if key is not None:
             await idempotency.remember(conn, request, user, key, 201, body)
@@ -178,8 +175,9 @@ async def list_jobs(
         "limit": limit + 1,
     }
     db: Database = request.app.state.db
-    async with db.acting_for(user) as conn:
-        rows = await (await conn.execute(queries.LIST_JOBS, params)).fetchall()
+    async with db.acting_for(user, pipelined=True) as conn:
+        await conn.execute(queries.WALK_THE_INDEX)
+        rows = await (await conn.execute(queries.list_jobs(params), params)).fetchall()
     jobs = [db.app.payloads.readable(Job(*row)) for row in rows[:limit]]
     return JobPage(jobs=jobs, next_cursor=str(jobs[-1].id) if len(rows) > limit else None)
 
@@ -211,8 +209,7 @@ async def _change(request: Request[Any, Any, Any], user: CurrentUser, job_id: in
             job = await db.app.cancel_async(job_id, connection=conn)
         else:
             job = await db.app.retry_async(job_id, connection=conn)
-        audit = op_audit(audit_of(request, user), f"job.{action}", "job", job_id, summary(before), summary(job))
-        await run_async(conn, audit)
+        await write_audit(conn, request, user, f"job.{action}", "job", job_id, summary(before), summary(job))
     return job
 
 
@@ -235,7 +232,7 @@ async def retrigger_job(request: Request[Any, Any, Any], user: CurrentUser, job_
     async with db.acting_for(user) as conn:
         await _visible(conn, user, job_id)
         old = await db.app.get_async(job_id, connection=conn)
-        _may_create(user, old.task)
+        may_create(user, old.task)
         if is_envelope(old.args):
             raise ApiError(409, "the job's args are encrypted with a key this API does not have", field="args")
         job = await db.app.enqueue_async(
@@ -251,7 +248,7 @@ async def retrigger_job(request: Request[Any, Any, Any], user: CurrentUser, job_
             concurrency_key=old.concurrency_key,
         )
         after = {**summary(job), "from": job_id}
-        await run_async(conn, op_audit(audit_of(request, user), "job.retrigger", "job", job.id, after=after))
+        await write_audit(conn, request, user, "job.retrigger", "job", job.id, after=after)
     return job
 
 

@@ -12,11 +12,10 @@ from litestar.params import FromPath, JSONBody
 
 from pgsched import queries as library_queries
 from pgsched import queues
-from pgsched.accounts import op_audit
 from pgsched.db import run_async
 
 from .access import CurrentUser, roles
-from .account import audit_of
+from .account import write_audit
 from .database import Database
 
 OPERATORS = ("admin", "operator")
@@ -95,10 +94,9 @@ async def _configure(
         before = await run_async(conn, queues.op_get(name))
         after = await run_async(conn, queues.op_configure(name, changes, create=False))
         db.app.payloads.note(after)
-        audit = op_audit(
-            audit_of(request, user), action, "queue", name, msgspec.to_builtins(before), msgspec.to_builtins(after)
+        await write_audit(
+            conn, request, user, action, "queue", name, msgspec.to_builtins(before), msgspec.to_builtins(after)
         )
-        await run_async(conn, audit)
     return after
 
 

@@ -12,15 +12,13 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from pgsched import cron, schedules
 from pgsched import queries as library_queries
-from pgsched.accounts import op_audit
 from pgsched.db import run_async
 from pgsched.errors import PermissionDenied
 from pgsched.jobs import Job
-from pgsched.validation import EXECUTOR_KINDS
 
 from . import queries
-from .access import WRITERS, CurrentUser, roles
-from .account import audit_of
+from .access import WRITERS, CurrentUser, may_create, roles
+from .account import write_audit
 from .database import Database, owner_filter
 from .errors import ApiError
 
@@ -151,8 +149,7 @@ async def list_schedules(request: Request[Any, Any, Any], user: CurrentUser) -> 
 async def create_schedule(
     request: Request[Any, Any, Any], user: CurrentUser, data: JSONBody[ScheduleCreate]
 ) -> schedules.Schedule:
-    if data.task in EXECUTOR_KINDS and not user.may_create_commands:
-        raise ApiError(403, f"{user.username!r} may not create {data.task} jobs", field="task")
+    may_create(user, data.task)
     fields = {k: v for k, v in msgspec.structs.asdict(data).items() if k not in ("name", "task") and v is not None}
     db: Database = request.app.state.db
     async with db.acting_for(user) as conn:
@@ -167,9 +164,7 @@ async def create_schedule(
             if "row-level security" not in str(exc):
                 raise
             raise ApiError(409, f"a schedule named {data.name!r} exists", field="name") from None
-        await run_async(
-            conn, op_audit(audit_of(request, user), "schedule.create", "schedule", created.id, after=summary(created))
-        )
+        await write_audit(conn, request, user, "schedule.create", "schedule", created.id, after=summary(created))
     return created
 
 
@@ -213,8 +208,7 @@ async def _pause(request: Request[Any, Any, Any], user: CurrentUser, name: str, 
         before = await _visible(conn, user, name)
         after = await run_async(conn, schedules.op_set_paused(name, paused))
         action = "schedule.pause" if paused else "schedule.resume"
-        audit = op_audit(audit_of(request, user), action, "schedule", after.id, summary(before), summary(after))
-        await run_async(conn, audit)
+        await write_audit(conn, request, user, action, "schedule", after.id, summary(before), summary(after))
     return after
 
 
@@ -250,9 +244,7 @@ async def delete_schedule(request: Request[Any, Any, Any], user: CurrentUser, na
     async with db.acting_for(user) as conn:
         before = await _visible(conn, user, name)
         await run_async(conn, schedules.op_delete(name))
-        await run_async(
-            conn, op_audit(audit_of(request, user), "schedule.delete", "schedule", before.id, summary(before))
-        )
+        await write_audit(conn, request, user, "schedule.delete", "schedule", before.id, summary(before))
 
 
 @post(
@@ -266,13 +258,10 @@ async def trigger_schedule(request: Request[Any, Any, Any], user: CurrentUser, n
     db: Database = request.app.state.db
     async with db.acting_for(user) as conn:
         schedule = await _visible(conn, user, name)
-        if schedule.task in EXECUTOR_KINDS and not user.may_create_commands:
-            raise ApiError(403, f"{user.username!r} may not create {schedule.task} jobs", field="task")
+        may_create(user, schedule.task)
         job = await db.app.get_async(await run_async(conn, schedules.op_trigger(name)), connection=conn)
         after = {"job": job.id, **summary(schedule)}
-        await run_async(
-            conn, op_audit(audit_of(request, user), "schedule.trigger", "schedule", schedule.id, after=after)
-        )
+        await write_audit(conn, request, user, "schedule.trigger", "schedule", schedule.id, after=after)
     return job
 
 
@@ -296,8 +285,5 @@ async def update_schedule(
             fields["cron"] = None
         fields.update(changes)
         after = await db.app.add_schedule_async(name, before.task, connection=conn, source="api", **fields)
-        audit = op_audit(
-            audit_of(request, user), "schedule.update", "schedule", after.id, summary(before), summary(after)
-        )
-        await run_async(conn, audit)
+        await write_audit(conn, request, user, "schedule.update", "schedule", after.id, summary(before), summary(after))
     return after

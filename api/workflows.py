@@ -5,22 +5,19 @@ through its jobs: another owner's is 404."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, get, post
 from litestar.params import FromPath, JSONBody
 
-from pgsched.accounts import op_audit
-from pgsched.db import run_async
 from pgsched.jobs import JOB_COLUMNS, Job
-from pgsched.validation import EXECUTOR_KINDS
 
-from .access import WRITERS, CurrentUser, roles
-from .account import audit_of
+from .access import WRITERS, CurrentUser, may_create, roles
+from .account import write_audit
 from .database import Database, owner_filter
 from .errors import ApiError
+from .jobs import JobFields
 
 MAX_JOBS = 1000
 
@@ -34,22 +31,11 @@ CANCEL = "SELECT pgsched.cancel_workflow(%s, %s)"
 RETRY = "SELECT pgsched.retry_workflow(%s)"
 
 
-class WorkflowNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class WorkflowNode(JobFields, kw_only=True):
     """One job of the graph; ``key`` names it for the ``depends_on`` of the others."""
 
     key: str
-    task: str
-    args: dict[str, Any] = msgspec.field(default_factory=dict)
     depends_on: list[str] = msgspec.field(default_factory=list)
-    queue: str | None = None
-    priority: int | None = None
-    run_at: datetime | None = None
-    delay: float | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    dedupe_key: str | None = None
-    concurrency_key: str | None = None
-    run_on_upstream_failure: bool = False
 
 
 class WorkflowCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,8 +67,7 @@ async def create_workflow(
         if node.key in keys:
             raise ApiError(422, f"key {node.key!r} is used twice", field=f"jobs[{i}].key")
         keys[node.key] = i
-        if node.task in EXECUTOR_KINDS and not user.may_create_commands:
-            raise ApiError(403, f"{user.username!r} may not create {node.task} jobs", field=f"jobs[{i}].task")
+        may_create(user, node.task, f"jobs[{i}].task")
     for i, node in enumerate(data.jobs):
         for key in node.depends_on:
             if key not in keys:
@@ -102,9 +87,7 @@ async def create_workflow(
                     workflow.add_dependency(handles[node.key], on=handles[key])
         ids = {key: handle.id for key, handle in handles.items()}
         after = {"jobs": ids}
-        await run_async(
-            conn, op_audit(audit_of(request, user), "workflow.create", "workflow", workflow.id, after=after)
-        )
+        await write_audit(conn, request, user, "workflow.create", "workflow", workflow.id, after=after)
     return WorkflowCreated(workflow_id=workflow.id, jobs={k: v for k, v in ids.items() if v is not None})
 
 
@@ -137,8 +120,7 @@ async def _change(request: Request[Any, Any, Any], user: CurrentUser, workflow_i
         else:
             row = await (await conn.execute(RETRY, (workflow_id,))).fetchone()
         count = int(row[0]) if row else 0
-        audit = op_audit(audit_of(request, user), f"workflow.{action}", "workflow", workflow_id, after={"jobs": count})
-        await run_async(conn, audit)
+        await write_audit(conn, request, user, f"workflow.{action}", "workflow", workflow_id, after={"jobs": count})
     return count
 
 

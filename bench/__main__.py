@@ -8,7 +8,7 @@ import io
 import pstats
 import sys
 
-from . import api, ceiling, enqueue, env, events, report, scheduling, steady, worker
+from . import api, api_data, ceiling, enqueue, env, events, report, scheduling, steady, worker
 
 # In this order: W3 runs after W1c, to claim at the batch sizes W1c used.
 WORKLOADS = {
@@ -19,6 +19,7 @@ WORKLOADS = {
     **steady.WORKLOADS,
     **api.WORKLOADS,
     **events.WORKLOADS,
+    **api_data.WORKLOADS,
 }
 
 

@@ -114,6 +114,10 @@ async def run_async(conn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
                         result: list[Any] = []
                     else:
                         await cur.execute(query.sql, query.params)
+                        # In pipeline mode (the API's creating routes) the result is not back yet:
+                        # fetch it now (no-op otherwise). psycopg has no public call that does
+                        # this for a statement that may return no rows.
+                        await cur._fetch_pipeline()
                         result = await cur.fetchall() if _has_rows(cur) else []
             except psycopg.Error as exc:
                 query = op.throw(_mapped(exc))

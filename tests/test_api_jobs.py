@@ -161,8 +161,8 @@ def test_list_filters_and_cursor_pages(client: Any, as_user: Any, app: Any) -> N
 def test_show_with_runs(client: Any, as_user: Any, app: Any, conn: psycopg.Connection[Any]) -> None:
     job = app.enqueue("noop", owner="alice")
     conn.execute(
-        "INSERT INTO pgsched.runs (job_id, attempt, queue, task, outcome, started_at, finished_at, error)"
-        " VALUES (%s, 1, 'default', 'noop', 'failed', now(), now(), 'boom')",
+        "INSERT INTO pgsched.runs (job_id, attempt, queue, task, owner, outcome, started_at, finished_at, error)"
+        " VALUES (%s, 1, 'default', 'noop', 'alice', 'failed', now(), now(), 'boom')",
         (job.id,),
     )
     shown = client.get(f"/api/v1/jobs/{job.id}", headers=as_user("alice")).json()

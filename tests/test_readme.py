@@ -12,8 +12,11 @@ Conventions for the fenced blocks (docs/development.md states them too):
 - ```` ```sql ````: executed through the ``psql`` of the embedded wheel
   against the same database, one session per block, ``ON_ERROR_STOP=1``.
 - ```` ```console ````: every line starting with ``$ `` must be a
-  ``$ pgsched ...`` command; it runs as a subprocess (``PGSCHED_DSN`` set) and
-  must exit 0. The lines after it, up to the next ``$`` line, are its expected
+  ``$ pgsched ...`` command, ``$ NAME=$(pgsched ...)`` (its output is kept, for
+  ``$NAME`` in later lines), or ``$ curl ...`` against ``http://127.0.0.1:8000``
+  (the test starts a real ``pgsched api`` at the first such line, with the
+  ``pgsched_api_login`` role that docs/api.md creates, and points the URL at it);
+  it runs as a subprocess (``PGSCHED_DSN`` set) and must exit 0. The lines after it, up to the next ``$`` line, are its expected
   output: ``...`` matches any text (across lines), a run of spaces matches any
   whitespace. A command followed by no lines has its output unchecked.
 - ```` ```<lang> no-run ````: not executed (``make`` targets, long-running
@@ -36,8 +39,10 @@ import importlib.util
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +52,13 @@ import psycopg
 import pytest
 import yaml
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 import pgsched
 from pgsched import embedded
 from pgsched.config import OPTION_NAMES, env_name, flag_name
+
+from .conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -115,26 +123,31 @@ DOCUMENTS = {"readme": lambda: [README], "docs": nav_pages}
 
 @dataclass(frozen=True)
 class Command:
-    """A ``$ pgsched ...`` line of a console block and the output shown after it."""
+    """A ``$ pgsched ...`` or ``$ curl ...`` line of a console block and the output shown after it."""
 
     argv: list[str]
     expected: str
     where: str  # file:line
+    into: str | None = None  # NAME of ``NAME=$(pgsched ...)``: its output is kept as $NAME
+
+
+_CAPTURE = re.compile(r"^(?P<name>[A-Z_]+)=\$\((?P<command>pgsched [^)]*)\)$")
 
 
 def console_commands(block: Block) -> list[Command]:
     commands: list[Command] = []
     for offset, text in enumerate(block.body.splitlines()):
         if text.startswith("$ "):
-            argv = shlex.split(text[2:], comments=True)
-            assert argv and argv[0] == "pgsched", (
-                f"{block.at(offset)}: only `$ pgsched ...` lines can run; "
+            capture = _CAPTURE.match(text[2:])
+            argv = shlex.split(capture["command"] if capture else text[2:], comments=True)
+            assert argv and argv[0] in ("pgsched", "curl"), (
+                f"{block.at(offset)}: only `$ pgsched ...` and `$ curl ...` lines can run; "
                 "fence the block as ```console no-run to show other commands"
             )
-            commands.append(Command(argv, "", block.at(offset)))
+            commands.append(Command(argv, "", block.at(offset), capture["name"] if capture else None))
         elif commands:
             last = commands[-1]
-            commands[-1] = Command(last.argv, last.expected + text + "\n", last.where)
+            commands[-1] = Command(last.argv, last.expected + text + "\n", last.where, last.into)
         elif text.strip():
             raise AssertionError(f"{block.at(offset)}: output before any `$ ` command")
     return commands
@@ -181,9 +194,63 @@ def run_sql(block: Block, dsn: str) -> None:
     assert done.returncode == 0, f"{block.where()} failed in psql:\n{done.stderr}\n--- stdout:\n{done.stdout}"
 
 
-def run_console(block: Block, env: dict[str, str]) -> None:
+class Shell:
+    """What the console blocks of one document share: the variables ``NAME=$(pgsched ...)`` set,
+    and the ``pgsched api`` process that ``curl`` lines call (started at the first of them).
+
+    docs/api.md's curl walk-through creates a token, a job and a schedule; its "watch events" step
+    (curl on the live event stream) is added with the events endpoint (api/events.py)."""
+
+    DOCS_URL = "http://127.0.0.1:8000"  # where the docs show the API
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.variables: dict[str, str] = {}
+        self.api: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def argv(self, command: Command) -> list[str]:
+        argv = [re.sub(r"\$([A-Z_]+)", lambda m: self.variables[m[1]], arg) for arg in command.argv]
+        if argv[0] == "pgsched":
+            return [str(PGSCHED), *argv[1:]]
+        return [arg.replace(self.DOCS_URL, self.api_url()) for arg in argv]
+
+    def api_url(self) -> str:
+        """Start ``pgsched api`` as docs/api.md does: its own login, subject to row-level security."""
+        if self.api is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            login = make_conninfo(self.env["PGSCHED_DSN"], user="pgsched_api_login", password="change-me")
+            self.api = subprocess.Popen(
+                [str(PGSCHED), "api", "--port", str(port)],
+                env={**self.env, "PGSCHED_API_DSN": login},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.url = f"http://127.0.0.1:{port}"
+
+            def healthy() -> bool:
+                assert self.api is not None and self.api.poll() is None, "pgsched api exited"
+                try:
+                    with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                        return bool(response.status == 200)
+                except OSError:
+                    return False
+
+            wait_until(healthy, timeout=60, message="pgsched api answers /healthz")
+        return self.url
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.terminate()
+            self.api.wait(timeout=30)
+
+
+def run_console(block: Block, shell: Shell) -> None:
     for command in console_commands(block):
-        done = subprocess.run([str(PGSCHED), *command.argv[1:]], env=env, capture_output=True, text=True, timeout=120)
+        argv = shell.argv(command)
+        done = subprocess.run(argv, env=shell.env, capture_output=True, text=True, timeout=120)
         shown = shlex.join(command.argv)
         assert done.returncode == 0, f"{command.where}: `{shown}` exited {done.returncode}:\n{done.stderr}{done.stdout}"
         if command.expected.strip():
@@ -191,6 +258,8 @@ def run_console(block: Block, env: dict[str, str]) -> None:
             assert output_pattern(command.expected).fullmatch(actual), (
                 f"{command.where}: `{shown}` printed\n{actual}\n--- but the docs show\n{command.expected}"
             )
+        if command.into is not None:
+            shell.variables[command.into] = done.stdout.strip()
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -268,6 +337,7 @@ def test_examples_run(
             monkeypatch.delenv(name)
     monkeypatch.setenv("PGSCHED_DSN", dsn)
     namespace: dict[str, Any] = {"__name__": "readme"}
+    shell = Shell(cli_env)
     try:
         for block in blocks:
             if not block.runs:
@@ -277,8 +347,9 @@ def test_examples_run(
             elif block.lang == "sql":
                 run_sql(block, dsn)
             else:
-                run_console(block, cli_env)
+                run_console(block, shell)
     finally:
+        shell.close()
         for value in namespace.values():
             if isinstance(value, pgsched.App):
                 value.close()
