@@ -198,8 +198,8 @@ class Shell:
     """What the console blocks of one document share: the variables ``NAME=$(pgsched ...)`` set,
     and the ``pgsched api`` process that ``curl`` lines call (started at the first of them).
 
-    docs/api.md's curl walk-through creates a token, a job and a schedule; its "watch events" step
-    (curl on the live event stream) is added with the events endpoint (api/events.py)."""
+    docs/api.md's curl walk-through creates a token, a job and a schedule, and watches the live
+    event stream (api/events.py) for two seconds."""
 
     DOCS_URL = "http://127.0.0.1:8000"  # where the docs show the API
 
