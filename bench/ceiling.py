@@ -6,8 +6,8 @@ generate_series``, then ``VACUUM ANALYZE``). Each pgbench transaction claims a
 batch and completes it::
 
     BEGIN;
-    WITH claimed AS (<worker/queries.py CLAIM>) SELECT array_agg(...) ... \\gset c_
-    <worker/queries.py COMPLETE, fed those arrays>;
+    WITH claimed AS (<worker/queries.py CLAIM>) SELECT json_agg(...) ... \\gset c_
+    <worker/queries.py COMPLETE, fed that JSON array>;
     COMMIT;
 
 The two statements are the worker's own text (``pgsched.worker.queries``),
@@ -15,7 +15,7 @@ with psycopg's ``%(name)s`` / ``%(name)b`` placeholders turned into pgbench vari
 as parameters under ``-M prepared``, as psycopg binds them): the worker's
 queue and task lists, lease and worker id are ``-D`` variables, the batch a
 ``\\set``. So: one claim (LATERAL per queue, ``FOR UPDATE SKIP LOCKED``,
-``UPDATE ... RETURNING``), one fenced ``UPDATE ... FROM unnest`` to
+``UPDATE ... RETURNING``), one fenced ``UPDATE ... FROM json_to_recordset`` to
 ``succeeded`` and one ``runs`` insert per batch, one commit (the worker
 commits the claim and the completion separately).
 
@@ -55,10 +55,6 @@ INSERT INTO pgsched.jobs (task, args)
 SELECT 'noop', jsonb_build_object('i', g) FROM generate_series(1, %s) AS g
 """
 
-COMPLETE_ARRAYS: tuple[str, ...] = ("workers", "ids", "attempts", "queues", "tasks", "owners", "states", "outcomes")
-COMPLETE_ARRAYS += ("results", "errors", "delays", "started", "finished")
-
-
 def _pgbench_sql(sql: str, names: dict[str, str]) -> str:
     return re.sub(r"%\((\w+)\)[sbt]", lambda m: ":" + names.get(m.group(1), m.group(1)), sql.strip())
 
@@ -66,24 +62,25 @@ def _pgbench_sql(sql: str, names: dict[str, str]) -> str:
 def script(batch: int) -> str:
     """The pgbench script: claim ``batch`` jobs and complete them, in one transaction."""
     claim = _pgbench_sql(queries.CLAIM, {"queues": "claim_queues", "tasks": "claim_tasks", "limit": "batch"})
-    complete = _pgbench_sql(queries.COMPLETE, {name: f"c_{name}" for name in COMPLETE_ARRAYS})
-    # What the worker's COMPLETE receives for a batch of succeeded no-op attempts.
-    arrays = {
-        "workers": "worker_id",
-        "ids": "id",
-        "attempts": "attempts",
-        "queues": "queue",
-        "tasks": "task",
-        "owners": "owner",
-        "states": "'succeeded'::text",
-        "outcomes": "'succeeded'::text",
-        "results": "NULL::jsonb",
-        "errors": "NULL::text",
-        "delays": "NULL::double precision",
-        "started": "started_at",
-        "finished": "clock_timestamp()",
+    complete = _pgbench_sql(queries.COMPLETE, {"outcomes": "c_outcomes"})
+    # What the worker's COMPLETE receives for a batch of succeeded no-op attempts (complete_params).
+    fields = {
+        "worker": "worker_id",
+        "id": "id",
+        "attempt": "attempts",
+        "queue": "queue",
+        "task": "task",
+        "owner": "owner",
+        "state": "'succeeded'",
+        "outcome": "'succeeded'",
+        "result": "'null'",
+        "error": "NULL",
+        "delay": "NULL",
+        "started_at": "started_at",
+        "finished_at": "clock_timestamp()",
     }
-    select = ",\n       ".join(f"coalesce(array_agg({expr}), '{{}}') AS {name}" for name, expr in arrays.items())
+    row = ", ".join(f"'{name}', {expr}" for name, expr in fields.items())
+    select = f"coalesce(json_agg(json_build_object({row})), '[]') AS outcomes"
     return (
         f"\\set batch {batch}\n"
         "BEGIN;\n"
