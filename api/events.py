@@ -43,6 +43,14 @@ BACKLOG = 1_000  # notifications queued per subscriber before it is told to resy
 KEEPALIVE_SECONDS = 15.0  # an SSE comment this often, so that proxies keep idle streams open
 LISTENER_CHECK_SECONDS = 30.0  # a quiet listener connection is probed this often
 MAX_BACKOFF_SECONDS = 5.0
+# While this process listens, its row in pgsched.event_listeners is live: the job trigger sends
+# nothing while no row is (a NOTIFY costs every writer a cluster-wide lock at commit: sql/0015).
+REGISTER = """
+WITH gone AS (DELETE FROM pgsched.event_listeners WHERE expires_at < now() - interval '1 hour')
+INSERT INTO pgsched.event_listeners (id, expires_at) VALUES (%(id)s, now() + interval '90 seconds')
+ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+UNREGISTER = "DELETE FROM pgsched.event_listeners WHERE id = %(id)s"
 DEFAULT_STREAM_SECONDS = 900  # then the stream ends; clients reconnect with Last-Event-ID
 
 
@@ -123,6 +131,7 @@ class Hub:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.incarnation = uuid.uuid4().hex[:12]
+        self.listener_id = uuid.uuid4()  # its row in pgsched.event_listeners
         self.ring: deque[Event] = deque(maxlen=RING_SIZE)
         self.subscribers: set[Subscription] = set()
         self.listening = asyncio.Event()  # set while LISTEN is in place
@@ -148,6 +157,7 @@ class Hub:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                    await conn.execute(REGISTER, {"id": self.listener_id})  # the job trigger sends from now on
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._backend_pid = conn.info.backend_pid
                     self.listening.set()
@@ -155,10 +165,17 @@ class Hub:
                         # Changes made while nobody listened are lost: every client refetches.
                         self.publish([Event(next(self._seq), "resync", {})])
                     first, backoff = False, 0.1
-                    while True:
-                        async for notify in conn.notifies(timeout=LISTENER_CHECK_SECONDS):
-                            self.publish(self.parse(notify.payload))
-                        await conn.execute("SELECT 1")  # a silent peer that vanished fails here
+                    try:
+                        while True:
+                            async for notify in conn.notifies(timeout=LISTENER_CHECK_SECONDS):
+                                self.publish(self.parse(notify.payload))
+                            # Renewed before it expires; a silent peer that vanished fails here.
+                            await conn.execute(REGISTER, {"id": self.listener_id})
+                    except asyncio.CancelledError:
+                        with contextlib.suppress(Exception):  # else it expires on its own
+                            async with asyncio.timeout(1):
+                                await conn.execute(UNREGISTER, {"id": self.listener_id})
+                        raise
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

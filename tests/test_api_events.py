@@ -250,6 +250,7 @@ def test_triggers_send_only_state_changes_in_payloads_under_8000_bytes(conn: psy
         "INSERT INTO pgsched.jobs (task, owner) SELECT 'noop', %s FROM generate_series(1, 1000)", (long_owner,)
     )
     conn.execute("INSERT INTO pgsched.jobs (task, owner, queue) VALUES ('noop', 'bob', 'other')")
+    register_listener(conn)
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgsched_events")
         conn.execute("UPDATE pgsched.jobs SET priority = 5")  # no state changed: nothing sent
@@ -265,6 +266,35 @@ def test_triggers_send_only_state_changes_in_payloads_under_8000_bytes(conn: psy
         ("job", "cancelled", long_owner, "default"),
         ("job", "cancelled", "bob", "other"),
     }
+
+
+def register_listener(conn: psycopg.Connection[Any], seconds: float = 90) -> None:
+    """As an API process's hub does while it listens (api/events.py REGISTER)."""
+    conn.execute(
+        "INSERT INTO pgsched.event_listeners (id, expires_at)"
+        " VALUES (gen_random_uuid(), now() + make_interval(secs => %s))",
+        (seconds,),
+    )
+
+
+def test_job_events_are_sent_only_while_a_listener_is_registered(conn: psycopg.Connection[Any], dsn: str) -> None:
+    """A NOTIFY costs every committing writer a cluster-wide lock: with no live row in
+    pgsched.event_listeners (no API process listening, or only expired ones), nothing is sent."""
+    insert = "INSERT INTO pgsched.jobs (task) VALUES ('noop') RETURNING id"
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgsched_events")
+        unheard = [conn.execute(insert).fetchone()[0]]  # type: ignore[index]
+        register_listener(conn, seconds=-1)  # an API process that stopped renewing
+        unheard.append(conn.execute(insert).fetchone()[0])  # type: ignore[index]
+        register_listener(conn)
+        (heard,) = conn.execute(insert).fetchone()  # type: ignore[misc]
+        ids: list[int] = []
+        # Notifications arrive in commit order: once the last job's is in, any earlier one would be.
+        for notify in listener.notifies(timeout=10):
+            ids += json.loads(notify.payload)["ids"]
+            if heard in ids:
+                break
+    assert heard in ids and not set(unheard) & set(ids)
 
 
 def test_a_slow_subscriber_is_told_to_resync_with_its_backlog_dropped() -> None:
