@@ -55,6 +55,7 @@ INSERT INTO pgsched.jobs (task, args)
 SELECT 'noop', jsonb_build_object('i', g) FROM generate_series(1, %s) AS g
 """
 
+
 def _pgbench_sql(sql: str, names: dict[str, str]) -> str:
     return re.sub(r"%\((\w+)\)[sbt]", lambda m: ":" + names.get(m.group(1), m.group(1)), sql.strip())
 

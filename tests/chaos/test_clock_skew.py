@@ -18,7 +18,7 @@ import pytest
 from ..conftest import HEAVY
 from . import faults
 from .harness import shifted_clock, unfinished, wait_for
-from .test_scenarios import Scenario, scenario, size, verdicts  # noqa: F401  (the fixture)
+from .scenario import Scenario, size, verdicts
 
 pytestmark = [pytest.mark.chaos, HEAVY]
 
@@ -34,7 +34,7 @@ def test_a_shifted_clock_is_shifted() -> None:
         assert abs(shifted - started - expected) < 30, (offset, shifted - started)
 
 
-def test_clock_skew(scenario: Scenario) -> None:  # noqa: F811
+def test_clock_skew(scenario: Scenario) -> None:
     """(7) Two workers and two schedulers, one of each 10 minutes ahead and one behind; an interval
     schedule, delayed jobs, a backlog, and the ahead worker killed (-9) while it runs jobs."""
     s = scenario

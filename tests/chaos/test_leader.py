@@ -29,7 +29,7 @@ from . import faults
 from .app import NO_LEADER_LOCK
 from .checker import Report, check
 from .harness import Settings, load, unfinished, wait_for
-from .test_scenarios import FULL, Scenario, scenario, size, verdicts  # noqa: F401  (the fixture)
+from .scenario import FULL, Scenario, size, verdicts
 
 pytestmark = [pytest.mark.chaos, HEAVY, pytest.mark.filterwarnings("ignore::pgsched.UnservedQueueWarning")]
 
@@ -101,7 +101,7 @@ def figures(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def test_leader_failover(scenario: Scenario) -> None:  # noqa: F811
+def test_leader_failover(scenario: Scenario) -> None:
     """(6) Two schedulers; again and again the one whose pass holds the leader lock is killed (-9)
     mid-pass and started again: the other leads within a pass interval, the next slot fires, no
     slot fires twice or is missed. Reports the failover times (lock taken over; next slot fired)."""
@@ -143,7 +143,7 @@ def test_leader_failover(scenario: Scenario) -> None:  # noqa: F811
     assert len(takeover) >= size(5, 40) and len(next_slot) == len(takeover), failover
 
 
-def test_stopped_leader(scenario: Scenario) -> None:  # noqa: F811
+def test_stopped_leader(scenario: Scenario) -> None:
     """(6) Two schedulers; the one whose pass holds the leader lock is frozen (SIGSTOP) mid-pass, for
     longer than a lease, then thawed: the other must take over and keep firing slots while it is
     frozen (a frozen leader must not stall every schedule, promotion and rescue of the cluster),
@@ -190,7 +190,7 @@ def test_stopped_leader(scenario: Scenario) -> None:  # noqa: F811
     assert drained and report.ok, json.dumps([len(slots), verdicts(report, s.conn)], default=str)
 
 
-def test_leader_lock_disabled(scenario: Scenario) -> None:  # noqa: F811
+def test_leader_lock_disabled(scenario: Scenario) -> None:
     """(6, variant) Three schedulers that never take the leader lock (a test-only switch in the
     chaos app): every pass of every service runs in all three at once, under the same storm as
     ``test_leader_chaos``. Still no slot fires twice and none is missed: the row lock on the
@@ -242,7 +242,7 @@ def test_leader_lock_disabled(scenario: Scenario) -> None:  # noqa: F811
     assert twice.slots_duplicated and not twice.slots_missing, twice.summary()
 
 
-def test_rate_limit_across_leader_failovers(scenario: Scenario) -> None:  # noqa: F811
+def test_rate_limit_across_leader_failovers(scenario: Scenario) -> None:
     """(10) A queue limited to 20 starts a second, fed by delayed jobs that the leader's promoter
     releases in bursts; the schedulers' leader is killed (-9) mid-pass again and again, and a
     worker too (so the leader also rescues; the jobs last half a second, so it holds some): no one-second window holds more than 20 starts (the

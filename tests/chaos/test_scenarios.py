@@ -10,18 +10,13 @@ JSON line to ``$PGSCHED_CHAOS_REPORT`` when that is set.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -29,150 +24,19 @@ import pytest
 
 from ..conftest import HEAVY, wait_until
 from . import faults
-from .checker import Ack, Report, check, executions
+from .checker import Ack, executions
 from .harness import (
-    Cluster,
-    Enqueuer,
     Settings,
-    Timeline,
-    create_schema,
     harness_connection,
-    leaked_secrets,
     load,
     socket_path,
     unfinished,
     wait_for,
     with_application,
 )
+from .scenario import Scenario, assert_recovered, size, top_up, verdicts
 
 pytestmark = [pytest.mark.chaos, HEAVY]
-
-FULL = os.environ.get("PGSCHED_CHAOS") == "full"
-
-
-def size(quick: Any, full: Any) -> Any:
-    return full if FULL else quick
-
-
-@dataclass
-class Scenario:
-    name: str
-    dsn: str
-    cluster: Cluster
-    enqueuer: Enqueuer
-    conn: psycopg.Connection[Any]
-    timeline: Timeline
-
-    def finish(self, **options: Any) -> Report:
-        """Save the acknowledgements, read everything back and check it; print the counts."""
-        self.enqueuer.save()
-        report = check(load(self.conn), faults=self.timeline.faults, restarts=self.timeline.restarts, **options)
-        summary = {
-            "scenario": self.name,
-            "full": FULL,
-            "faults": len(self.timeline.faults),
-            **report.summary(),
-            "process_exits": len(self.cluster.exits),
-        }
-        print(json.dumps(summary, default=str))
-        if os.environ.get("PGSCHED_CHAOS_REPORT"):
-            with open(os.environ["PGSCHED_CHAOS_REPORT"], "a") as out:
-                out.write(json.dumps(summary, default=str) + "\n")
-        return report
-
-    def clean_rate(self, seconds: float) -> float:
-        """Completions per second over ``seconds`` of fault-free work (the baseline of recovery times)."""
-        query = "SELECT count(*) FROM chaos.history WHERE event = 'end'"
-        before = self.conn.execute(query).fetchone()
-        time.sleep(seconds)  # the measuring period
-        after = self.conn.execute(query).fetchone()
-        assert before is not None and after is not None
-        return (after[0] - before[0]) / seconds
-
-    def reconnect(self) -> None:
-        """A new harness connection (after the server restarted)."""
-        self.conn.close()
-        self.conn = harness_connection(self.dsn)
-
-
-@contextlib.contextmanager
-def running(name: str, dsn: str, env: dict[str, str], directory: Path) -> Iterator[Scenario]:
-    create_schema(dsn)
-    cluster = Cluster(dsn, directory, env, Settings())
-    enqueuer = Enqueuer(dsn)
-    conn = harness_connection(dsn)
-    s = Scenario(name, dsn, cluster, enqueuer, conn, Timeline())
-    try:
-        yield s
-        cluster.kill()  # everything they wrote is in their files
-        s.reconnect()  # a scenario may have crashed the server since
-        assert leaked_secrets(cluster, s.conn) == []
-    finally:
-        cluster.kill()
-        s.enqueuer.close()  # a scenario may have replaced it
-        s.conn.close()
-
-
-@pytest.fixture
-def scenario(request: pytest.FixtureRequest, dsn: str, cli_env: dict[str, str], tmp_path: Path) -> Iterator[Scenario]:
-    """A scenario on this test's database of the session's server."""
-    with running(request.node.name, dsn, cli_env, tmp_path) as s:
-        yield s
-
-
-@pytest.fixture
-def crashable(
-    request: pytest.FixtureRequest, cli_env: dict[str, str], tmp_path: Path
-) -> Iterator[tuple[Scenario, faults.OwnServer]]:
-    """A scenario on a server of its own (initdb on tmpfs, about a second), which it may crash."""
-    with faults.own_server("chaos") as (server, dsn), running(request.node.name, dsn, cli_env, tmp_path) as s:
-        yield s, server
-
-
-def queued(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT count(*) FROM pgsched.jobs WHERE state = 'queued'").fetchone()
-    return int(row[0]) if row else 0
-
-
-def top_up(s: Scenario, rate: float, seconds: float) -> None:
-    """Keep ``seconds`` of work at the clean rate queued (one enqueue of 1,000 jobs at most per call,
-    which may fail under the faults), so that the rate after a fault is bound by the workers and not
-    by the supply: without it the backlog ran dry halfway through the full kill storm, and every
-    later fault "did not recover" to a rate the trickle alone cannot reach."""
-    if queued(s.conn) < rate * seconds:
-        s.enqueuer.many(1000, ms=100)
-
-
-def assert_recovered(report: Report, faults: int, within: float) -> None:
-    """Throughput back to 0.9 of the clean rate (a one-second window of completions, see
-    ``recovery_times``) within ``within`` seconds of each of the first ``faults`` faults: every one
-    at full size; at quick size, which ``make test`` runs beside the rest of the suite on a loaded
-    machine, at least half of them (docs/reliability.md). The clean rate is the one of the second
-    before each fault where that is lower than the one measured at the start (``recovery_local``), and where the fault was a kill the clock starts when the
-    restarted worker registered (the issue's "after each restart"): on a shared machine the rate measured at the start of a
-    two-minute run is not the one the machine allows later (the full kill storm's first run met a
-    load average going from 6 to 13 and "recovered" after 2 of 39 kills against it)."""
-    times = report.recovery_local[:faults]
-    late = [i for i, t in enumerate(times) if t is None or t > within]
-    allowed = 0 if FULL else len(times) // 2
-    assert len(late) <= allowed, f"{len(late)} of {len(times)} faults not recovered within {within} s: {times}"
-
-
-def verdicts(report: Report, conn: psycopg.Connection[Any] | None = None) -> dict[str, Any]:
-    """The broken promises of a report (with the rows, runs and executions of the lost and the
-    unexplained duplicated jobs, to see what happened to them)."""
-    found = {name: getattr(report, name)[:20] for name in Report.VERDICTS if getattr(report, name)}
-    for name in ("lost", "duplicated_unexplained"):
-        if conn is None or not getattr(report, name):
-            continue
-        found[f"{name}_jobs"] = conn.execute(
-            """SELECT j.id, j.state, j.attempts, j.worker_id, j.finished_at,
-                      (SELECT array_agg(r.attempt || ':' || r.outcome ORDER BY r.id) FROM pgsched.runs r WHERE r.job_id = j.id),
-                      (SELECT array_agg(h.attempt || ':' || h.event || ':' || h.pid ORDER BY h.seq) FROM chaos.history h WHERE h.job_id = j.id)
-               FROM pgsched.jobs j WHERE j.id = ANY(%s) ORDER BY j.id LIMIT 10""",
-            (getattr(report, name),),
-        ).fetchall()
-    return found
 
 
 def test_worker_kill_storm(scenario: Scenario) -> None:
@@ -226,45 +90,6 @@ def test_cap_across_a_kill_storm(scenario: Scenario) -> None:
     assert report.peaks["capped"] == 5, report.peaks  # the cap was reached: the storm tested it
 
 
-def test_pause_across_a_postgres_crash(crashable: tuple[Scenario, faults.OwnServer]) -> None:
-    """(10) A paused queue stays paused across a PostgreSQL crash and restart (no job of it starts),
-    and its jobs all run once it is resumed."""
-    s, server = crashable
-    s.enqueuer.app.pause_queue("held", create=True)
-    settings = Settings(extra=("--queues", "held"))
-    for name in ("w1", "w2"):
-        s.cluster.worker(name, settings=settings)
-    s.cluster.scheduler()
-    s.enqueuer.many(200, ms=20, queue="held")
-    # The processes are up (connected) before the crash: a start-up that meets a crashing server
-    # is not what this scenario tests.
-    connected = "SELECT count(DISTINCT application_name) FROM pg_stat_activity WHERE application_name = ANY(%s)"
-    names = ["chaos-w1", "chaos-w2", "chaos-s1"]
-    assert wait_for(lambda: s.conn.execute(connected, (names,)).fetchone()[0] == 3, timeout=30)
-    server.crash()
-    server.restart()
-    s.reconnect()
-    s.timeline.mark(s.conn)
-    time.sleep(3 * s.cluster.settings.lease)  # only waiting shows that nothing starts
-    started = s.conn.execute("SELECT count(*) FROM chaos.history").fetchone()
-    s.enqueuer.close()
-    s.enqueuer = _reopened(s.enqueuer, s.dsn)
-    s.enqueuer.app.resume_queue("held")
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 120))
-    dead = s.cluster.dead()
-    report = s.finish()
-    assert started == (0,), started
-    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
-    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
-
-
-def _reopened(old: Enqueuer, dsn: str) -> Enqueuer:
-    """A new enqueuer (its pool's sessions died with the server) that keeps the old one's records."""
-    new = Enqueuer(dsn, prefix=f"{old.prefix}r")
-    new.acks = old.acks
-    return new
-
-
 def test_leader_chaos(scenario: Scenario) -> None:
     """(6) Three schedulers; every 3 s one of them is killed (-9) and started again, or has its
     sessions terminated, while an interval schedule fires every 2 s and a cron schedule (with a
@@ -311,177 +136,6 @@ def test_leader_chaos(scenario: Scenario) -> None:
     assert drained and report.ok and min(len(v) for v in expected.values()) >= 3, json.dumps(
         [{k: len(v) for k, v in expected.items()}, verdicts(report, s.conn)], default=str
     )
-
-
-def test_backend_kills(scenario: Scenario) -> None:
-    """(3) Every pgsched session (workers, scheduler, enqueuer) is terminated every 2 s: every
-    process stays up and reconnects on its own, nothing is lost or run twice unexplained, and each
-    unknown-outcome enqueue is present at most once."""
-    s = scenario
-    for name in ("w1", "w2"):
-        s.cluster.worker(name)
-    s.cluster.scheduler()
-    s.enqueuer.many(size(2000, 8000), ms=100)
-    rate = s.clean_rate(size(2.0, 5.0))
-    with s.enqueuer.trickle(10, ms=100):
-        end = time.monotonic() + size(12, 60)
-        while time.monotonic() < end:
-            time.sleep(2.0)  # the fault's cadence
-            top_up(s, rate, 10.0)
-            faults.terminate_sessions(s.conn)
-            s.timeline.mark(s.conn)
-    storm = len(s.timeline.faults)
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 120))
-    # Then a kill that surely cuts a write, and no job after it: the last jobs' outcomes wait on a
-    # lock on the history, their sessions are terminated, the lock goes. Whatever retries the cut
-    # write, no later outcome will.
-    last: list[int] = []
-    assert wait_for(
-        lambda: last.extend(s.enqueuer.many(8, ms=200)) or last, timeout=10
-    )  # its pooled session may be a killed one
-    with faults.exclusive_lock(s.dsn, "pgsched.runs"):
-        assert wait_for(lambda: _ended(s.conn, last) == len(last) and _blocked_writes(s.conn) > 0, timeout=30), (
-            "the last outcomes did not wait on the lock"
-        )
-        faults.terminate_sessions(s.conn, "chaos-w%")
-        s.timeline.mark(s.conn)
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(15, 120)) and drained
-    dead = s.cluster.dead()
-    report = s.finish(clean_rate=rate)
-    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
-    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
-    assert_recovered(report, storm, within=10.0)  # the storm's; after the last kill no job was left
-
-
-def test_postgres_crashes(crashable: tuple[Scenario, faults.OwnServer]) -> None:
-    """(2) PostgreSQL is stopped in immediate mode (a crash) and started again, repeatedly, then
-    restarted cleanly: every process stays up and reconnects on its own (nothing restarts it),
-    nothing is lost or run twice unexplained, and each unknown-outcome enqueue is present at most once."""
-    s, server = crashable
-    for name in ("w1", "w2"):
-        s.cluster.worker(name)
-    s.cluster.scheduler()
-    for _ in range(size(3, 15)):
-        s.enqueuer.many(1000, ms=100)
-    rate = s.clean_rate(size(3.0, 10.0))
-    with s.enqueuer.trickle(10, ms=100):
-        for crash in range(size(2, 6)):
-            time.sleep(size(4.0, 10.0))  # work between two crashes
-            top_up(s, rate, 20.0)
-            if crash < size(2, 5):
-                server.crash()
-            else:
-                server.stop()  # the last one a clean restart
-            time.sleep(1.0)  # the outage
-            server.restart()
-            s.reconnect()
-            s.timeline.mark(s.conn)
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(40, 180))
-    dead = s.cluster.dead()
-    report = s.finish(clean_rate=rate)
-    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
-    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
-    assert_recovered(report, len(s.timeline.faults), within=10.0)
-
-
-def test_pool_exhaustion(crashable: tuple[Scenario, faults.OwnServer]) -> None:
-    """(4) Idle connections use up the server's max_connections while the system runs (and its
-    sessions must reconnect): work goes on or fails with an error that names the cause, and
-    everything recovers when they go: no process dies, nothing is lost."""
-    s, server = crashable
-    limit = size(50, 330)
-    with psycopg.connect(s.dsn, autocommit=True) as conn:
-        conn.execute(f"ALTER SYSTEM SET max_connections = {limit}")  # a number of the test's own
-    server.stop()
-    server.restart()
-    s.reconnect()
-    s.enqueuer.close()
-    s.enqueuer = _reopened(s.enqueuer, s.dsn)
-    for name in ("w1", "w2"):
-        s.cluster.worker(name)
-    s.cluster.scheduler()
-    s.enqueuer.many(size(2000, 10000), ms=50)
-    rate = s.clean_rate(size(2.0, 5.0))
-    with s.enqueuer.trickle(10, ms=50):
-        # Every pgsched session is cut, and the connections they leave are taken at once: they must
-        # come back through the two that are left.
-        faults.terminate_sessions(s.conn)
-        in_use = s.conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-        ).fetchone()
-        wanted = limit - (in_use[0] if in_use else 0) - 2
-        with faults.idle_connections(s.dsn, wanted, fill=True) as idle:  # sessions reconnect meanwhile
-            held = len(idle)
-            s.timeline.mark(s.conn)
-            squeezed = s.clean_rate(size(4.0, 30.0))
-        s.timeline.mark(s.conn)
-        time.sleep(2.0)  # the trickle goes on after the connections went
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 180))
-    dead = s.cluster.dead()
-    report = s.finish(clean_rate=rate)
-    print(json.dumps({"held": held, "clean_rate": rate, "rate_while_exhausted": squeezed}))
-    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
-    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
-
-
-def test_listen_loss(scenario: Scenario) -> None:
-    """(8) The workers' LISTEN sessions are terminated every second while jobs trickle in: every
-    enqueue commits and every job runs (through polling, or a listener that came back)."""
-    s = scenario
-    settings = Settings(poll=1.0)  # long enough for a lost wake-up to show as a delay, not to hide
-    for name in ("w1", "w2"):
-        s.cluster.worker(name, settings=settings)
-    s.cluster.scheduler()
-    with s.enqueuer.trickle(20, ms=10):
-        end = time.monotonic() + size(10, 60)
-        while time.monotonic() < end:
-            time.sleep(1.0)  # the fault's cadence
-            row = s.conn.execute(
-                """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
-                   WHERE datname = current_database() AND application_name LIKE 'chaos-w%' AND query LIKE 'LISTEN%'"""
-            ).fetchone()
-            if row and row[0]:
-                s.timeline.mark(s.conn)
-    drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(20, 60))
-    dead = s.cluster.dead()
-    report = s.finish()
-    assert not dead, {name: s.cluster.processes()[name].stderr()[-2000:] for name in dead}
-    assert s.timeline.faults, "no LISTEN session was found to terminate"
-    assert drained and report.ok and report.unknown_enqueues == 0, json.dumps(
-        [unfinished(s.conn), verdicts(report, s.conn)], default=str
-    )
-
-
-def test_full_notify_queue(crashable: tuple[Scenario, faults.OwnServer]) -> None:
-    """(8) The server's NOTIFY queue is full: every enqueue still commits (the wake-up is skipped)
-    and every job still runs, found by polling."""
-    s, server = crashable
-    with psycopg.connect(s.dsn, autocommit=True) as conn:
-        conn.execute("ALTER SYSTEM SET max_notify_queue_pages = 64")  # 64 pages of 8 kB
-    server.stop()
-    server.restart()
-    s.reconnect()
-    s.enqueuer.close()
-    s.enqueuer = _reopened(s.enqueuer, s.dsn)
-    for name in ("w1", "w2"):
-        s.cluster.worker(name)
-    s.cluster.scheduler()
-    with faults.full_notify_queue(s.dsn) as usage:
-        s.timeline.mark(s.conn)
-        with pytest.raises(psycopg.errors.ProgramLimitExceeded):  # a NOTIFY that is not skipped fails
-            s.conn.execute("NOTIFY pgsched_wakeup, 'default'")
-        for _ in range(size(50, 500)):
-            s.enqueuer.one(ms=10)
-        s.enqueuer.many(size(200, 2000), ms=10)
-        with psycopg.connect(s.dsn) as conn:
-            s.enqueuer.app.enqueue("chaos.step", {"key": "in-transaction"}, connection=conn)
-            conn.commit()
-        s.enqueuer.acks.append(Ack("in-transaction", None, "unknown"))  # committed; its id was not kept
-        drained = wait_for(lambda: unfinished(s.conn) == 0, timeout=size(30, 120))
-    report = s.finish()
-    assert usage > 0.9, usage
-    assert report.unknown_enqueues == 1, "an enqueue failed while the NOTIFY queue was full"
-    assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
 
 
 def test_half_open_worker(scenario: Scenario) -> None:
@@ -568,19 +222,6 @@ def test_row_lock_held_by_an_application(scenario: Scenario) -> None:
     report = s.finish()
     assert drained and report.ok, json.dumps([unfinished(s.conn), verdicts(report, s.conn)], default=str)
     assert rescued == (0,) and not report.duplicated_explained, (rescued, report.duplicated_explained)
-
-
-def _ended(conn: psycopg.Connection[Any], ids: list[int]) -> int:
-    row = conn.execute("SELECT count(*) FROM chaos.history WHERE event = 'end' AND job_id = ANY(%s)", (ids,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _blocked_writes(conn: psycopg.Connection[Any]) -> int:
-    """Worker sessions waiting on a lock."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'chaos-w%' AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def _started_by(conn: psycopg.Connection[Any], pid: int, after: Any = None) -> int:
