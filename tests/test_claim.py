@@ -78,9 +78,11 @@ def test_a_controlled_claim_reads_only_the_slices_of_its_tasks(crowded: psycopg.
     with crowded.transaction(force_rollback=True):
         claimed = crowded.execute(CLAIM_CONTROLLED, params).fetchall()
         assert len(claimed) == 10 and {row[2] for row in claimed} == {"t"}  # (id, queue, task, ...)
-    # The buffers count the statements inside the function too.
+    # The buffers count the statements inside the function too, and their triggers' (the job
+    # events' read of pgsched.event_listeners: PostgreSQL 15 came to 300-303 with it). The rows of
+    # the other task are thousands of pages.
     nodes = _analyze(crowded, CLAIM_CONTROLLED, params)
-    assert nodes[0]["Shared Hit Blocks"] + nodes[0]["Shared Read Blocks"] < 300, nodes[0]
+    assert nodes[0]["Shared Hit Blocks"] + nodes[0]["Shared Read Blocks"] < 400, nodes[0]
 
 
 def test_a_plain_claim_never_locks_rows_of_a_controlled_queue(dsn: str, conn: psycopg.Connection[Any]) -> None:
